@@ -1,0 +1,375 @@
+"""The scanning engine: a :class:`Matcher` compiled from a :class:`PatternDB`.
+
+The matcher core (native or Python twin, see ``_match``) finds verified hits of signature
+*parts*; this module chains parts across gaps, applies offsets, checks hash signatures and
+scans files in bounded, overlapping windows so memory stays bounded for any file size.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Literal
+
+import numpy as np
+
+from . import _match
+from ._tables import build_tables
+from .signatures import HashSignature, PatternDB
+
+__all__ = [
+    "DEFAULT_MAX_FILE_SIZE",
+    "DEFAULT_SCAN_TIMEOUT",
+    "DEFAULT_WINDOW_SIZE",
+    "Matcher",
+    "ScanResult",
+]
+
+DEFAULT_WINDOW_SIZE = 1 << 20  # bytes read and matched per step
+DEFAULT_MAX_FILE_SIZE = 100 << 20  # bytes, as ClamAV's MaxFileSize
+DEFAULT_SCAN_TIMEOUT = 120.0  # seconds, as ClamAV's MaxScanTime
+
+Status = Literal["clean", "infected", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    """The verdict for one file or buffer.
+
+    ``matches`` lists signature names, earliest body match first, then hash matches.
+    ``changed`` is set when the file's size or times changed while it was read, so a cache must
+    not keep the verdict. ``digest`` is the SHA-256 hex digest when it was asked for.
+    """
+
+    path: str | None
+    status: Status
+    matches: tuple[str, ...] = ()
+    reason: str | None = None
+    size: int = 0
+    bytes_scanned: int = 0
+    changed: bool = False
+    digest: str | None = None
+    elapsed: float = field(default=0.0, compare=False)
+
+    @property
+    def infected(self) -> bool:
+        return self.status == "infected"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _select_core(impl: str) -> type:
+    if impl == "py":
+        return _match.PyCore
+    if impl == "c":
+        if _match.NativeCore is None:
+            raise RuntimeError(f"native matcher not available: {_match.NATIVE_IMPORT_ERROR}")
+        return _match.NativeCore
+    if impl == "auto":
+        return _match.Core
+    raise ValueError(f"impl must be 'auto', 'c' or 'py', not {impl!r}")
+
+
+class _Chain:
+    """Chains part hits into signature matches for one scan (state carried across windows)."""
+
+    __slots__ = ("m", "size", "ranges", "feasible", "matched", "done")
+
+    def __init__(self, m: "Matcher", size: int, done: np.ndarray) -> None:
+        self.m = m
+        self.size = size
+        self.ranges = [sig.offset.start_range(size) for sig in m.db.body]
+        self.feasible: dict[tuple[int, int], deque[int]] = {}
+        self.matched: dict[int, int] = {}  # signature index -> end offset of its first match
+        self.done = done
+
+    def feed(self, parts: np.ndarray, starts: np.ndarray, base: int) -> None:
+        if not len(parts):
+            return
+        order = np.lexsort((parts, starts))
+        m = self.m
+        part_sig, part_index, part_len = m._part_sig, m._part_index, m._part_len
+        gaps, nparts, matched, feasible = m._gaps, m._nparts, self.matched, self.feasible
+        for p, s in zip(parts[order].tolist(), (starts[order] + base).tolist()):
+            sig = part_sig[p]
+            if sig in matched:
+                continue
+            k = part_index[p]
+            if k == 0:
+                rng = self.ranges[sig]
+                if rng is None or not rng[0] <= s <= rng[1]:
+                    continue
+            else:
+                q = feasible.get((sig, k - 1))
+                if not q:
+                    continue
+                gmin, gmax = gaps[sig][k - 1]
+                if gmax is not None:
+                    lo = s - gmax
+                    while q and q[0] < lo:
+                        q.popleft()
+                    if not q:
+                        continue
+                if q[0] > s - gmin:
+                    continue
+            e = s + part_len[p]
+            if k == nparts[sig] - 1:
+                matched[sig] = e
+                self.done[m._sig_parts[sig]] = 1  # no more hits of this signature are needed
+                feasible.pop((sig, k - 1), None)
+            else:
+                q2 = feasible.get((sig, k))
+                if q2 is None:
+                    feasible[(sig, k)] = deque([e])
+                elif gaps[sig][k][1] is not None:
+                    q2.append(e)  # after an unbounded gap only the earliest end matters
+
+
+class Matcher:
+    """Body and hash signatures of one PatternDB, compiled for scanning buffers and files.
+
+    ``impl`` picks the core: ``"c"`` (native), ``"py"`` (twin) or ``"auto"``. A Matcher is
+    immutable and safe to share between threads; the native core releases the GIL.
+    """
+
+    def __init__(
+        self,
+        db: PatternDB,
+        *,
+        impl: str = "auto",
+        window_size: int = DEFAULT_WINDOW_SIZE,
+        max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+        max_scan_time: float = DEFAULT_SCAN_TIMEOUT,
+    ) -> None:
+        if window_size < 1:
+            raise ValueError("window_size must be positive")
+        self.db = db
+        self.window_size = window_size
+        self.max_file_size = max_file_size
+        self.max_scan_time = max_scan_time
+        self.tables = build_tables(db)
+        core_cls = _select_core(impl)
+        self.core = core_cls(self.tables)
+        self.native = core_cls is _match.NativeCore
+        self.overlap = self.tables.max_part_len - 1
+        t = self.tables
+        self._part_sig = t.part_sig.tolist()
+        self._part_index = t.part_index.tolist()
+        self._part_len = t.part_len.tolist()
+        self._nparts = [len(s.parts) for s in db.body]
+        self._gaps = [[(g.min, g.max) for g in s.gaps] for s in db.body]
+        first = np.cumsum([0] + self._nparts)
+        self._sig_parts = [np.arange(first[i], first[i + 1]) for i in range(len(db.body))]
+        self._hash_by_size: dict[int, list[HashSignature]] = {}
+        self._hash_any: list[HashSignature] = []
+        for h in db.hashes:
+            if h.size is None:
+                self._hash_any.append(h)
+            else:
+                self._hash_by_size.setdefault(h.size, []).append(h)
+
+    @property
+    def version(self) -> str:
+        return self.db.version
+
+    # -- scanning -------------------------------------------------------------------------
+
+    def scan_bytes(self, data: bytes | bytearray | memoryview, *, allmatch: bool = True,
+                   digest: bool = False) -> ScanResult:
+        """Scan an in-memory buffer (windowed exactly like a file)."""
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if size > self.max_file_size:
+            return self._limit(None, size)
+
+        def windows() -> Iterator[tuple[memoryview, int, int]]:
+            pos = 0
+            while pos < size:
+                start = max(0, pos - self.overlap)
+                end = min(size, pos + self.window_size)
+                yield view[start:end], start, pos - start
+                pos = end
+
+        return self._run(None, size, windows(), allmatch=allmatch, digest=digest)
+
+    def scan_path(self, path: str | os.PathLike[str], *, allmatch: bool = False,
+                  follow_symlinks: bool = True, digest: bool = False) -> ScanResult:
+        """Scan a file by path. Special files, unreadable and vanishing files give an error
+        result with a reason; nothing blocks (FIFOs are never opened)."""
+        spath = os.fspath(path)
+        try:
+            st = os.stat(spath) if follow_symlinks else os.lstat(spath)
+        except OSError as exc:
+            return ScanResult(spath, "error", reason=_os_reason(exc))
+        kind = _special_kind(st.st_mode)
+        if kind:
+            return ScanResult(spath, "error", reason=f"not a regular file ({kind})")
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+        if not follow_symlinks:
+            flags |= os.O_NOFOLLOW
+        try:
+            fd = os.open(spath, flags)
+        except OSError as exc:
+            return ScanResult(spath, "error", reason=_os_reason(exc))
+        try:
+            return self.scan_fd(fd, path=spath, allmatch=allmatch, digest=digest)
+        finally:
+            os.close(fd)
+
+    def scan_fd(self, fd: int, *, path: str | None = None, allmatch: bool = False,
+                digest: bool = False) -> ScanResult:
+        """Scan an open file descriptor from its current start (uses pread; offset untouched)."""
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            return ScanResult(path, "error", reason=_os_reason(exc))
+        kind = _special_kind(st.st_mode)
+        if kind:
+            return ScanResult(path, "error", reason=f"not a regular file ({kind})")
+        size = st.st_size
+        if size > self.max_file_size:
+            return self._limit(path, size)
+        buf = np.empty(self.overlap + self.window_size, dtype=np.uint8)
+        mv = memoryview(buf)
+        state: dict[str, Any] = {"read": 0, "error": None, "eof_at": None}
+
+        def windows() -> Iterator[tuple[memoryview, int, int]]:
+            carried = 0
+            base = 0
+            pos = 0
+            while True:
+                filled = carried
+                try:
+                    while filled < len(buf):
+                        n = os.preadv(fd, [mv[filled:]], pos)
+                        if n == 0:
+                            state["eof_at"] = pos
+                            break
+                        pos += n
+                        filled += n
+                except OSError as exc:
+                    state["error"] = _os_reason(exc)
+                    return
+                if filled == carried:
+                    return
+                state["read"] = pos
+                if pos > self.max_file_size:
+                    state["error"] = f"file grew beyond max file size ({self.max_file_size} bytes)"
+                    return
+                yield mv[:filled], base, carried
+                keep = min(self.overlap, filled)
+                buf[:keep] = buf[filled - keep : filled]
+                base += filled - keep
+                carried = keep
+
+        result = self._run(path, size, windows(), allmatch=allmatch, digest=digest)
+        if state["error"]:
+            return ScanResult(path, "error", reason=state["error"], size=size,
+                              bytes_scanned=state["read"])
+        try:
+            st2 = os.fstat(fd)
+            changed = (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns) != (
+                st.st_size, st.st_mtime_ns, st.st_ctime_ns
+            ) or state["eof_at"] not in (None, size)
+        except OSError:
+            changed = True
+        if changed:
+            result = _replace(result, changed=True)
+        return result
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _limit(self, path: str | None, size: int) -> ScanResult:
+        return ScanResult(
+            path, "error", size=size,
+            reason=f"file size {size} exceeds max file size {self.max_file_size} bytes",
+        )
+
+    def _run(self, path: str | None, size: int, windows: Iterator[tuple[memoryview, int, int]],
+             *, allmatch: bool, digest: bool) -> ScanResult:
+        t0 = time.monotonic()
+        deadline = t0 + self.max_scan_time
+        hash_sigs = self._hash_by_size.get(size, []) + self._hash_any
+        algos = {h.algorithm for h in hash_sigs}
+        if digest:
+            algos.add("sha256")
+        hashers = {a: hashlib.new(a) for a in algos}
+        done = np.zeros(max(1, self.tables.n_parts), dtype=np.uint8)
+        chain = _Chain(self, size, done)
+        scanned = 0
+        stopped_early = False
+        for view, base, carried in windows:
+            new = view[carried:]
+            for h in hashers.values():
+                h.update(new)
+            scanned += len(new)
+            parts, starts = self.core.find(view, carried, done)
+            chain.feed(parts, starts, base)
+            if chain.matched and not allmatch and not digest:
+                stopped_early = True
+                break
+            if time.monotonic() > deadline:
+                return ScanResult(path, "error", size=size, bytes_scanned=scanned,
+                                  reason=f"scan time limit of {self.max_scan_time:g} s exceeded",
+                                  elapsed=time.monotonic() - t0)
+        body = sorted(chain.matched.items(), key=lambda kv: (kv[1], kv[0]))
+        names: list[str] = []
+        for sig, _end in body:
+            name = self.db.body[sig].name
+            if name not in names:
+                names.append(name)
+        if not stopped_early and scanned == size:
+            digests = {a: h.digest() for a, h in hashers.items()}
+            for h in hash_sigs:
+                if digests[h.algorithm] == h.digest and h.name not in names:
+                    names.append(h.name)
+        if not allmatch:
+            names = names[:1]
+        sha = hashers["sha256"].hexdigest() if digest and not stopped_early else None
+        return ScanResult(
+            path,
+            "infected" if names else "clean",
+            tuple(names),
+            size=size,
+            bytes_scanned=scanned,
+            digest=sha,
+            elapsed=time.monotonic() - t0,
+        )
+
+
+def _replace(result: ScanResult, **changes: Any) -> ScanResult:
+    d = asdict(result)
+    d.update(changes)
+    return ScanResult(**d)
+
+
+def _special_kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISLNK, "symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "no such file (vanished?)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.ELOOP:
+        return "too many levels of symbolic links (loop, or a symlink not followed)"
+    return f"{exc.strerror or exc} (errno {exc.errno})"
