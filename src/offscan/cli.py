@@ -21,7 +21,6 @@ from .signatures import SignatureError, load_database
 EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-_EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -57,8 +56,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-scantime", type=float, default=DEFAULT_SCAN_TIMEOUT, metavar="SECONDS")
     p.add_argument("--window-size", type=_size, default=DEFAULT_WINDOW_SIZE, metavar="SIZE",
                    help=argparse.SUPPRESS)
-    for add in _EXTRA_PARSERS:
-        add(sub)
+    p = sub.add_parser("serve", help="run the appliance (one per host)")
+    p.add_argument("--socket", metavar="PATH", help="unix socket for local shims")
+    p.add_argument("--listen", metavar="HOST:PORT", help="TCP listener for remote shims (needs a secret)")
+    p.add_argument("--secret", default=os.environ.get("OFFSCAN_SECRET"),
+                   help="shared secret for TCP clients (default: $OFFSCAN_SECRET)")
+    p.add_argument("-d", "--database", action="append", default=[], metavar="DB")
+    p.add_argument("--state", metavar="DIR", help="state directory: inventory, verdict cache, event log")
+    p.add_argument("--concurrency", type=int, default=4, help="concurrent reads+scans (default 4)")
+    p.add_argument("--socket-mode", type=lambda v: int(v, 8), default=0o600, metavar="OCTAL",
+                   help="unix socket permissions (default 600)")
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("status", help="show a running appliance's VMs, queue and cache")
+    p.add_argument("--appliance", "--socket", dest="appliance", required=True, metavar="SOCKET|HOST:PORT")
+    p.add_argument("--secret", default=os.environ.get("OFFSCAN_SECRET"))
+    p.add_argument("--json", action="store_true")
+
+    try:  # TODO(integration): shim.py lands in parallel; drop this guard once it has
+        from .shim import add_shim_arguments
+    except ImportError:
+        pass
+    else:
+        add_shim_arguments(sub.add_parser("shim", help="watch VM directories and offload scans to the appliance"))
+
+    p = sub.add_parser("demo", help="50 clones protected by one appliance, end to end")
+    p.add_argument("--clones", type=int, default=50)
+    p.add_argument("--files", type=int, default=300, help="files in the master image")
+    p.add_argument("--keep", metavar="DIR", help="build in DIR and keep it (default: temp, removed)")
     return parser
 
 
@@ -143,6 +169,104 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if errors_n:
         return EXIT_ERROR
     return EXIT_FOUND if infected else EXIT_CLEAN
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"offscan: --listen wants HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+@command
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .appliance import Appliance, serve
+
+    _setup_logging(args.verbose)
+    if not args.socket and not args.listen:
+        print("offscan: serve needs --socket PATH and/or --listen HOST:PORT", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        appliance = Appliance(
+            socket_path=args.socket,
+            listen=_address(args.listen) if args.listen else None,
+            secret=args.secret,
+            databases=args.database,
+            state_dir=args.state,
+            concurrency=args.concurrency,
+            socket_mode=args.socket_mode,
+        )
+    except (SignatureError, ValueError, OSError) as exc:
+        print(f"offscan: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    asyncio.run(serve(appliance, ready_file=args.ready_file))
+    return EXIT_CLEAN
+
+
+@command
+def cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .protocol import ApplianceClient
+
+    async def fetch() -> dict:
+        client = ApplianceClient(args.appliance, shim_id=f"status-{os.getpid()}", secret=args.secret)
+        await client.connect()
+        try:
+            return await client.status()
+        finally:
+            await client.close()
+
+    try:
+        st = asyncio.run(fetch())
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        print(f"offscan: cannot reach appliance at {args.appliance}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return EXIT_CLEAN
+    print(f"appliance {st['appliance']} (offscan {st['version']}), up {st['uptime']:.0f} s")
+    print(f"patterns  {st['pattern_version']}: {st['patterns']}")
+    print(f"queue     {st['queue_depth']} waiting, {st['in_flight']} in flight, {st['connections']} connection(s)")
+    print(f"verdicts  {st['verdicts']}: {st['contents_matched']} contents matched, "
+          f"{st['served_from_cache']} served from cache (hit ratio {st['hit_ratio']:.1%}), "
+          f"{st['detections']} detection(s), {st['errors']} error(s), {st['refused']} refused")
+    print(f"VMs       {len(st['vms'])}")
+    for vm in st["vms"]:
+        extra = f" clone of {vm['clone_of']}" if vm.get("clone_of") else ""
+        tags = f" tags={','.join(vm['tags'])}" if vm.get("tags") else ""
+        print(f"  {vm['name']:<20} {vm['root']}{extra}{tags}")
+    for d in st["recent_detections"]:
+        print(f"detected  {d['vm']}:{d['path']}: {', '.join(d['matches'])} ({d['action']})")
+    return EXIT_CLEAN
+
+
+@command
+def cmd_shim(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .shim import run_shim_cli
+
+    _setup_logging(getattr(args, "verbose", False))
+    return asyncio.run(run_shim_cli(args))
+
+
+@command
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(clones=args.clones, files=args.files, keep=args.keep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

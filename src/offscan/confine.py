@@ -1,0 +1,74 @@
+"""Open a file named by a client strictly inside a VM root (no ``..``, no symlink escapes).
+
+The appliance never resolves a client path with the kernel's full path walk: it opens the root,
+then every component with ``openat(dirfd, name, O_NOFOLLOW)``, so a symlink anywhere on the
+way (``a/link/b`` or a final ``link``) is refused instead of followed out of the root.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+__all__ = ["ConfinementError", "check_relpath", "open_confined"]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class ConfinementError(PermissionError):
+    """The requested path would leave the VM root (or names something that is not a file)."""
+
+
+def check_relpath(relpath: str) -> list[str]:
+    """The components of a client path, or ConfinementError if it is absolute or escapes."""
+    if not isinstance(relpath, str) or not relpath:
+        raise ConfinementError("empty path")
+    if "\0" in relpath:
+        raise ConfinementError("path contains a NUL byte")
+    if relpath.startswith("/"):
+        raise ConfinementError(f"absolute path {relpath!r} (paths are relative to the VM root)")
+    parts = [p for p in relpath.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise ConfinementError(f"path {relpath!r} contains '..'")
+    if not parts:
+        raise ConfinementError(f"path {relpath!r} names the root itself")
+    return parts
+
+
+def open_confined(root: str, relpath: str) -> int:
+    """Open ``root/relpath`` read-only as a regular file, never leaving ``root``.
+
+    Raises ConfinementError for escapes, symlinks and special files (FIFOs are never opened),
+    FileNotFoundError when it vanished, other OSErrors as they come.
+    """
+    parts = check_relpath(relpath)
+    dirfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in parts[:-1]:
+            try:
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                    if stat.S_ISLNK(st.st_mode):
+                        raise ConfinementError(
+                            f"path {relpath!r}: component {name!r} is a symlink"
+                        ) from None
+                raise
+            os.close(dirfd)
+            dirfd = nxt
+        name = parts[-1]
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            raise ConfinementError(f"path {relpath!r} is a symlink")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfinementError(f"path {relpath!r} is not a regular file")
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dirfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between stat and open
+            os.close(fd)
+            raise ConfinementError(f"path {relpath!r} is not a regular file")
+        return fd
+    finally:
+        os.close(dirfd)
