@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from . import __version__, protocol
 from .cache import CachedVerdict, Identity, IdentityMemo, SingleFlight, VerdictCache, digest_fd
@@ -37,6 +37,7 @@ DEFAULT_CREDITS = 256  # outstanding scan requests per connection
 HANDSHAKE_TIMEOUT = 5.0  # seconds
 PRIORITIES = {"access": 0, "demand": 1}
 RECENT_DETECTIONS = 50
+STREAM_QUEUE_CHUNKS = 8  # chunk frames buffered per stream (at most 2 MiB)
 
 
 class RequestFailed(Exception):
@@ -193,6 +194,7 @@ class Appliance:
         self.flights = SingleFlight()
         self.gate = PriorityGate(concurrency)
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="offscan-scan")
+        self.stream_pool = ThreadPoolExecutor(max_workers=credits, thread_name_prefix="offscan-stream")
         self.inventory = Inventory(self.state_dir / "inventory.json" if self.state_dir else None)
         self.events = EventLog(self.state_dir / "events.jsonl" if self.state_dir else None)
         self.counters = Counters()
@@ -232,6 +234,7 @@ class Appliance:
             t.cancel()
         await asyncio.gather(*self._conn_tasks, return_exceptions=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.stream_pool.shutdown(wait=False, cancel_futures=True)
         self.cache.close()
         self.events.close()
 
@@ -243,6 +246,7 @@ class Appliance:
         self._conn_tasks.add(task)
         self.connections += 1
         inflight: dict[int, asyncio.Task[None]] = {}
+        streams: dict[int, asyncio.Queue[bytes | None]] = {}
         try:
             shim = await self._handshake(conn)
             if shim is None:
@@ -269,11 +273,19 @@ class Appliance:
                         raise protocol.ProtocolError(
                             "backpressure", f"more than {self.credits} outstanding scans"
                         )
-                    st = asyncio.create_task(self._serve_scan(conn, shim, msg, fds))
+                    if msg.get("mode") == "stream":
+                        streams[rid] = asyncio.Queue(maxsize=STREAM_QUEUE_CHUNKS)
+                    st = asyncio.create_task(self._serve_scan(conn, shim, msg, fds, streams.get(rid)))
                     inflight[rid] = st
-                    st.add_done_callback(lambda _t, rid=rid: inflight.pop(rid, None))
+                    st.add_done_callback(lambda _t, rid=rid: (inflight.pop(rid, None), streams.pop(rid, None)))
                 elif t == "chunk":
-                    raise protocol.ProtocolError("sequence", "chunk for an unknown stream")
+                    q = streams.get(msg["id"])
+                    if q is None:
+                        raise protocol.ProtocolError("sequence", f"chunk for unknown stream {msg['id']}")
+                    await q.put(bytes(msg["data"]))  # full queue: TCP backpressure on this client
+                    if msg.get("end"):
+                        await q.put(None)
+                        streams.pop(msg["id"], None)
                 elif t == "bye":
                     await asyncio.gather(*inflight.values(), return_exceptions=True)
                     return
@@ -341,10 +353,14 @@ class Appliance:
         except RequestFailed as exc:
             await conn.send({"t": "error", "id": rid, "code": exc.code, "message": str(exc)})
 
-    async def _serve_scan(self, conn: protocol.Connection, shim: str, msg: dict[str, Any], fds: list[int]) -> None:
+    async def _serve_scan(self, conn: protocol.Connection, shim: str, msg: dict[str, Any],
+                          fds: list[int], stream: asyncio.Queue[bytes | None] | None = None) -> None:
         rid = msg["id"]
         try:
-            verdict = await self.scan_request(shim, msg, fds)
+            if stream is not None:
+                verdict = await self.scan_stream(shim, msg, stream)
+            else:
+                verdict = await self.scan_request(shim, msg, fds)
             reply = {"t": "verdict", "id": rid, **verdict}
         except RequestFailed as exc:
             reply = {"t": "error", "id": rid, "code": exc.code, "message": str(exc)}
@@ -419,6 +435,36 @@ class Appliance:
             if fd >= 0:
                 os.close(fd)
             _close_fds(fds)
+
+    async def scan_stream(self, shim: str, msg: dict[str, Any], chunks: asyncio.Queue[bytes | None]) -> dict[str, Any]:
+        """Content streamed in chunk frames (remote shims): matched and hashed as it arrives in
+        one pass, never spooled. It runs on a thread of its own rather than behind the
+        admission gate, so a stream waiting for its chunks cannot starve the others."""
+        t0 = time.monotonic()
+        vm = self._vm(shim, msg["vm"])
+        size = msg.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise RequestFailed("malformed", "stream mode needs a non-negative integer size")
+        loop = asyncio.get_running_loop()
+        timeout = 3 * self.heartbeat
+
+        def pieces() -> Iterator[bytes]:
+            while True:
+                item = asyncio.run_coroutine_threadsafe(chunks.get(), loop).result(timeout)
+                if item is None:
+                    return
+                yield item
+
+        res: ScanResult = await loop.run_in_executor(
+            self.stream_pool,
+            lambda: self.matcher.scan_chunks(pieces(), size, path=msg["path"], allmatch=True, digest=True),
+        )
+        self.counters.contents_matched += 1
+        self.counters.bytes_matched += res.bytes_scanned
+        digest = bytes.fromhex(res.digest) if res.digest else None
+        if res.status != "error" and digest is not None:
+            self.cache.put(CachedVerdict(res.status, res.matches, self.pattern_version, digest, size, time.time()))
+        return self._verdict(vm, msg["path"], res, "scan", digest, t0)
 
     async def _pipeline(self, vm: VMRecord, path: str, fd: int, prio: int, t0: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()

@@ -14,7 +14,7 @@ import stat
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -281,6 +281,48 @@ class Matcher:
             changed = True
         if changed:
             result = _replace(result, changed=True)
+        return result
+
+    def scan_chunks(self, chunks: Iterable[bytes | bytearray | memoryview], size: int, *,
+                    path: str | None = None, allmatch: bool = True,
+                    digest: bool = False) -> ScanResult:
+        """Scan content arriving in pieces of any size (a network stream) whose total ``size``
+        is declared up front: same windows as a file, memory bounded by one window."""
+        if size > self.max_file_size:
+            return self._limit(path, size)
+        buf = np.empty(self.overlap + self.window_size, dtype=np.uint8)
+        mv = memoryview(buf)
+        state: dict[str, Any] = {"error": None, "total": 0}
+
+        def windows() -> Iterator[tuple[memoryview, int, int]]:
+            carried = filled = base = 0
+            for chunk in chunks:
+                piece = memoryview(chunk).cast("B")
+                state["total"] += len(piece)
+                if state["total"] > size:
+                    state["error"] = f"stream longer than its declared size ({size} bytes)"
+                    return
+                while len(piece):
+                    take = min(len(buf) - filled, len(piece))
+                    mv[filled : filled + take] = piece[:take]
+                    filled += take
+                    piece = piece[take:]
+                    if filled == len(buf):
+                        yield mv[:filled], base, carried
+                        keep = min(self.overlap, filled)
+                        buf[:keep] = buf[filled - keep : filled]
+                        base += filled - keep
+                        carried = filled = keep
+            if state["total"] != size:
+                state["error"] = f"stream ended after {state['total']} of {size} declared bytes"
+                return
+            if filled > carried or size == 0:
+                yield mv[:filled], base, carried
+
+        result = self._run(path, size, windows(), allmatch=allmatch, digest=digest)
+        if state["error"]:
+            return ScanResult(path, "error", reason=state["error"], size=size,
+                              bytes_scanned=state["total"])
         return result
 
     # -- internals ------------------------------------------------------------------------
