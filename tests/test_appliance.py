@@ -17,7 +17,7 @@ import pytest
 from offscan import protocol
 from offscan.protocol import ApplianceClient
 
-from .agentless import EICAR, ApplianceProc, Proc, status, wait_for
+from agentless import EICAR, ApplianceProc, Proc, status, wait_for
 
 
 @pytest.fixture

@@ -247,6 +247,13 @@ class Appliance:
         self.connections += 1
         inflight: dict[int, asyncio.Task[None]] = {}
         streams: dict[int, asyncio.Queue[bytes | None]] = {}
+        draining: set[int] = set()  # streams answered before their end chunk arrived
+
+        def _finished(rid: int) -> None:
+            inflight.pop(rid, None)
+            if streams.pop(rid, None) is not None:
+                draining.add(rid)
+
         try:
             shim = await self._handshake(conn)
             if shim is None:
@@ -277,8 +284,12 @@ class Appliance:
                         streams[rid] = asyncio.Queue(maxsize=STREAM_QUEUE_CHUNKS)
                     st = asyncio.create_task(self._serve_scan(conn, shim, msg, fds, streams.get(rid)))
                     inflight[rid] = st
-                    st.add_done_callback(lambda _t, rid=rid: (inflight.pop(rid, None), streams.pop(rid, None)))
+                    st.add_done_callback(lambda _t, rid=rid: _finished(rid))
                 elif t == "chunk":
+                    if msg["id"] in draining:  # answered early (e.g. an error): drop the rest
+                        if msg.get("end"):
+                            draining.discard(msg["id"])
+                        continue
                     q = streams.get(msg["id"])
                     if q is None:
                         raise protocol.ProtocolError("sequence", f"chunk for unknown stream {msg['id']}")

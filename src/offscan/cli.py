@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_shim_arguments(sub.add_parser("shim", help="watch VM directories and offload scans to the appliance"))
 
+    from .images import add_scan_image_arguments
+
+    add_scan_image_arguments(sub.add_parser("scan-image", help="scan a directory tree, tar or OCI image layout"))
+
     p = sub.add_parser("demo", help="50 clones protected by one appliance, end to end")
     p.add_argument("--clones", type=int, default=50)
     p.add_argument("--files", type=int, default=300, help="files in the master image")
@@ -218,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .protocol import ApplianceClient
+    from .protocol import ApplianceClient, ProtocolError, RequestError
 
     async def fetch() -> dict:
         client = ApplianceClient(args.appliance, shim_id=f"status-{os.getpid()}", secret=args.secret)
@@ -230,8 +234,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         st = asyncio.run(fetch())
-    except (OSError, ConnectionError, TimeoutError) as exc:
-        print(f"offscan: cannot reach appliance at {args.appliance}: {exc}", file=sys.stderr)
+    except (OSError, ConnectionError, TimeoutError, RequestError, ProtocolError) as exc:
+        print(f"offscan: cannot get status from {args.appliance}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if args.json:
         print(json.dumps(st, indent=1))
@@ -260,6 +264,13 @@ def cmd_shim(args: argparse.Namespace) -> int:
 
     _setup_logging(getattr(args, "verbose", False))
     return asyncio.run(run_shim_cli(args))
+
+
+@command
+def cmd_scan_image(args: argparse.Namespace) -> int:
+    from .images import cmd_scan_image as run
+
+    return run(args)
 
 
 @command
