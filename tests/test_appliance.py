@@ -267,3 +267,50 @@ def test_kill9_during_5000_writes_every_file_gets_a_verdict(tmp_path):
     finally:
         shim.stop()
         a.stop()
+
+
+def test_tcp_needs_secret_and_streams_content(tmp_path):
+    a = ApplianceProc(tmp_path, "--listen", "127.0.0.1:0", "--secret", "s3cret")
+    root = tmp_path / "remote-vm"  # a remote shim's root: the appliance cannot read it by path
+    try:
+        addr = f"127.0.0.1:{a.info['tcp_port']}"
+
+        async def run():
+            bad = ApplianceClient(addr, shim_id="intruder", secret="wrong")
+            with pytest.raises((ConnectionError, protocol.RequestError, protocol.ProtocolError)):
+                await bad.connect()
+            await bad.close()
+            none = ApplianceClient(addr, shim_id="intruder")
+            with pytest.raises((ConnectionError, protocol.RequestError, protocol.ProtocolError)):
+                await none.connect()
+            await none.close()
+            c = ApplianceClient(addr, shim_id="remote", secret="s3cret")
+            await c.connect()
+            await c.register("remote", str(root))
+            big = os.urandom(3 << 20) + EICAR  # spans many chunks and matcher windows
+            v1 = await c.scan_stream("remote", "x/eicar.com", EICAR)
+            v2 = await c.scan_stream("remote", "big.bin", big)
+            v3 = await c.scan_stream("remote", "clean.bin", os.urandom(1000))
+            await c.close()
+            return v1, v2, v3
+
+        v1, v2, v3 = asyncio.run(run())
+        assert v1["status"] == "infected" and v1["action"] == "deny"
+        assert v2["status"] == "clean"  # EICAR's signature is anchored at offset 0
+        assert v3["status"] == "clean"
+        assert "auth" in a.output()
+    finally:
+        a.stop()
+
+
+def test_status_command_text(appliance):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "offscan", "status", "--appliance", str(appliance.sock)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    assert "patterns" in out.stdout and "hit ratio" in out.stdout
+    gone = subprocess.run([sys.executable, "-m", "offscan", "status", "--appliance", str(appliance.sock) + ".nope"],
+                          capture_output=True, text=True, timeout=30)
+    assert gone.returncode == 2 and "cannot get status" in gone.stderr
