@@ -122,6 +122,7 @@ SAMPLES: list[dict[str, Any]] = [
     {"t": "status", "id": 8},
     {"t": "status", "id": 8, "appliance": "dsva:1", "vms": [{"name": "vm1"}], "hit_ratio": 0.5},
     {"t": "bye"},
+    {"t": "control", "id": 12, "op": "vm-list", "args": {"name": "vm1"}},
     {"t": "ok", "id": 2, "vm": "vm1", "root": "/srv/vms/vm1"},
     VERDICT,
     {**VERDICT, "status": "clean", "matches": [], "action": "allow", "source": "identity"},

@@ -85,7 +85,7 @@ SCAN_MODES = ("path", "fd", "stream")
 PRIORITIES = ("access", "demand")
 VERDICT_STATUSES = ("clean", "infected", "error")
 VERDICT_ACTIONS = ("allow", "deny")
-VERDICT_SOURCES = ("scan", "identity", "digest")
+VERDICT_SOURCES = ("scan", "identity", "digest", "clone", "excluded")
 
 
 class ProtocolError(Exception):
@@ -285,6 +285,8 @@ SCHEMAS: dict[str, _Schema] = {
     "chunk": _S({"id": _req_id, "data": _chunk_data, "end": _bool}, {}),
     "status": _S({"id": _req_id}, {}),  # the request, and the reply (plus free-form keys)
     "bye": _S({}, {"id": _nullable(_req_id)}),
+    # operator commands (vm clone/list/show/untag, policy, quarantine); reply "ok" + free-form keys
+    "control": _S({"id": _req_id, "op": _name}, {"args": _nullable(_map)}),
     # appliance -> client
     "credit": _S({"n": _pos_int}, {}),
     "ok": _S({"id": _req_id}, {}),
@@ -1303,6 +1305,10 @@ class ApplianceClient:
     async def status(self) -> dict[str, Any]:
         """The appliance's ``status`` reply (counters, VMs, pattern version...)."""
         return await self.request({"t": "status"})
+
+    async def control(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        """An operator command (``vm-clone``, ``vm-list``, ``policy-set``, ``quarantine-list``...)."""
+        return await self.request({"t": "control", "op": op, "args": args}, timeout=timeout)
 
     async def ping(self) -> float:
         """Round trip time to the appliance, in seconds."""
