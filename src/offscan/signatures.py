@@ -49,6 +49,7 @@ MAX_PART_LENGTH = 65536  # bytes; bounds the window overlap the engine must keep
 
 _HASH_LENGTHS = {32: "md5", 40: "sha1", 64: "sha256"}
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 class SignatureError(ValueError):
@@ -275,7 +276,7 @@ def _parse_hash_line(line: str, where: str, suffix: str) -> HashSignature | NotA
         raise SignatureError(f"{where}: empty signature name")
     if size_s == "*":
         size = None
-    elif size_s.isdigit():
+    elif size_s.isascii() and size_s.isdigit():
         size = int(size_s)
     else:
         raise SignatureError(f"{where}: size {size_s!r} is not a number or '*'")
@@ -290,7 +291,7 @@ def _parse_flevel(text: str, where: str, what: str) -> int | None:
     text = text.strip()
     if text == "":
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise SignatureError(f"{where}: {what} {text!r} is not a number")
     return int(text)
 
@@ -305,7 +306,7 @@ def _parse_ndb_line(line: str, where: str) -> BodySignature | NotApplied:
     name, target_s, offset_s, hexsig = (f.strip() for f in fields[:4])
     if not name:
         raise SignatureError(f"{where}: empty signature name")
-    if not target_s.isdigit():
+    if not (target_s.isascii() and target_s.isdigit()):
         raise SignatureError(f"{where}: target type {target_s!r} is not a number")
     target = int(target_s)
     parts, gaps = parse_body(hexsig, where)
@@ -436,6 +437,9 @@ def _describe(part: Part) -> str:
 
 def _parse_byte(pair: str, where: str) -> tuple[int, int]:
     hi, lo = pair[0], pair[1]
+    if not all(c == "?" or c in _HEX_DIGITS for c in pair):
+        # int(..., 16) alone would accept " a", "+a" and "-1"
+        raise SignatureError(f"{where}: {pair!r}: not a hex byte")
     if hi == "?" and lo == "?":
         return 0, 0
     try:
