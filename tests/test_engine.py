@@ -734,3 +734,27 @@ def test_result_json_roundtrip() -> None:
     d = json.loads(json.dumps(r.to_json()))
     assert d["matches"] == ["A"] and d["status"] == "infected" and d["changed"] is False
     assert r == ScanResult("p", "infected", ("A",), size=3, bytes_scanned=3, elapsed=9.0)
+
+
+def test_per_scan_work_does_not_grow_with_unhit_signatures(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small file against a big database must not pay per signature (the appliance scans
+    many small files): offsets are resolved only for signatures whose first part hit."""
+    from offscan.signatures import Offset
+
+    text = "\n".join(f"S{i}:0:{i % 7},3:{i:08x}aabb" for i in range(2000))
+    m = make_matcher(text, impl)
+    calls: list[Offset] = []
+    real = Offset.start_range
+
+    def counting(self: Offset, size: int) -> Any:
+        calls.append(self)
+        return real(self, size)
+
+    monkeypatch.setattr(Offset, "start_range", counting)
+    assert m.scan_bytes(b"hello world").status == "clean"
+    assert calls == []
+    assert m.scan_bytes(b"\0\0\0\0\0\0\x07\xd0\xaa\xbb").status == "clean"  # S2000: absent
+    assert m.scan_bytes(b"\0\0\x00\x00\x00\x07\xaa\xbb").matches == ("S7",)
+    assert len(calls) == 1
