@@ -14,6 +14,7 @@ import heapq
 import hmac
 import itertools
 import json
+import shlex
 import logging
 import os
 import signal
@@ -25,8 +26,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 from . import __version__, protocol
+from . import policy as policies
 from .cache import CachedVerdict, Identity, IdentityMemo, SingleFlight, VerdictCache, digest_fd
-from .confine import ConfinementError, open_confined
+from .clones import clone_tree
+from .confine import ConfinementError, check_relpath, open_confined
 from .engine import Matcher, ScanResult
 from .signatures import load_database
 
@@ -95,7 +98,7 @@ class PriorityGate:
 class VMRecord:
     name: str
     root: str
-    owner: str  # shim id that registered it; only that shim may scan in it
+    owner: str | None  # shim that registered it (only it may scan there); None: unclaimed
     policy: dict[str, Any] = field(default_factory=dict)
     clone_of: str | None = None
     tags: list[str] = field(default_factory=list)
@@ -146,6 +149,11 @@ class Counters:
     contents_matched: int = 0
     served_identity: int = 0
     served_digest: int = 0
+    served_clone: int = 0
+    excluded: int = 0
+    quarantined: int = 0
+    action_failures: int = 0
+    hook_runs: int = 0
     joined_in_flight: int = 0
     detections: int = 0
     errors: int = 0
@@ -172,6 +180,11 @@ class Appliance:
         socket_mode: int = 0o600,
         cache_entries: int = 1_000_000,
         impl: str = "auto",
+        policy_file: str | None = None,
+        isolation_hook: str | None = None,
+        hook_timeout: float = 10.0,
+        quarantine_dir: str | None = None,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         if listen and not secret:
             raise ValueError("a TCP listener needs a shared secret (--secret or OFFSCAN_SECRET)")
@@ -188,6 +201,19 @@ class Appliance:
         self.matcher = Matcher(self.db, impl=impl)
         self.pattern_version = self.db.version
         self.memo = IdentityMemo()
+        self.inherited = IdentityMemo()  # clone file identity -> master digest (see clones.py)
+        self.default_policy: dict[str, Any] = {}
+        self.vm_policies: dict[str, dict[str, Any]] = {}
+        if policy_file:
+            self.default_policy, self.vm_policies = policies.load_policy_file(policy_file)
+        self.isolation_hook = isolation_hook
+        self.hook_timeout = hook_timeout
+        qdir = quarantine_dir or (self.state_dir / "quarantine" if self.state_dir else None)
+        self.vault = None
+        if qdir:
+            from .quarantine import Vault
+
+            self.vault = Vault(qdir)
         self.cache = VerdictCache(
             cache_entries, state_dir=self.state_dir / "cache" if self.state_dir else None
         )
@@ -205,6 +231,11 @@ class Appliance:
         self._servers: list[protocol.Server] = []
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self.tcp_port: int | None = None
+        self.metrics_address = metrics
+        self.metrics_port: int | None = None
+        self._metrics_server: Any = None
+        self.latency: Any = None  # Histogram when metrics are on
+        self.request_kinds: dict[str, int] = {"access": 0, "demand": 0, "stream": 0}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -224,7 +255,61 @@ class Appliance:
             self.db.summary(),
         )
 
+        if self.metrics_address:
+            from .metrics import start_metrics_server
+
+            self.registry = self._build_metrics()
+            self._metrics_server = await start_metrics_server(self.registry, *self.metrics_address)
+            self.metrics_port = self._metrics_server.port
+            log.info("metrics on http://%s:%s/metrics", self.metrics_address[0], self.metrics_port)
+
+    def _build_metrics(self) -> Any:
+        """Prometheus view of the appliance: counters read from ``self.counters`` at scrape
+        time (no second set of books), latency observed per verdict."""
+        from .metrics import Counter, Registry
+
+        c = self.counters
+
+        class CounterView(Counter):
+            def __init__(self, name: str, help: str, labelnames: Sequence[str], read: Any) -> None:
+                super().__init__(name, help, labelnames)
+                self._read = read
+
+            def _samples(self) -> list[tuple[tuple[str, ...], float]]:
+                return [(k, float(v)) for k, v in self._read().items()]
+
+        reg = Registry()
+        for name, help_, labels, read in (
+            ("offscan_requests_total", "Scan requests by kind (priority or stream).", ("kind",),
+             lambda: {(k,): v for k, v in self.request_kinds.items()}),
+            ("offscan_contents_total", "Verdicts by how the content was judged: matched now or "
+             "served from cache (identity memo, digest, clone inheritance, policy exclusion).", ("reason",),
+             lambda: {("matched",): c.contents_matched, ("identity",): c.served_identity,
+                      ("digest",): c.served_digest, ("clone",): c.served_clone,
+                      ("joined",): c.joined_in_flight, ("excluded",): c.excluded}),
+            ("offscan_verdicts_total", "Verdicts sent.", (), lambda: {(): c.verdicts}),
+            ("offscan_detections_total", "Infected verdicts.", (), lambda: {(): c.detections}),
+            ("offscan_actions_total", "Actions taken on detections.", ("action",),
+             lambda: {("quarantine",): c.quarantined, ("failed",): c.action_failures, ("hook",): c.hook_runs}),
+            ("offscan_bytes_read_total", "Bytes read from VM files (hashing and matching).", (),
+             lambda: {(): c.bytes_read}),
+            ("offscan_bytes_matched_total", "Bytes run through the matcher.", (), lambda: {(): c.bytes_matched}),
+            ("offscan_refused_total", "Requests refused for leaving the VM root.", (), lambda: {(): c.refused}),
+            ("offscan_protocol_errors_total", "Connections closed for protocol errors.", (),
+             lambda: {(): c.protocol_errors}),
+        ):
+            reg.register(CounterView(name, help_, labels, read))
+        reg.gauge("offscan_queue_depth", "Requests waiting for admission.", fn=lambda: self.gate.waiting)
+        reg.gauge("offscan_in_flight", "Requests being read or matched.", fn=lambda: self.gate.active)
+        reg.gauge("offscan_vms", "Registered VMs.", fn=lambda: len(self.inventory.vms))
+        reg.gauge("offscan_cache_entries", "Verdict cache entries.", fn=lambda: len(self.cache))
+        self.latency = reg.histogram("offscan_verdict_seconds", "Request to verdict latency.")
+        return reg
+
     async def stop(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
         for srv in self._servers:
             srv.close()
         for srv in self._servers:
@@ -358,6 +443,8 @@ class Appliance:
                 reply = self.unregister(shim, msg["vm"])
             elif t == "status":
                 reply = self.status()
+            elif t == "control":
+                reply = await self.control(msg["op"], msg.get("args") or {})
             else:
                 raise RequestFailed("unsupported", f"message type {t!r} not supported here")
             await conn.send({"t": "status" if t == "status" else "ok", "id": rid, **reply})
@@ -387,16 +474,33 @@ class Appliance:
         if not os.path.isabs(root):
             raise RequestFailed("malformed", f"VM root {root!r} must be an absolute path")
         old = self.inventory.vms.get(vm)
-        if old and old.owner != shim:
+        if old and old.owner not in (None, shim):
             raise RequestFailed("conflict", f"VM {vm!r} is registered by another shim ({old.owner})")
         if clone_of is not None and clone_of not in self.inventory.vms:
             raise RequestFailed("unknown-vm", f"clone_of: no VM named {clone_of!r}")
-        rec = VMRecord(vm, os.path.realpath(root), shim, policy, clone_of,
+        if clone_of == vm:
+            raise RequestFailed("malformed", "a VM cannot be a clone of itself")
+        try:
+            policy = policies.validate(policy or (old.policy if old else {}))
+        except policies.PolicyError as exc:
+            raise RequestFailed("malformed", str(exc)) from None
+        if self.vault and self.vault.inside(os.path.realpath(root)) or (
+            self.vault and _is_within(str(self.vault.directory), os.path.realpath(root))
+        ):
+            raise RequestFailed("malformed", "a VM root must not overlap the quarantine vault")
+        rec = VMRecord(vm, os.path.realpath(root), shim, policy, clone_of or (old.clone_of if old else None),
                        old.tags if old else [], old.registered_at if old else time.time())
         self.inventory.vms[vm] = rec
         self.inventory.save()
         log.info("VM %s registered by %s: root %s%s", vm, shim, rec.root, f", clone of {clone_of}" if clone_of else "")
-        return {"vm": vm, "root": rec.root}
+        return {"vm": vm, "root": rec.root, "policy": self.effective_policy(rec)}
+
+    def effective_policy(self, rec: VMRecord, _seen: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Defaults < policy file [default] < base VM's effective policy < the VM's own."""
+        base: dict[str, Any] = {}
+        if rec.clone_of and rec.clone_of not in _seen and rec.clone_of in self.inventory.vms:
+            base = self.effective_policy(self.inventory.vms[rec.clone_of], _seen | {rec.name})
+        return policies.merge(self.default_policy, base, self.vm_policies.get(rec.name), rec.policy)
 
     def unregister(self, shim: str, vm: str) -> dict[str, Any]:
         rec = self._vm(shim, vm)
@@ -420,7 +524,12 @@ class Appliance:
         vm = self._vm(shim, msg["vm"])
         path = msg["path"]
         mode = msg.get("mode", "path")
+        policy = self.effective_policy(vm)
+        why = policies.excluded(policy, path)
+        if why:
+            return await self._excluded(vm, path, why, t0)
         prio = PRIORITIES.get(msg.get("prio", "access"), 1)
+        self.request_kinds["access" if prio == 0 else "demand"] += 1
         loop = asyncio.get_running_loop()
         fd = -1
         try:
@@ -438,9 +547,12 @@ class Appliance:
                                        "path": path, "reason": str(exc)})
                     raise RequestFailed("confined", str(exc)) from None
                 except OSError as exc:
-                    return self._verdict(vm, path, ScanResult(path, "error", reason=_reason(exc)), "scan", None, t0)
+                    return await self._finish(vm, path, ScanResult(path, "error", reason=_reason(exc)), "scan", None, t0)
             else:
                 raise RequestFailed("unsupported", f"content mode {mode!r} is not supported")
+            why = policies.excluded(policy, path, os.fstat(fd).st_size)
+            if why:
+                return await self._excluded(vm, path, why, t0)
             return await self._pipeline(vm, path, fd, prio, t0)
         finally:
             if fd >= 0:
@@ -453,6 +565,7 @@ class Appliance:
         admission gate, so a stream waiting for its chunks cannot starve the others."""
         t0 = time.monotonic()
         vm = self._vm(shim, msg["vm"])
+        self.request_kinds["stream"] += 1
         size = msg.get("size")
         if not isinstance(size, int) or size < 0:
             raise RequestFailed("malformed", "stream mode needs a non-negative integer size")
@@ -475,7 +588,7 @@ class Appliance:
         digest = bytes.fromhex(res.digest) if res.digest else None
         if res.status != "error" and digest is not None:
             self.cache.put(CachedVerdict(res.status, res.matches, self.pattern_version, digest, size, time.time()))
-        return self._verdict(vm, msg["path"], res, "scan", digest, t0)
+        return await self._finish(vm, msg["path"], res, "scan", digest, t0)
 
     async def _pipeline(self, vm: VMRecord, path: str, fd: int, prio: int, t0: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -485,6 +598,9 @@ class Appliance:
             ident = Identity.from_stat("local", st)
             digest = self.memo.get(ident)
             source = "identity"
+            if digest is None:
+                digest = self.inherited.get(ident)
+                source = "clone"
             if digest is None:
                 digest, nread = await loop.run_in_executor(self.pool, digest_fd, fd, st.st_size)
                 self.counters.bytes_read += nread
@@ -496,9 +612,11 @@ class Appliance:
             if cached is not None:
                 if source == "identity":
                     self.counters.served_identity += 1
+                elif source == "clone":
+                    self.counters.served_clone += 1
                 else:
                     self.counters.served_digest += 1
-                return self._verdict(vm, path, cached, source, digest, t0)
+                return await self._finish(vm, path, cached, source, digest, t0, ino=st.st_ino)
 
             led = False
 
@@ -519,12 +637,98 @@ class Appliance:
             res = await self.flights.run((digest, size, version), match)
             if not led:  # an identical content was being matched for another request
                 self.counters.joined_in_flight += 1
-            return self._verdict(vm, path, res, "scan", digest, t0)
+            return await self._finish(vm, path, res, "scan", digest, t0, ino=st.st_ino)
+
+    async def _excluded(self, vm: VMRecord, path: str, why: str, t0: float) -> dict[str, Any]:
+        self.counters.excluded += 1
+        res = ScanResult(path, "clean", reason=f"not scanned: {why}")
+        return await self._finish(vm, path, res, "excluded", None, t0)
+
+    async def _finish(self, vm: VMRecord, path: str, res: ScanResult | CachedVerdict, source: str,
+                      digest: bytes | None, t0: float, *, ino: int | None = None) -> dict[str, Any]:
+        """Record the verdict; on a detection run the VM's actions and tag it."""
+        extra: dict[str, Any] = {}
+        action = "allow"
+        if res.status == "infected":
+            action, extra = await self._act(vm, path, res.matches, ino)
+        return self._verdict(vm, path, res, source, digest, t0, action, extra)
+
+    async def _act(self, vm: VMRecord, path: str, matches: Sequence[str], ino: int | None) -> tuple[str, dict[str, Any]]:
+        """Actions in policy order, the first that succeeds wins; then tags and the hook."""
+        loop = asyncio.get_running_loop()
+        actions = self.effective_policy(vm)["actions"]
+        extra: dict[str, Any] = {}
+        action = "deny"
+        for act in actions:
+            if act == "pass":
+                action = "allow"
+                break
+            if act == "deny":
+                action = "deny"
+                break
+            if act == "quarantine":
+                if self.vault is None:
+                    extra.setdefault("action_errors", []).append("quarantine: no vault (no --state)")
+                    continue
+                try:
+                    entry = await loop.run_in_executor(
+                        self.pool, lambda: self.vault.quarantine(  # type: ignore[union-attr]
+                            vm=vm.name, root=vm.root, path=path, signatures=list(matches), expect_ino=ino))
+                except Exception as exc:  # fall back to the next action
+                    self.counters.action_failures += 1
+                    log.warning("quarantine of VM %s: %s failed: %s", vm.name, path, exc)
+                    extra.setdefault("action_errors", []).append(f"quarantine: {exc}")
+                    continue
+                self.counters.quarantined += 1
+                extra["quarantine_id"] = entry.id
+                action = "deny"
+                break
+        await self._tag(vm, ["virus_found", f"threat={threat_level(matches)}"], {"path": path, "matches": list(matches)})
+        return action, extra
+
+    async def _tag(self, vm: VMRecord, tags: Sequence[str], detection: dict[str, Any] | None) -> None:
+        new = [t for t in tags if t not in vm.tags]
+        threat = [t for t in new if t.startswith("threat=")]
+        if threat:  # keep the highest threat level only
+            vm.tags = [t for t in vm.tags if not t.startswith("threat=") or _threat_rank(t) > _threat_rank(threat[0])]
+            if any(t.startswith("threat=") for t in vm.tags):
+                new = [t for t in new if not t.startswith("threat=")]
+        if not new:
+            return
+        vm.tags.extend(new)
+        self.inventory.save()
+        log.warning("VM %s tagged %s", vm.name, ",".join(vm.tags))
+        await self._run_hook(vm, detection)
+
+    async def _run_hook(self, vm: VMRecord, detection: dict[str, Any] | None) -> None:
+        """The isolation hook: ``HOOK VM TAG...`` with JSON on stdin (NSX tag → security group)."""
+        if not self.isolation_hook:
+            return
+        payload = json.dumps({"vm": vm.name, "root": vm.root, "tags": vm.tags, "detection": detection}).encode()
+        cmd = [*shlex.split(self.isolation_hook), vm.name, *vm.tags]
+        self.counters.hook_runs += 1
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+        except OSError as exc:
+            log.error("isolation hook %s could not start: %s", cmd[0], exc)
+            return
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(payload), self.hook_timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.error("isolation hook for VM %s killed after %.0f s", vm.name, self.hook_timeout)
+            return
+        level = logging.INFO if proc.returncode == 0 else logging.ERROR
+        log.log(level, "isolation hook for VM %s exited %s: %s", vm.name, proc.returncode,
+                out.decode(errors="replace").strip()[:500])
 
     def _verdict(self, vm: VMRecord, path: str, res: ScanResult | CachedVerdict, source: str,
-                 digest: bytes | None, t0: float) -> dict[str, Any]:
+                 digest: bytes | None, t0: float, action: str = "allow",
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
         infected = res.status == "infected"
-        action = "deny" if infected else "allow"
         verdict = {
             "vm": vm.name,
             "path": path,
@@ -535,27 +739,143 @@ class Appliance:
             "source": source,
             "digest": digest.hex() if digest else None,
             "pattern_version": self.pattern_version,
+            **(extra or {}),
         }
         self.counters.verdicts += 1
         if res.status == "error":
             self.counters.errors += 1
         now = time.time()
-        event = {"time": now, "event": "verdict", **verdict,
-                 "latency_ms": round((time.monotonic() - t0) * 1000, 3)}
+        latency = time.monotonic() - t0
+        if self.latency is not None:
+            self.latency.observe(latency)
+        event = {"time": now, "event": "verdict", **verdict, "latency_ms": round(latency * 1000, 3)}
         self.events.write(event)
         if infected:
             self.counters.detections += 1
-            det = {"time": now, "vm": vm.name, "path": path, "matches": list(res.matches), "action": action}
+            det = {"time": now, "vm": vm.name, "path": path, "matches": list(res.matches), "action": action,
+                   **(extra or {})}
             self.detections.append(det)
             del self.detections[:-RECENT_DETECTIONS]
             log.warning("DETECTION: VM %s: %s: %s (%s)", vm.name, path, ", ".join(res.matches), action)
         return verdict
 
+    # -- operator commands ----------------------------------------------------------------
+
+    async def control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Operator commands from ``offscan vm|policy|quarantine`` (same socket permissions)."""
+        loop = asyncio.get_running_loop()
+
+        def arg(name: str, kind: type = str) -> Any:
+            v = args.get(name)
+            if not isinstance(v, kind):
+                raise RequestFailed("malformed", f"{op}: argument {name!r} must be a {kind.__name__}")
+            return v
+
+        def vm_named(name: str) -> VMRecord:
+            rec = self.inventory.vms.get(name)
+            if rec is None:
+                raise RequestFailed("unknown-vm", f"no VM named {name!r}")
+            return rec
+
+        def show(rec: VMRecord) -> dict[str, Any]:
+            return {**asdict(rec), "policy": self.effective_policy(rec),
+                    "clones": sorted(v.name for v in self.inventory.vms.values() if v.clone_of == rec.name)}
+
+        if op == "vm-list":
+            return {"vms": [show(v) for v in self.inventory.vms.values()]}
+        if op == "vm-show":
+            return show(vm_named(arg("name")))
+        if op == "vm-unregister":
+            rec = vm_named(arg("name"))
+            del self.inventory.vms[rec.name]
+            self.inventory.save()
+            log.info("VM %s unregistered by the operator", rec.name)
+            return {"vm": rec.name}
+        if op == "vm-untag":
+            rec = vm_named(arg("name"))
+            drop = args.get("tags") or list(rec.tags)
+            rec.tags = [t for t in rec.tags if t not in drop]
+            self.inventory.save()
+            log.info("VM %s untagged %s; tags now %s", rec.name, drop, rec.tags)
+            await self._run_hook(rec, None)  # lets the policy engine release the VM
+            return {"vm": rec.name, "tags": rec.tags}
+        if op == "vm-clone":
+            return await self._clone(vm_named(arg("base")), arg("count", int), arg("into"),
+                                     args.get("prefix") or f"{arg('base')}-clone")
+        if op == "policy-set":
+            rec = vm_named(arg("vm"))
+            try:
+                settings = policies.validate(arg("settings", dict))
+            except policies.PolicyError as exc:
+                raise RequestFailed("malformed", str(exc)) from None
+            rec.policy = {**rec.policy, **settings}
+            self.inventory.save()
+            log.info("policy of VM %s set: %s", rec.name, settings)
+            return {"vm": rec.name, "policy": self.effective_policy(rec)}
+        if op == "policy-unset":
+            rec = vm_named(arg("vm"))
+            for key in args.get("keys") or []:
+                rec.policy.pop(key, None)
+            self.inventory.save()
+            return {"vm": rec.name, "policy": self.effective_policy(rec)}
+        if op.startswith("quarantine-"):
+            if self.vault is None:
+                raise RequestFailed("unsupported", "no quarantine vault (start the appliance with --state)")
+            from .quarantine import QuarantineError
+
+            vault = self.vault
+            try:
+                if op == "quarantine-list":
+                    return {"entries": [asdict(e) for e in vault.list()]}
+                if op == "quarantine-restore":
+                    entry = vault.get(arg("id"))
+                    rec = self.inventory.vms.get(entry.vm)
+                    root = rec.root if rec else entry.root
+                    where = await loop.run_in_executor(self.pool, lambda: vault.restore(
+                        entry.id, root=root, overwrite=bool(args.get("overwrite"))))
+                    log.info("quarantine %s restored to VM %s: %s", entry.id, entry.vm, where)
+                    return {"id": entry.id, "restored": where}
+                if op == "quarantine-delete":
+                    vault.delete(arg("id"))
+                    return {"id": args["id"]}
+            except QuarantineError as exc:
+                raise RequestFailed("refused", str(exc)) from None
+        raise RequestFailed("unsupported", f"unknown operator command {op!r}")
+
+    async def _clone(self, base: VMRecord, count: int, into: str, prefix: str) -> dict[str, Any]:
+        """Make ``count`` clones of ``base`` under ``into``; clones inherit its verdicts unread
+        and are registered unclaimed (the first shim that registers a name watches it)."""
+        if not 1 <= count <= 10_000:
+            raise RequestFailed("malformed", "count must be between 1 and 10000")
+        if not os.path.isabs(into):
+            raise RequestFailed("malformed", "--into must be an absolute directory")
+        loop = asyncio.get_running_loop()
+        made, t0 = [], time.monotonic()
+        totals = {"files": 0, "inherited": 0, "bytes_copied": 0, "reflinked": 0}
+        for i in range(1, count + 1):
+            name = f"{prefix}{i:03d}" if not prefix.endswith("-") else f"{prefix}{i}"
+            if name in self.inventory.vms:
+                raise RequestFailed("conflict", f"VM {name!r} already exists")
+            dest = os.path.join(os.path.realpath(into), name)
+            try:
+                st = await loop.run_in_executor(None, clone_tree, base.root, dest, self.memo, self.inherited)
+            except OSError as exc:
+                raise RequestFailed("internal", f"cloning {base.name} into {dest}: {exc}") from None
+            for k in totals:
+                totals[k] += getattr(st, k)
+            self.inventory.vms[name] = VMRecord(name, dest, None, {}, base.name)
+            made.append({"name": name, "root": dest, "files": st.files, "inherited": st.inherited})
+        self.inventory.save()
+        secs = time.monotonic() - t0
+        log.info("cloned %s x%d into %s in %.2f s (%d files, %d inherit verdicts)",
+                 base.name, count, into, secs, totals["files"], totals["inherited"])
+        return {"base": base.name, "clones": made, "seconds": round(secs, 3), **totals}
+
     # -- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         c = self.counters
-        served = c.served_identity + c.served_digest
+        served = c.served_identity + c.served_digest + c.served_clone
         lookups = served + c.contents_matched
         return {
             "appliance": self.appliance_id,
@@ -564,7 +884,7 @@ class Appliance:
             "pattern_version": self.pattern_version,
             "patterns": self.db.summary(),
             "native": self.matcher.native,
-            "vms": [asdict(v) for v in self.inventory.vms.values()],
+            "vms": [{**asdict(v), "policy": self.effective_policy(v)} for v in self.inventory.vms.values()],
             "queue_depth": self.gate.waiting,
             "in_flight": self.gate.active,
             "connections": len(self._conn_tasks),
@@ -574,6 +894,28 @@ class Appliance:
             "recent_detections": self.detections[-10:],
             **asdict(c),
         }
+
+
+_THREATS = ("low", "medium", "high")
+
+
+def threat_level(matches: Sequence[str]) -> str:
+    """NSX-style threat level from signature names: test files low, PUA medium, else high."""
+    names = " ".join(matches).lower()
+    if any(k in names for k in ("eicar", "test")):
+        return "low"
+    if any(k in names for k in ("pua", "adware", "heuristics")):
+        return "medium"
+    return "high"
+
+
+def _threat_rank(tag: str) -> int:
+    level = tag.partition("=")[2]
+    return _THREATS.index(level) if level in _THREATS else len(_THREATS)
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _reason(exc: OSError) -> str:

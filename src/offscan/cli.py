@@ -19,6 +19,7 @@ from .engine import DEFAULT_MAX_FILE_SIZE, DEFAULT_SCAN_TIMEOUT, DEFAULT_WINDOW_
 from .signatures import SignatureError, load_database
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+DEFAULT_SOCKET = "/run/offscan/appliance.sock"
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4, help="concurrent reads+scans (default 4)")
     p.add_argument("--socket-mode", type=lambda v: int(v, 8), default=0o600, metavar="OCTAL",
                    help="unix socket permissions (default 600)")
+    p.add_argument("--policies", metavar="TOML", help="policy file ([default] and [vm.NAME] tables)")
+    p.add_argument("--isolation-hook", metavar="CMD",
+                   help="run as CMD VM TAG... with JSON on stdin when a VM's tags change")
+    p.add_argument("--hook-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--quarantine", metavar="DIR", help="quarantine vault (default: STATE/quarantine)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus metrics endpoint")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -74,12 +81,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret", default=os.environ.get("OFFSCAN_SECRET"))
     p.add_argument("--json", action="store_true")
 
-    try:  # TODO(integration): shim.py lands in parallel; drop this guard once it has
-        from .shim import add_shim_arguments
-    except ImportError:
-        pass
-    else:
-        add_shim_arguments(sub.add_parser("shim", help="watch VM directories and offload scans to the appliance"))
+    from .shim import add_shim_arguments
+
+    add_shim_arguments(sub.add_parser("shim", help="watch VM directories and offload scans to the appliance"))
+
+    def appliance_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--appliance", "--socket", dest="appliance", metavar="SOCKET|HOST:PORT",
+                       default=os.environ.get("OFFSCAN_APPLIANCE", DEFAULT_SOCKET),
+                       help=f"the appliance (default: $OFFSCAN_APPLIANCE or {DEFAULT_SOCKET})")
+        q.add_argument("--secret", default=os.environ.get("OFFSCAN_SECRET"))
+        q.add_argument("--json", action="store_true", help="print the appliance's reply as JSON")
+
+    p = sub.add_parser("vm", help="VM inventory: clone, list, show, unregister, untag")
+    vsub = p.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    q = vsub.add_parser("clone", help="make N clones of a registered master; they inherit its verdicts")
+    q.add_argument("base")
+    q.add_argument("--count", type=int, required=True)
+    q.add_argument("--into", required=True, metavar="DIR")
+    q.add_argument("--prefix", help="clone names: PREFIX001... (default BASE-clone)")
+    appliance_arg(q)
+    q = vsub.add_parser("list")
+    appliance_arg(q)
+    for action in ("show", "unregister"):
+        q = vsub.add_parser(action)
+        q.add_argument("name")
+        appliance_arg(q)
+    q = vsub.add_parser("untag", help="remove tags (all by default) and rerun the isolation hook")
+    q.add_argument("name")
+    q.add_argument("tags", nargs="*")
+    appliance_arg(q)
+
+    p = sub.add_parser("policy", help="per-VM policy at run time")
+    psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    q = psub.add_parser("set", help="e.g. policy set vm1 actions=quarantine,deny exclude_ext=iso max_size=1000000")
+    q.add_argument("vm")
+    q.add_argument("settings", nargs="+", metavar="KEY=VALUE")
+    appliance_arg(q)
+    q = psub.add_parser("unset", help="drop the VM's own setting (inherit again)")
+    q.add_argument("vm")
+    q.add_argument("keys", nargs="+")
+    appliance_arg(q)
+    q = psub.add_parser("show")
+    q.add_argument("vm")
+    appliance_arg(q)
+
+    p = sub.add_parser("quarantine", help="the quarantine vault: list, restore, delete")
+    qsub = p.add_subparsers(dest="quarantine_command", required=True, metavar="ACTION")
+    q = qsub.add_parser("list")
+    appliance_arg(q)
+    for action in ("restore", "delete"):
+        q = qsub.add_parser(action)
+        q.add_argument("id")
+        if action == "restore":
+            q.add_argument("--overwrite", action="store_true")
+        appliance_arg(q)
 
     from .images import add_scan_image_arguments
 
@@ -210,8 +265,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             state_dir=args.state,
             concurrency=args.concurrency,
             socket_mode=args.socket_mode,
+            policy_file=args.policies,
+            isolation_hook=args.isolation_hook,
+            hook_timeout=args.hook_timeout,
+            quarantine_dir=args.quarantine,
+            metrics=_address(args.metrics) if args.metrics else None,
         )
-    except (SignatureError, ValueError, OSError) as exc:
+    except (SignatureError, ValueError, OSError, RuntimeError) as exc:
         print(f"offscan: {exc}", file=sys.stderr)
         return EXIT_ERROR
     asyncio.run(serve(appliance, ready_file=args.ready_file))
@@ -254,6 +314,114 @@ def cmd_status(args: argparse.Namespace) -> int:
     for d in st["recent_detections"]:
         print(f"detected  {d['vm']}:{d['path']}: {', '.join(d['matches'])} ({d['action']})")
     return EXIT_CLEAN
+
+
+def _control(args: argparse.Namespace, op: str, **kw: object) -> tuple[int, dict]:
+    import asyncio
+
+    from .protocol import ApplianceClient, ProtocolError, RequestError
+
+    async def call() -> dict:
+        client = ApplianceClient(args.appliance, shim_id=f"operator-{os.getpid()}", secret=args.secret)
+        await client.connect()
+        try:
+            return await client.control(op, timeout=600, **kw)
+        finally:
+            await client.close()
+
+    try:
+        reply = asyncio.run(call())
+    except RequestError as exc:
+        print(f"offscan: {exc}", file=sys.stderr)
+        return EXIT_ERROR, {}
+    except (OSError, ConnectionError, TimeoutError, ProtocolError) as exc:
+        print(f"offscan: cannot reach appliance at {args.appliance}: {exc}", file=sys.stderr)
+        return EXIT_ERROR, {}
+    reply = {k: v for k, v in reply.items() if k not in ("t", "id")}
+    if args.json:
+        print(json.dumps(reply, indent=1))
+    return EXIT_CLEAN, reply
+
+
+def _print_vm(vm: dict) -> None:
+    extra = f" clone of {vm['clone_of']}" if vm.get("clone_of") else ""
+    owner = vm.get("owner") or "unclaimed"
+    tags = ",".join(vm.get("tags") or []) or "-"
+    print(f"{vm['name']:<22} {vm['root']}  owner={owner} tags={tags}{extra}")
+
+
+@command
+def cmd_vm(args: argparse.Namespace) -> int:
+    a = args.vm_command
+    if a == "clone":
+        rc, r = _control(args, "vm-clone", base=args.base, count=args.count,
+                         into=os.path.abspath(args.into), prefix=args.prefix)
+        if rc == 0 and not args.json:
+            print(f"{len(r['clones'])} clones of {r['base']} in {r['seconds']:.2f} s: {r['files']} files, "
+                  f"{r['inherited']} inherit the master's verdicts, {r['bytes_copied'] / 1e6:.1f} MB copied "
+                  f"in-kernel ({r['reflinked']} reflinked)")
+            for c in r["clones"]:
+                print(f"  {c['name']}  {c['root']}")
+        return rc
+    if a == "list":
+        rc, r = _control(args, "vm-list")
+        if rc == 0 and not args.json:
+            for vm in r["vms"]:
+                _print_vm(vm)
+        return rc
+    if a == "show":
+        rc, r = _control(args, "vm-show", name=args.name)
+        if rc == 0 and not args.json:
+            _print_vm(r)
+            print(f"  policy: {json.dumps(r['policy'])}")
+            if r.get("clones"):
+                print(f"  clones: {', '.join(r['clones'])}")
+        return rc
+    if a == "unregister":
+        return _control(args, "vm-unregister", name=args.name)[0]
+    rc, r = _control(args, "vm-untag", name=args.name, tags=args.tags)
+    if rc == 0 and not args.json:
+        print(f"{r['vm']}: tags now {','.join(r['tags']) or '-'}")
+    return rc
+
+
+@command
+def cmd_policy(args: argparse.Namespace) -> int:
+    a = args.policy_command
+    if a == "set":
+        settings = {}
+        for item in args.settings:
+            key, eq, value = item.partition("=")
+            if not eq:
+                print(f"offscan: expected KEY=VALUE, got {item!r}", file=sys.stderr)
+                return EXIT_ERROR
+            settings[key] = value
+        rc, r = _control(args, "policy-set", vm=args.vm, settings=settings)
+    elif a == "unset":
+        rc, r = _control(args, "policy-unset", vm=args.vm, keys=args.keys)
+    else:
+        rc, r = _control(args, "vm-show", name=args.vm)
+    if rc == 0 and not args.json:
+        print(f"{args.vm}: {json.dumps(r['policy'])}")
+    return rc
+
+
+@command
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    a = args.quarantine_command
+    if a == "list":
+        rc, r = _control(args, "quarantine-list")
+        if rc == 0 and not args.json:
+            for e in r["entries"]:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+                print(f"{e['id']}  {when}  {e['vm']}:{e['path']}  {','.join(e['signatures'])}  {e['digest'][:16]}")
+        return rc
+    if a == "restore":
+        rc, r = _control(args, "quarantine-restore", id=args.id, overwrite=args.overwrite)
+        if rc == 0 and not args.json:
+            print(f"restored {r['id']} to {r['restored']}")
+        return rc
+    return _control(args, "quarantine-delete", id=args.id)[0]
 
 
 @command

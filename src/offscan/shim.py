@@ -25,7 +25,8 @@ import stat
 import sys
 import threading
 import time
-import uuid
+import json
+import shlex
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -361,6 +362,11 @@ class Backlog:
                 entry.replay = True
             return len(self._entries)
 
+    def count_vm(self, vm: str) -> int:
+        """Entries of one VM not yet answered."""
+        with self._lock:
+            return sum(1 for key in self._entries if key[0] == vm)
+
     def drop_vm(self, vm: str) -> int:
         """Forget everything queued for ``vm`` (it was removed)."""
         with self._lock:
@@ -528,6 +534,8 @@ class Shim:
         on_verdict: Callable[[str, str, dict[str, Any]], None] | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         client_factory: Callable[..., Any] | None = None,
+        isolation_hook: str | None = None,
+        hook_timeout: float = 10.0,
     ) -> None:
         if content not in ("auto", "path", "fd", "stream"):
             raise ValueError(f"content must be auto, path, fd or stream, not {content!r}")
@@ -536,7 +544,8 @@ class Shim:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.address = address
-        self.shim_id = shim_id or f"shim-{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # Stable across restarts: the appliance lets only the registering shim scan in a VM.
+        self.shim_id = shim_id or f"shim-{os.uname().nodename}"
         self.secret = secret
         self.content = content
         self.quiet = quiet
@@ -574,6 +583,10 @@ class Shim:
         self._walk_pool: ThreadPoolExecutor | None = None
         self._watch_pool: ThreadPoolExecutor | None = None
         self._closing = False
+        self.isolation_hook = isolation_hook
+        self.hook_timeout = hook_timeout
+        self._policies: dict[str, dict[str, Any]] = {}  # effective policy from the appliance
+        self._isolated: set[str] = set()  # fail-closed VMs currently tagged "unprotected"
 
     # ---------------------------------------------------------------- public API
 
@@ -606,6 +619,7 @@ class Shim:
                 asyncio.create_task(self._connection_loop(), name="shim-connection"),
                 asyncio.create_task(self._scheduler(), name="shim-scheduler"),
                 asyncio.create_task(self._watch_keeper(), name="shim-watch-keeper"),
+                asyncio.create_task(self._protection_keeper(), name="shim-fail-closed"),
             ]
             self._tasks += [
                 asyncio.create_task(self._sender(), name=f"shim-sender-{i}")
@@ -1026,7 +1040,9 @@ class Shim:
     async def _register(self, client: Any, vm: _VM) -> None:
         spec = vm.spec
         try:
-            await client.register(spec.name, vm.root, policy=spec.policy, clone_of=spec.clone_of)
+            reply = await client.register(spec.name, vm.root, policy=spec.policy, clone_of=spec.clone_of)
+            if isinstance(reply, dict) and isinstance(reply.get("policy"), dict):
+                self._policies[spec.name] = reply["policy"]
         except ConnectionError:
             raise
         except Exception as exc:  # noqa: BLE001 - one refused VM must not stop the others
@@ -1108,6 +1124,49 @@ class Shim:
                 self._backlog.mark_replay()
                 with contextlib.suppress(Exception):
                     await client.close()
+
+    def _fail_mode(self, vm: _VM) -> str:
+        policy = self._policies.get(vm.name) or vm.spec.policy or {}
+        return str(policy.get("fail_mode", "open"))
+
+    async def _protection_keeper(self) -> None:
+        """Fail-closed VMs: while the appliance is unreachable the VM is tagged ``unprotected``
+        and the isolation hook runs; once the appliance is back and the VM's backlog has been
+        scanned, the tag is dropped and the hook runs again. Fail-open VMs just keep queueing."""
+        while True:
+            await asyncio.sleep(0.1)
+            for vm in list(self._vms.values()):
+                if self._fail_mode(vm) != "closed":
+                    continue
+                if not self._online and vm.name not in self._isolated:
+                    self._isolated.add(vm.name)
+                    log.error("VM %s is unprotected (appliance unreachable); isolating (fail closed)", vm.name)
+                    await self._run_hook(vm.name, ["unprotected"], "appliance unreachable")
+                elif self._online and vm.name in self._isolated and self._backlog.count_vm(vm.name) == 0:
+                    self._isolated.discard(vm.name)
+                    log.warning("VM %s protected again (backlog scanned); releasing isolation", vm.name)
+                    await self._run_hook(vm.name, [], "appliance back, backlog scanned")
+
+    async def _run_hook(self, vm: str, tags: list[str], reason: str) -> None:
+        if not self.isolation_hook:
+            return
+        payload = json.dumps({"vm": vm, "tags": tags, "reason": reason, "shim": self.shim_id}).encode()
+        cmd = [*shlex.split(self.isolation_hook), vm, *tags]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
+            await asyncio.wait_for(proc.communicate(payload), self.hook_timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.error("isolation hook for VM %s killed after %.0f s", vm, self.hook_timeout)
+        except OSError as exc:
+            log.error("isolation hook %s could not run: %s", cmd[0], exc)
+
+    def stats_isolated(self) -> list[str]:
+        """Fail-closed VMs currently isolated as unprotected."""
+        return sorted(self._isolated)
 
     async def _watch_keeper(self) -> None:
         """Notice VM roots that were deleted (their observer dies) and re-watch them when they
@@ -1254,7 +1313,12 @@ def add_shim_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="how the appliance reads files (default: path on a unix socket, stream on TCP)",
     )
-    parser.add_argument("--shim-id", default=None, help="name of this shim in the appliance's logs")
+    parser.add_argument("--shim-id", default=None,
+                        help="name of this shim (default shim-HOSTNAME; keep it stable: the "
+                        "appliance lets only the registering shim scan in a VM)")
+    parser.add_argument("--isolation-hook", metavar="CMD",
+                        help="for fail-closed VMs: run CMD VM [unprotected] with JSON on stdin when "
+                        "the VM loses and regains protection")
     parser.add_argument(
         "--quiet",
         type=float,
@@ -1301,6 +1365,7 @@ async def run_shim_cli(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             max_backlog=args.max_backlog,
             on_verdict=report,
+            isolation_hook=args.isolation_hook,
         )
     except ValueError as exc:
         print(f"offscan shim: {exc}", file=sys.stderr)
