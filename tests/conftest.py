@@ -28,6 +28,8 @@ LEAK_GRACE = 2.0  # seconds a thread or child may take to finish after its test
 @pytest.fixture(params=["py", "c"], ids=["py", "c"])
 def impl(request: pytest.FixtureRequest) -> str:
     """The matcher core to test: the Python twin or the native extension."""
+    if request.param == "c" and os.environ.get("OFFSCAN_NO_EXTENSIONS"):
+        pytest.skip("OFFSCAN_NO_EXTENSIONS: pure Python build")
     return request.param
 
 

@@ -17,7 +17,7 @@ TIMEOUT = 60  # seconds; a scan that blocks (FIFO) fails the test instead of han
 def offscan(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "offscan", "scan", *map(str, args)],
-        capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL, check=False,
     )
 
 

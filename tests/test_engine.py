@@ -12,15 +12,15 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import EICAR, make_db, make_matcher
 
-from offscan import Matcher, ScanResult, load_database
-from offscan import _match, engine
+from offscan import Matcher, ScanResult, _match, engine, load_database
 
 BIG = 1 << 20  # window size that holds every test buffer whole
 
@@ -32,7 +32,7 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
     def run() -> None:
         try:
             box["value"] = fn()
-        except BaseException as exc:  # pragma: no cover - re-raised below
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
 
     t = threading.Thread(target=run, name="call_with_timeout", daemon=True)
@@ -46,7 +46,7 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
 
 
 def found(sig: str, data: bytes, impl: str, **kwargs: Any) -> bool:
-    """Whether the one-signature ``.ndb`` line ``sig`` matches ``data`` (every window size agrees)."""
+    """Whether the one-signature ``.ndb`` line ``sig`` matches ``data`` (all window sizes agree)."""
     results = {
         ws: make_matcher(sig, impl, window_size=ws, **kwargs).scan_bytes(data)
         for ws in (BIG, 7, 16)
@@ -353,9 +353,9 @@ def test_hash_signatures(impl: str) -> None:
     data = b"some content\n"
     text = [
         ("h.hdb", f"{hashlib.md5(data).hexdigest()}:{len(data)}:Md5.Sig\n"),
-        ("h.hsb", f"{hashlib.sha1(data).hexdigest()}:{len(data)}:Sha1.Sig\n"
-                  f"{hashlib.sha256(data).hexdigest()}:*:Sha256.Any\n"
-                  f"{hashlib.sha256(data).hexdigest()}:{len(data) + 1}:Sha256.WrongSize\n"),
+        ("h.hsb", (f"{hashlib.sha1(data).hexdigest()}:{len(data)}:Sha1.Sig\n"
+                   f"{hashlib.sha256(data).hexdigest()}:*:Sha256.Any\n"
+                   f"{hashlib.sha256(data).hexdigest()}:{len(data) + 1}:Sha256.WrongSize\n")),
         ("b.ndb", "Body:0:*:636f6e74656e74\n"),
     ]
     from offscan import PatternDB
@@ -614,7 +614,7 @@ def _scan_as_nobody(m: Matcher, path: str) -> ScanResult:
             os.setuid(65534)
             r = m.scan_path(path)
             os.write(wfd, json.dumps(r.to_json()).encode())
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
             os.write(wfd, json.dumps({"child_error": repr(exc)}).encode())
             code = 1
         finally:

@@ -106,7 +106,10 @@ def test_everything_together() -> None:
     assert gaps == (Gap(0, None), Gap(0, 4), Gap(1, 2), Gap(4, None))
     first = parts[0]
     assert first.length == 2 + 1 + 1 + 1 + 1 + 2
-    assert first.alts == (Alt(5, (b"\x01", b"\x02"), False), Alt(6, (b"\x03\x04", b"\x05\x06"), True))
+    assert first.alts == (
+        Alt(5, (b"\x01", b"\x02"), False),
+        Alt(6, (b"\x03\x04", b"\x05\x06"), True),
+    )
 
 
 def test_uppercase_and_lowercase_hex_agree() -> None:
@@ -220,7 +223,8 @@ def test_hsb_sha1_sha256_and_any_size() -> None:
     ],
 )
 def test_bad_hash_lines(suffix: str, line: str, reason: str) -> None:
-    with pytest.raises(SignatureError, match=re.escape(f"t{suffix}:1: ") + ".*" + re.escape(reason)):
+    expected = re.escape(f"t{suffix}:1: ") + ".*" + re.escape(reason)
+    with pytest.raises(SignatureError, match=expected):
         make_db(line, name=f"t{suffix}")
 
 
