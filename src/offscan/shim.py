@@ -163,10 +163,7 @@ class Backlog:
         self._room = threading.Condition(self._lock)
         self._entries: dict[Key, _Entry] = {}
         self._waiting: OrderedDict[Key, _Entry] = OrderedDict()  # by time of last event
-        self._ready: dict[str, OrderedDict[Key, _Entry]] = {
-            ACCESS: OrderedDict(),
-            DEMAND: OrderedDict(),
-        }
+        self._ready: dict[str, _FairQueue] = {ACCESS: _FairQueue(), DEMAND: _FairQueue()}
         self.events = 0  # live events recorded
         self.walked = 0  # files queued by directory walks
         self.coalesced = 0
@@ -244,7 +241,7 @@ class Backlog:
             elif entry.state == _Entry.READY:
                 # Written again before it was sent: restart its quiet period.
                 for queue in self._ready.values():
-                    queue.pop(key, None)
+                    queue.pop(key)
                 entry.state = _Entry.WAITING
                 wake = not self._waiting
                 self._waiting[key] = entry
@@ -301,17 +298,18 @@ class Backlog:
                     trees.append(entry)
                 else:
                     entry.state = _Entry.READY
-                    self._ready[entry.prio][key] = entry
+                    self._ready[entry.prio].add(key, entry)
                     files += 1
         return files, trees
 
     def take(self) -> _Entry | None:
-        """The next ready entry (access before demand, oldest first), now *in flight*."""
+        """The next ready entry (access before demand; VMs in turn, oldest first within a VM),
+        now *in flight*."""
         with self._lock:
             for prio in (ACCESS, DEMAND):
                 queue = self._ready[prio]
                 if queue:
-                    _, entry = queue.popitem(last=False)
+                    entry = queue.popleft()
                     entry.state = _Entry.INFLIGHT
                     return entry
             return None
@@ -349,9 +347,7 @@ class Backlog:
                 self._waiting[entry.key] = entry
             else:
                 entry.state = _Entry.READY
-                queue = self._ready[entry.prio]
-                queue[entry.key] = entry
-                queue.move_to_end(entry.key, last=False)
+                self._ready[entry.prio].add(entry.key, entry, front=True)
         if wake and self.on_wake is not None:
             self.on_wake()
 
@@ -375,7 +371,7 @@ class Backlog:
                 del self._entries[key]
                 self._waiting.pop(key, None)
                 for queue in self._ready.values():
-                    queue.pop(key, None)
+                    queue.pop(key)
             self.owed_walks.discard(vm)
             self._room.notify_all()
             return len(keys)
@@ -389,6 +385,48 @@ class Backlog:
         with self._lock:
             vms, self.owed_walks = self.owed_walks, set()
             return vms
+
+
+class _FairQueue:
+    """Ready entries served round-robin across VMs, oldest first within a VM, so a clone
+    registered during a storm gets its first verdicts at once instead of waiting behind every
+    earlier clone's activation walk (time-to-protect)."""
+
+    def __init__(self) -> None:
+        self._by_vm: OrderedDict[str, OrderedDict[Key, _Entry]] = OrderedDict()
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def add(self, key: Key, entry: _Entry, *, front: bool = False) -> None:
+        queue = self._by_vm.get(key[0])
+        if queue is None:
+            queue = self._by_vm[key[0]] = OrderedDict()
+            if front:
+                self._by_vm.move_to_end(key[0], last=False)
+        if key not in queue:
+            self._len += 1
+        queue[key] = entry
+        if front:
+            queue.move_to_end(key, last=False)
+
+    def pop(self, key: Key) -> None:
+        queue = self._by_vm.get(key[0])
+        if queue is not None and queue.pop(key, None) is not None:
+            self._len -= 1
+            if not queue:
+                del self._by_vm[key[0]]
+
+    def popleft(self) -> _Entry:
+        vm, queue = next(iter(self._by_vm.items()))
+        _, entry = queue.popitem(last=False)
+        self._len -= 1
+        if queue:
+            self._by_vm.move_to_end(vm)  # next VM's turn
+        else:
+            del self._by_vm[vm]
+        return entry
 
 
 def _skip_reason(mode: int) -> str | None:
