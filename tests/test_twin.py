@@ -175,7 +175,9 @@ def elements(draw: st.DrawFn) -> Element:
 
 @st.composite
 def parts(draw: st.DrawFn) -> tuple[Element, ...]:
-    anchor = draw(st.lists(alpha_byte, min_size=2, max_size=4))
+    # short anchors are found by exact lookup, long ones (8+) by sampling in the native core
+    anchor = draw(st.one_of(st.lists(alpha_byte, min_size=2, max_size=4),
+                            st.lists(alpha_byte, min_size=5, max_size=14)))
     before = draw(st.lists(elements(), max_size=3))
     after = draw(st.lists(elements(), max_size=3))
     return tuple(before) + tuple(Byte(b) for b in anchor) + tuple(after)
@@ -336,7 +338,7 @@ def test_generated_syntax_covers_everything() -> None:
     """The strategies above really produce every syntax element (guards against drift)."""
     seen: set[str] = set()
 
-    @settings(max_examples=300, deadline=None, database=None)
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True)
     @given(databases())
     def collect(sigs: list[Sig]) -> None:
         for s in sigs:
@@ -494,7 +496,7 @@ def test_many_signatures_native_equals_twin() -> None:
     rng = np.random.default_rng(2024)
     sigs, instances = [], []
     for i in range(3000):
-        static = rng.integers(0, 256, int(rng.integers(2, 9)), dtype=np.uint8).tobytes()
+        static = rng.integers(0, 256, int(rng.integers(2, 21)), dtype=np.uint8).tobytes()
         body = static.hex()
         inst = static
         if i % 3 == 0:
@@ -508,7 +510,7 @@ def test_many_signatures_native_equals_twin() -> None:
     db = PatternDB.from_text([("many.ndb", "\n".join(sigs))])
     buf = bytearray(rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes())
     for k in range(0, 3000, 7):
-        at = int(rng.integers(0, len(buf) - 40))
+        at = int(rng.integers(0, len(buf) - 80))
         buf[at : at + len(instances[k])] = instances[k]
     buf = bytes(buf)
     c, py = Matcher(db, impl="c"), Matcher(db, impl="py")
