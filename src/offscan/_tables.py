@@ -1,22 +1,47 @@
 """Compile a PatternDB's body signatures into flat numpy tables shared by both matcher cores.
 
-Every signature part gets one *atom*: the best window of 2 to 4 static bytes. The native core
-finds atoms with a 2-byte prefilter bitmap, a 4-byte Bloom bitmap and a hashed bucket table;
-the Python twin finds the same atoms with pyahocorasick. Both then verify the whole part with the
-value/mask/alternative tables below, so they report exactly the same (part, start) hits.
+Both cores report exactly the same (part, start) hits: a hit is wherever a whole part verifies
+against the value/mask/alternative tables below, so *how* a core finds candidate starts never
+changes the answer, only the speed.
+
+- The Python twin finds candidates with pyahocorasick over one static *atom* per part (the
+  rarest run of 2 to 8 static bytes).
+- The native core samples the buffer: a pass ``(q, S)`` reads a q-byte *gram* (q = 2, 3 or 4)
+  only at positions that are multiples of S. Each part of that pass indexes the S grams at
+  offsets w..w+S-1 of a window it chose, so any occurrence puts exactly one of them on a
+  sampled position. Parts of 8+ bytes allow S = 5, i.e. one 32-bit probe per 5 bytes; short
+  parts go to a second pass with a smaller stride. A gram is looked up in a blocked Bloom
+  filter (two bits in one 32-bit word), then in hashed buckets of (gram, part, offset) entries;
+  a hit verifies the whole part. A gram may cover one byte that is not static (a nibble, an
+  alternative, or for 3- and 4-byte grams a ``??``): it is indexed once per possible value.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .signatures import PatternDB
 
-HASH_MULTIPLIER = 0x9E3779B1  # Fibonacci hashing; must equal the constant in ext/_match_c.pyx
-BLOOM4_BITS = 22  # 4 Mi bits = 512 KiB: < 3% false positives at 100k atoms, fits in L2/L3
-ATOM_MAX = 4  # bytes; one unaligned 32-bit load in the native loop
+# Multiplicative hashing of a gram x (32-bit arithmetic, as in SIMD lanes):
+#   h1 = x * HASH_WORD mod 2**32: its top bloom_words bits pick a 32-bit Bloom word and its top
+#        bucket_bits the bucket;
+#   h2 = x * HASH_BITS mod 2**32: its top 10 bits pick the two bits tested in the word
+#        (bits 22-26 and 27-31 of h2, each a bit number 0-31).
+# Must equal the constants in ext/_match_c.pyx.
+HASH_WORD = 0x9E3779B1  # 2**32 / golden ratio (Fibonacci hashing)
+HASH_BITS = 0x85EBCA6B  # an odd constant from MurmurHash3's finalizer, unrelated to HASH_WORD
+ATOM_MAX = 8  # bytes of the twin's pyahocorasick atoms; longer atoms, fewer false candidates
+GRAM_MAX = 4  # bytes; one unaligned 32-bit load in the native loop
+STRIDE_MAX = 8  # samples at most every 8 bytes (needs an 11-byte window per part)
+SMALL_SET = 16  # values of a nibble or alternative byte that a 2-byte gram may hold
+MAX_PASSES = 2  # the native core interleaves at most this many sampling passes
+BLOOM_BITS_PER_ENTRY = 32  # two bits per entry: ~0.5% false positives (1.5% at 16 bits)
+BLOOM_MIN_BITS = 13  # 1 KiB
+BLOOM_MAX_BITS = 23  # 1 MiB: stays in a core's L2 (2 MiB) next to the 1 MiB scan window
+FP_PENALTY = 12.0  # a probe that reaches the buckets costs ~12 plain probes (mispredict, miss)
 
 # How often a byte shows up in ordinary files (text, zero padding); atoms avoid common bytes.
 _COMMON = np.zeros(256, dtype=np.int32)
@@ -30,6 +55,9 @@ for _rng, _w in ((range(0x61, 0x7B), 4), (range(0x41, 0x5B), 3), (range(0x30, 0x
         _COMMON[_b] = _w
 for _b in (0x09, 0x0A, 0x0D):
     _COMMON[_b] = 3
+_SMALL_WEIGHT = 6  # a nibble/alternative byte in a gram: indexed several times, often common
+_BIG_WEIGHT = 40  # a ?? in a gram: indexed 256 times; only when no static window exists
+_STATIC, _SMALL, _BIG = 0, 1, 2  # byte kinds: one value, <= SMALL_SET values, anything
 
 
 @dataclass(frozen=True)
@@ -38,6 +66,19 @@ class PartRef:
 
     sig: int
     index: int
+
+
+@dataclass
+class NativePass:
+    """One sampling pass of the native core: q-byte grams read every ``stride`` bytes."""
+
+    q: int  # gram length in bytes (2..4)
+    stride: int
+    bloom: np.ndarray  # uint32[2**bloom_words]
+    bloom_words: int  # log2 of the number of 32-bit Bloom words
+    bucket_bits: int
+    bucket_start: np.ndarray  # int32[2**bucket_bits + 1]: CSR into entries
+    entries: np.ndarray  # int32[E, 3]: gram (uint32 bits), part, offset of the gram in the part
 
 
 @dataclass
@@ -57,66 +98,40 @@ class Tables:
     alt_nopt: np.ndarray  # int32[A]
     alt_pool_start: np.ndarray  # int64[A]
     alt_pool: np.ndarray  # uint8: options, alt_len bytes each
-    atom_off: np.ndarray  # int32[P]
+    atom_off: np.ndarray  # int32[P]: the twin's atom
     atom_len: np.ndarray  # int32[P]
     atoms: list[bytes]
     max_part_len: int
-    # native index
-    pre2: np.ndarray  # uint8[8192]: bit k set if some atom starts with bytes k&255, k>>8
-    bloom4: np.ndarray  # uint8[2**BLOOM4_BITS / 8]
-    b4_bits: int
-    b4_start: np.ndarray  # int32[2**b4_bits + 1]
-    e4_atom: np.ndarray  # uint32
-    e4_part: np.ndarray  # int32
-    s_start: np.ndarray  # int32[65537]: CSR by first two bytes, atoms of 2-3 bytes
-    es_part: np.ndarray  # int32
-    es_len: np.ndarray  # uint8
-    es_b2: np.ndarray  # uint8: third byte for 3-byte atoms
+    passes: list[NativePass]  # the native index
 
     @property
     def n_parts(self) -> int:
         return len(self.part_len)
 
 
-def _choose_atom(values: bytes, runs: list[tuple[int, int]]) -> tuple[int, int]:
-    best: tuple[int, int, int, int] | None = None  # (-length, commonness, offset, length)
-    for start, length in runs:
-        ln = min(ATOM_MAX, length)
-        if ln < 2:
-            continue
-        for off in range(start, start + length - ln + 1):
-            window = values[off : off + ln]
-            # the first two bytes drive the prefilter, so weigh them double
-            score = int(_COMMON[window[0]] * 2 + _COMMON[window[1]] * 2 + sum(_COMMON[b] for b in window[2:]))
-            key = (-ln, score, off, ln)
-            if best is None or key < best:
-                best = key
-    assert best is not None, "parser guarantees a static run of 2 bytes"
-    return best[2], best[3]
-
-
 def build_tables(db: PatternDB) -> Tables:
-    part_sig, part_index, part_len, part_vstart, plain, once = [], [], [], [], [], []
-    values = bytearray()
-    masks = bytearray()
+    part_sig, part_index, part_len, plain, once = [], [], [], [], []
+    value_chunks: list[bytes] = []
+    mask_chunks: list[bytes] = []
     alt_start = [0]
     alt_off, alt_len, alt_neg, alt_nopt, alt_pool_start = [], [], [], [], []
     alt_pool = bytearray()
-    atom_off, atom_len, atoms = [], [], []
+    alt_sets: dict[int, set[int]] = {}  # part-relative byte -> values, keyed by global position
+    pos = 0
     for s, sig in enumerate(db.body):
+        last = len(sig.parts) - 1
+        first_free = sig.offset.kind == "any"
         for k, part in enumerate(sig.parts):
+            n = part.length
             part_sig.append(s)
             part_index.append(k)
-            part_len.append(part.length)
-            part_vstart.append(len(values))
-            values += part.values
-            masks += part.masks
-            plain.append(1 if not part.alts and all(m == 0xFF for m in part.masks) else 0)
+            part_len.append(n)
+            value_chunks.append(part.values)
+            mask_chunks.append(part.masks)
+            plain.append(1 if not part.alts and part.masks.count(0xFF) == n else 0)
             # Only the earliest hit matters for a first part that may start anywhere and is
             # followed by nothing or by an unbounded gap (later hits are dominated).
-            first_free = k == 0 and sig.offset.kind == "any"
-            followed_unbounded = k == len(sig.parts) - 1 or sig.gaps[k].max is None
-            once.append(1 if first_free and followed_unbounded else 0)
+            once.append(1 if k == 0 and first_free and (k == last or sig.gaps[k].max is None) else 0)
             for a in part.alts:
                 alt_off.append(a.offset)
                 alt_len.append(a.length)
@@ -125,52 +140,35 @@ def build_tables(db: PatternDB) -> Tables:
                 alt_pool_start.append(len(alt_pool))
                 for o in a.options:
                     alt_pool += o
+                for j in range(a.length):
+                    vals = alt_sets.setdefault(pos + a.offset + j, set())
+                    if a.negated:
+                        vals.update(range(256))
+                    else:
+                        vals.update(o[j] for o in a.options)
             alt_start.append(len(alt_off))
-            off, ln = _choose_atom(part.values, part.static_runs())
-            atom_off.append(off)
-            atom_len.append(ln)
-            atoms.append(part.values[off : off + ln])
+            pos += n
 
-    n = len(part_len)
-    pre2 = np.zeros(8192, dtype=np.uint8)
-    bloom4 = np.zeros((1 << BLOOM4_BITS) // 8, dtype=np.uint8)
-    long_parts = [p for p in range(n) if atom_len[p] == 4]
-    short_parts = [p for p in range(n) if atom_len[p] < 4]
-    for a in atoms:
-        k = a[0] | (a[1] << 8)
-        pre2[k >> 3] |= 1 << (k & 7)
-
-    b4_bits = max(4, int(len(long_parts) * 2 - 1).bit_length())
-    e4_atom = np.array(
-        [int.from_bytes(atoms[p], "little") for p in long_parts], dtype=np.uint64
-    ).astype(np.uint32)
-    hashes = (e4_atom.astype(np.uint64) * HASH_MULTIPLIER) & 0xFFFFFFFF
-    bloom_bit = (hashes >> (32 - BLOOM4_BITS)).astype(np.int64)
-    np.bitwise_or.at(bloom4, bloom_bit >> 3, (1 << (bloom_bit & 7)).astype(np.uint8))
-    bucket = (hashes >> (32 - b4_bits)).astype(np.int64)
-    order = np.argsort(bucket, kind="stable")
-    e4_part = np.array(long_parts, dtype=np.int32)[order]
-    e4_atom = e4_atom[order]
-    b4_start = np.zeros((1 << b4_bits) + 1, dtype=np.int32)
-    np.cumsum(np.bincount(bucket, minlength=1 << b4_bits), out=b4_start[1:])
-
-    s_keys = np.array([atoms[p][0] | (atoms[p][1] << 8) for p in short_parts], dtype=np.int64)
-    s_order = np.argsort(s_keys, kind="stable")
-    es_part = np.array(short_parts, dtype=np.int32)[s_order]
-    es_len = np.array([atom_len[p] for p in short_parts], dtype=np.uint8)[s_order]
-    es_b2 = np.array(
-        [atoms[p][2] if atom_len[p] == 3 else 0 for p in short_parts], dtype=np.uint8
-    )[s_order]
-    s_start = np.zeros(65537, dtype=np.int32)
-    np.cumsum(np.bincount(s_keys, minlength=65536), out=s_start[1:])
+    values = np.frombuffer(b"".join(value_chunks), dtype=np.uint8)
+    masks = np.frombuffer(b"".join(mask_chunks), dtype=np.uint8)
+    lens = np.array(part_len, dtype=np.int64)
+    vstart = np.zeros(len(lens), dtype=np.int64)
+    if len(lens):
+        np.cumsum(lens[:-1], out=vstart[1:])
+    index = _Index(values, masks, vstart, lens, alt_sets)
+    atom_off, atom_len = index.twin_atoms()
+    atoms = [
+        values[v + o : v + o + ln].tobytes()
+        for v, o, ln in zip(vstart.tolist(), atom_off.tolist(), atom_len.tolist())
+    ]
 
     return Tables(
         part_sig=np.array(part_sig, dtype=np.int32),
         part_index=np.array(part_index, dtype=np.int32),
         part_len=np.array(part_len, dtype=np.int32),
-        part_vstart=np.array(part_vstart, dtype=np.int64),
-        values=np.frombuffer(bytes(values) or b"\0", dtype=np.uint8).copy(),
-        masks=np.frombuffer(bytes(masks) or b"\0", dtype=np.uint8).copy(),
+        part_vstart=vstart,
+        values=values.copy() if len(values) else np.zeros(1, dtype=np.uint8),
+        masks=masks.copy() if len(masks) else np.zeros(1, dtype=np.uint8),
         part_plain=np.array(plain, dtype=np.uint8),
         part_once=np.array(once, dtype=np.uint8),
         part_alt_start=np.array(alt_start, dtype=np.int32),
@@ -180,18 +178,237 @@ def build_tables(db: PatternDB) -> Tables:
         alt_nopt=np.array(alt_nopt, dtype=np.int32),
         alt_pool_start=np.array(alt_pool_start, dtype=np.int64),
         alt_pool=np.frombuffer(bytes(alt_pool) or b"\0", dtype=np.uint8).copy(),
-        atom_off=np.array(atom_off, dtype=np.int32),
-        atom_len=np.array(atom_len, dtype=np.int32),
+        atom_off=atom_off.astype(np.int32),
+        atom_len=atom_len.astype(np.int32),
         atoms=atoms,
         max_part_len=max(part_len, default=1),
-        pre2=pre2,
-        bloom4=bloom4,
-        b4_bits=b4_bits,
-        b4_start=b4_start,
-        e4_atom=np.ascontiguousarray(e4_atom, dtype=np.uint32),
-        e4_part=np.ascontiguousarray(e4_part, dtype=np.int32),
-        s_start=s_start,
-        es_part=np.ascontiguousarray(es_part, dtype=np.int32),
-        es_len=np.ascontiguousarray(es_len, dtype=np.uint8),
-        es_b2=np.ascontiguousarray(es_b2, dtype=np.uint8),
+        passes=index.native_passes(),
     )
+
+
+class _Index:
+    """Vectorized window choice over all parts at once (positions are global, into values)."""
+
+    def __init__(self, values: np.ndarray, masks: np.ndarray, vstart: np.ndarray,
+                 lens: np.ndarray, alt_sets: dict[int, set[int]]) -> None:
+        self.values, self.masks, self.vstart, self.lens = values, masks, vstart, lens
+        self.alt_sets = alt_sets
+        total = len(values)
+        kind = np.where(masks == 0xFF, _STATIC, np.where(masks == 0, _BIG, _SMALL)).astype(np.int8)
+        for g, vals in alt_sets.items():
+            kind[g] = _SMALL if len(vals) <= SMALL_SET else _BIG
+        self.kind = kind
+        self.part_of = np.repeat(np.arange(len(lens)), lens)
+        self.part_end = np.repeat(vstart + lens, lens)  # exclusive end of each byte's part
+        self.is_start = np.zeros(total, dtype=bool)
+        self.is_start[vstart] = True
+        self.weight = np.select(
+            [kind == _STATIC, kind == _SMALL], [_COMMON[values], _SMALL_WEIGHT], _BIG_WEIGHT
+        ).astype(np.int64)
+        self._cw = np.concatenate(([0], np.cumsum(self.weight)))
+        self._cs = np.concatenate(([0], np.cumsum(kind == _SMALL)))
+        self._cb = np.concatenate(([0], np.cumsum(kind == _BIG)))
+        self.pos = np.arange(total, dtype=np.int64)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _span_counts(self, c: np.ndarray, width: int) -> np.ndarray:
+        """For every position j: how many flagged bytes in [j, j+width) (clipped at the end)."""
+        hi = np.minimum(self.pos + width, len(self.pos))
+        return c[hi] - c[self.pos]
+
+    def _static_windows(self, width: int) -> np.ndarray:
+        """Windows [j, j+width) of static bytes inside one part."""
+        inside = self.pos + width <= self.part_end
+        return inside & (self._span_counts(self._cs + self._cb, width) == 0)
+
+    def _good_grams(self, q: int) -> np.ndarray:
+        """Grams [j, j+q) inside one part with at most one byte that is not static; a 2-byte
+        gram may not hold a ?? (it would match 1/256 of all positions)."""
+        inside = self.pos + q <= self.part_end
+        small, big = self._span_counts(self._cs, q), self._span_counts(self._cb, q)
+        good = inside & (small + big <= 1)
+        return good & (big == 0) if q == 2 else good
+
+    def _longest_runs(self, good: np.ndarray) -> np.ndarray:
+        """Per part: the longest run of consecutive good positions."""
+        best = np.zeros(len(self.lens), dtype=np.int64)
+        if not len(good):
+            return best
+        start = good & (self.is_start | ~np.concatenate(([False], good[:-1])))
+        starts = np.flatnonzero(start)
+        if not len(starts):
+            return best
+        # a run ends at the next bad position or the next part start, whichever comes first
+        breaks = np.flatnonzero(~good | self.is_start)
+        nxt = np.searchsorted(breaks, starts, side="right")
+        ends = np.where(nxt < len(breaks), breaks[np.minimum(nxt, len(breaks) - 1)], len(good))
+        ends = np.minimum(ends, self.part_end[starts])
+        np.maximum.at(best, self.part_of[starts], ends - starts)
+        return best
+
+    def _best_windows(self, eligible: np.ndarray, width: int) -> np.ndarray:
+        """Per part: the eligible window start of lowest score (rarest bytes), or -1."""
+        if not len(self.lens):
+            return np.zeros(0, dtype=np.int64)
+        hi = np.minimum(self.pos + width, len(self.pos))
+        score = self._cw[hi] - self._cw[self.pos]
+        key = np.where(eligible, (score << 32) | self.pos, np.iinfo(np.int64).max)
+        best = np.minimum.reduceat(key, self.vstart)
+        return np.where(best == np.iinfo(np.int64).max, -1, best & 0xFFFFFFFF)
+
+    # -- the twin's atoms ------------------------------------------------------------------
+
+    def twin_atoms(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per part: (offset, length) of the rarest static run of up to ATOM_MAX bytes."""
+        static = self.kind == _STATIC
+        atom_len = np.minimum(self._longest_runs(static), ATOM_MAX)
+        atom_off = np.zeros(len(self.lens), dtype=np.int64)
+        for ln in np.unique(atom_len).tolist():
+            if ln < 2:
+                raise AssertionError("parser guarantees a static run of 2 bytes")
+            eligible = self._static_windows(ln)
+            parts = np.flatnonzero(atom_len == ln)
+            atom_off[parts] = self._best_windows(eligible, ln)[parts] - self.vstart[parts]
+        return atom_off, atom_len
+
+    # -- the native passes -----------------------------------------------------------------
+
+    def native_passes(self) -> list[NativePass]:
+        n_parts = len(self.lens)
+        if not n_parts:
+            return []
+        nonstatic = self._cs + self._cb
+        plain = nonstatic[self.vstart + self.lens] == nonstatic[self.vstart]
+        odd = np.flatnonzero(~plain).tolist()  # parts with wildcards: few, handled one by one
+        gram_good = {q: self._good_grams(q) for q in (2, 3, 4)}
+        # The largest stride each part allows with grams of q bytes (0: none): a plain part of
+        # length L has L-q+1 grams; other parts need good grams covering every residue mod S.
+        max_stride = {q: np.clip(self.lens - q + 1, 0, STRIDE_MAX) for q in gram_good}
+        good_offs: dict[tuple[int, int], list[int]] = {}
+        for q in gram_good:
+            for p in odd:
+                v = int(self.vstart[p])
+                offs = np.flatnonzero(gram_good[q][v : v + int(self.lens[p])]).tolist()
+                good_offs[q, p] = offs
+                max_stride[q][p] = max(
+                    (st for st in range(1, STRIDE_MAX + 1) if len({o % st for o in offs}) == st),
+                    default=0,
+                )
+        plan = self._plan(max_stride)
+        passes = []
+        assigned = np.zeros(n_parts, dtype=bool)
+        for q, stride in plan:
+            members = ~assigned & (max_stride[q] >= stride)
+            assigned |= members
+            # plain parts: the rarest window of `stride` consecutive grams
+            parts = np.flatnonzero(members & plain)
+            eligible = self.pos + stride + q - 1 <= self.part_end
+            starts = self._best_windows(eligible, stride + q - 1)[parts]
+            gpart = [np.repeat(parts, stride)]
+            goff = [((starts - self.vstart[parts])[:, None] + np.arange(stride)[None, :]).ravel()]
+            # other parts: the rarest good gram of each residue class mod stride
+            picked = []
+            for p in np.flatnonzero(members & ~plain).tolist():
+                v = int(self.vstart[p])
+                best: dict[int, tuple[int, int]] = {}
+                for o in good_offs[q, p]:
+                    key = (int(self._cw[v + o + q] - self._cw[v + o]), o)
+                    if o % stride not in best or key < best[o % stride]:
+                        best[o % stride] = key
+                picked += [(p, o) for _, o in best.values()]
+            if picked:
+                gpart.append(np.array([p for p, _ in picked], dtype=np.int64))
+                goff.append(np.array([o for _, o in picked], dtype=np.int64))
+            passes.append(self._build_pass(q, stride, np.concatenate(gpart), np.concatenate(goff)))
+        assert assigned.all(), "every part has a good 2-byte gram (static run of 2)"
+        return passes
+
+    def _plan(self, max_stride: dict[int, np.ndarray]) -> list[tuple[int, int]]:
+        """Choose up to MAX_PASSES (q, stride) passes minimising the estimated probes per byte:
+        parts that allow stride >= S with 4-byte grams share the first pass, the rest share a
+        second pass with whatever gram length gives them the largest common stride."""
+        best: tuple[float, list[tuple[int, int]]] | None = None
+        for s1 in range(STRIDE_MAX, 0, -1):
+            first = max_stride[4] >= s1
+            plan = [(4, s1)] if first.any() else []
+            cost = self._cost(4, s1, int(first.sum())) if plan else 0.0
+            rest = ~first
+            if rest.any():
+                options = []
+                for q in (4, 3, 2):
+                    s2 = int(max_stride[q][rest].min())
+                    if s2 >= 1:
+                        options.append((self._cost(q, s2, int(rest.sum())), q, s2))
+                c2, q2, s2 = min(options)
+                cost += c2
+                plan.append((q2, s2))
+            if best is None or cost < best[0]:
+                best = (cost, plan)
+        assert best is not None
+        return best[1]
+
+    @staticmethod
+    def _cost(q: int, stride: int, n_parts: int) -> float:
+        """Estimated work per byte: probes, plus probes that reach the buckets (Bloom false
+        positives, and true gram hits on random data: 2- and 3-byte grams hit often)."""
+        entries = n_parts * stride
+        bits = 1 << (_bloom_words(entries) + 5)
+        fp = (1.0 - math.exp(-2.0 * entries / bits)) ** 2
+        true_hits = entries / 2.0 ** (8 * q)
+        return (1.0 + FP_PENALTY * (fp + true_hits)) / stride
+
+    def _build_pass(self, q: int, stride: int, gpart: np.ndarray, goff: np.ndarray) -> NativePass:
+        """Index the grams at offset goff[k] of part gpart[k] (all values they may take)."""
+        gpos = self.vstart[gpart] + goff
+        shift = np.arange(q, dtype=np.uint64) * np.uint64(8)
+        window = self.values[gpos[:, None] + np.arange(q)[None, :]].astype(np.uint64)
+        grams = (window << shift).sum(axis=1).astype(np.int64)
+        varying = (self._span_counts(self._cs, q) + self._span_counts(self._cb, q))[gpos] > 0
+        offs = goff
+        rows = [np.stack([grams[~varying], gpart[~varying], offs[~varying]], axis=1)]
+        extra = []
+        for g, p, o in zip(gpos[varying].tolist(), gpart[varying].tolist(),
+                           offs[varying].tolist()):
+            base = bytearray(self.values[g : g + q].tobytes())
+            j = next(k for k in range(q) if self.kind[g + k] != _STATIC)
+            for v in self._byte_values(g + j):
+                base[j] = v
+                extra.append((int.from_bytes(base, "little"), p, o))
+        if extra:
+            rows.append(np.array(extra, dtype=np.int64))
+        table = np.concatenate(rows).astype(np.uint64)  # grams, parts and offsets are >= 0
+        gram = table[:, 0]
+        low32 = np.uint64(0xFFFFFFFF)
+        h1 = (gram * np.uint64(HASH_WORD)) & low32  # < 2**64: no wrap-around in numpy
+        h2 = (gram * np.uint64(HASH_BITS)) & low32
+        bloom_words = _bloom_words(len(table))
+        word = (h1 >> np.uint64(32 - bloom_words)).astype(np.int64)
+        one = np.uint32(1)
+        bits = np.left_shift(one, ((h2 >> np.uint64(22)) & np.uint64(31)).astype(np.uint32))
+        bits |= np.left_shift(one, (h2 >> np.uint64(27)).astype(np.uint32))
+        bloom = np.zeros(1 << bloom_words, dtype=np.uint32)
+        np.bitwise_or.at(bloom, word, bits)
+        bucket_bits = max(4, int(len(table) - 1).bit_length())
+        bucket = (h1 >> np.uint64(32 - bucket_bits)).astype(np.int64)
+        order = np.argsort(bucket, kind="stable")
+        entries = np.empty((len(table), 3), dtype=np.int32)
+        entries[:, 0] = gram[order].astype(np.uint32).view(np.int32)
+        entries[:, 1] = table[order, 1].astype(np.int32)
+        entries[:, 2] = table[order, 2].astype(np.int32)
+        bucket_start = np.zeros((1 << bucket_bits) + 1, dtype=np.int32)
+        np.cumsum(np.bincount(bucket, minlength=1 << bucket_bits), out=bucket_start[1:])
+        return NativePass(q, stride, bloom, bloom_words, bucket_bits, bucket_start, entries)
+
+    def _byte_values(self, g: int) -> list[int]:
+        """Every value the (non-static) byte at global position g may take."""
+        if g in self.alt_sets:
+            return sorted(self.alt_sets[g])
+        v, m = int(self.values[g]), int(self.masks[g])
+        return sorted({(v & m) | (x & ~m & 0xFF) for x in range(256)})
+
+
+def _bloom_words(entries: int) -> int:
+    """log2 of the 64-bit words of a Bloom filter for that many entries."""
+    want = max(1, entries * BLOOM_BITS_PER_ENTRY - 1).bit_length()
+    return min(BLOOM_MAX_BITS, max(BLOOM_MIN_BITS, want)) - 5
