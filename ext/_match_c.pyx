@@ -58,6 +58,12 @@ cdef extern from *:
             OFFSCAN_PAIR[k] = (1u << (k & 31)) | (1u << (k >> 5));
     }
 
+    #if defined(__GNUC__) || defined(__clang__)
+    #define offscan_prefetch(p) __builtin_prefetch((p))
+    #else
+    #define offscan_prefetch(p) ((void)(p))
+    #endif
+
     static inline uint32_t offscan_load32(const uint8_t* p) {
         uint32_t x;
         memcpy(&x, p, 4);  /* one unaligned load */
@@ -133,6 +139,7 @@ cdef extern from *:
     }
     #endif
     """
+    void offscan_prefetch(const void* p) nogil
     void offscan_init_pairs() nogil
     uint32_t offscan_load32(const uint8_t* p) nogil
     bint offscan_maybe(const uint32_t* bloom, int word_shift, uint32_t x) nogil
@@ -303,10 +310,9 @@ cdef class Core:
         out.push_back(Hit(s, p))
 
     cdef void _probe(self, const Pass* ps, const uint8_t* buf, int64_t n, int64_t i,
-                     uint32_t x, int64_t min_end, const uint8_t* done, vector[Hit]* out,
-                     unordered_map[int32_t, size_t]* first) noexcept nogil:
-        """The bucket of the gram x read at sample i: every equal gram gives a candidate."""
-        cdef uint32_t b = (x * OFFSCAN_HASH_WORD) >> ps.bucket_shift
+                     uint32_t x, uint32_t b, int64_t min_end, const uint8_t* done,
+                     vector[Hit]* out, unordered_map[int32_t, size_t]* first) noexcept nogil:
+        """Bucket b of the gram x read at sample i: every equal gram gives a candidate."""
         cdef int32_t e
         cdef const int32_t* ent
         for e in range(ps.bucket_start[b], ps.bucket_start[b + 1]):
@@ -316,10 +322,10 @@ cdef class Core:
 
     cdef int64_t _scan_pass(self, const Pass* ps, const uint8_t* buf, int64_t n, int64_t i,
                             int64_t stop, int64_t min_end, const uint8_t* done,
-                            int64_t* cand, vector[Hit]* out,
+                            int64_t* cand, uint32_t* bucket, vector[Hit]* out,
                             unordered_map[int32_t, size_t]* first) noexcept nogil:
         """Probe the samples i, i+S, ... below ``stop`` (at most BLOCK bytes on); returns the
-        next sample position. ``cand`` has room for BLOCK + 16 sample positions."""
+        next sample position. ``cand`` and ``bucket`` have room for BLOCK + 16 samples."""
         cdef int64_t S = ps.stride
         cdef uint32_t qmask = ps.qmask
         cdef const uint32_t* bloom = ps.bloom
@@ -349,17 +355,23 @@ cdef class Core:
             cand[nc] = i
             nc += offscan_maybe(bloom, word_shift, offscan_load32(buf + i) & qmask)
             i += S
-        # Second loop: the buckets of the samples that passed.
+        # Second loop: the buckets of the samples that passed. With large tables each bucket
+        # is a cache miss, so all of them are requested before the first is read.
         for k in range(nc):
             x = offscan_load32(buf + cand[k]) & qmask
-            self._probe(ps, buf, n, cand[k], x, min_end, done, out, first)
+            bucket[k] = (x * OFFSCAN_HASH_WORD) >> ps.bucket_shift
+            offscan_prefetch(ps.bucket_start + bucket[k])
+        for k in range(nc):
+            x = offscan_load32(buf + cand[k]) & qmask
+            self._probe(ps, buf, n, cand[k], x, bucket[k], min_end, done, out, first)
         # the last 3 bytes: grams shorter than 4 bytes may still fit
         while i < stop and i + ps.q <= n:
             x = 0
             for k in range(ps.q):
                 x |= <uint32_t>buf[i + k] << (8 * k)
             if offscan_maybe(bloom, word_shift, x):
-                self._probe(ps, buf, n, i, x, min_end, done, out, first)
+                self._probe(ps, buf, n, i, x, (x * OFFSCAN_HASH_WORD) >> ps.bucket_shift,
+                            min_end, done, out, first)
             i += S
         return i
 
@@ -367,11 +379,13 @@ cdef class Core:
                     vector[Hit]* out) noexcept nogil:
         cdef unordered_map[int32_t, size_t] first
         cdef vector[int64_t] cand
+        cdef vector[uint32_t] bucket
         cdef int64_t nxt[MAX_PASSES]
         cdef int64_t block, stop
         cdef int k
         cdef size_t j
         cand.resize(BLOCK + 16)
+        bucket.resize(BLOCK + 16)
         for k in range(self.n_passes):
             nxt[k] = 0
         block = 0
@@ -379,7 +393,7 @@ cdef class Core:
             stop = block + BLOCK if block + BLOCK < n else n
             for k in range(self.n_passes):
                 nxt[k] = self._scan_pass(&self.passes[k], buf, n, nxt[k], stop, min_end, done,
-                                         cand.data(), out, &first)
+                                         cand.data(), bucket.data(), out, &first)
             block = stop
         for j in range(out.size()):
             if self.part_once[deref(out)[j].second]:

@@ -282,24 +282,27 @@ class _Index:
         plain = nonstatic[self.vstart + self.lens] == nonstatic[self.vstart]
         odd = np.flatnonzero(~plain).tolist()  # parts with wildcards: few, handled one by one
         gram_good = {q: self._good_grams(q) for q in (2, 3, 4)}
-        # The largest stride each part allows with grams of q bytes (0: none): a plain part of
-        # length L has L-q+1 grams; other parts need good grams covering every residue mod S.
-        max_stride = {q: np.clip(self.lens - q + 1, 0, STRIDE_MAX) for q in gram_good}
+        # Bit S of strides[q][p] is set if part p can be sampled every S bytes with q-byte
+        # grams: its good grams must cover every residue mod S. A plain part of length L has
+        # grams at 0..L-q, so every S <= L-q+1 works; for other parts the set of strides can
+        # have holes (good grams at 0, 1, 6, 7 cover the residues mod 2 and 4, not mod 3).
+        strides = {
+            q: (1 << (np.clip(self.lens - q + 1, 0, STRIDE_MAX) + 1)) - 2 for q in gram_good
+        }
         good_offs: dict[tuple[int, int], list[int]] = {}
         for q in gram_good:
             for p in odd:
                 v = int(self.vstart[p])
                 offs = np.flatnonzero(gram_good[q][v : v + int(self.lens[p])]).tolist()
                 good_offs[q, p] = offs
-                max_stride[q][p] = max(
-                    (st for st in range(1, STRIDE_MAX + 1) if len({o % st for o in offs}) == st),
-                    default=0,
+                strides[q][p] = sum(
+                    1 << st for st in range(1, STRIDE_MAX + 1) if len({o % st for o in offs}) == st
                 )
-        plan = self._plan(max_stride)
+        plan = self._plan(strides)
         passes = []
         assigned = np.zeros(n_parts, dtype=bool)
         for q, stride in plan:
-            members = ~assigned & (max_stride[q] >= stride)
+            members = ~assigned & ((strides[q] >> stride) & 1).astype(bool)
             assigned |= members
             # plain parts: the rarest window of `stride` consecutive grams
             parts = np.flatnonzero(members & plain)
@@ -324,20 +327,21 @@ class _Index:
         assert assigned.all(), "every part has a good 2-byte gram (static run of 2)"
         return passes
 
-    def _plan(self, max_stride: dict[int, np.ndarray]) -> list[tuple[int, int]]:
+    def _plan(self, strides: dict[int, np.ndarray]) -> list[tuple[int, int]]:
         """Choose up to MAX_PASSES (q, stride) passes minimising the estimated probes per byte:
-        parts that allow stride >= S with 4-byte grams share the first pass, the rest share a
+        parts that allow stride S with 4-byte grams share the first pass, the rest share a
         second pass with whatever gram length gives them the largest common stride."""
         best: tuple[float, list[tuple[int, int]]] | None = None
         for s1 in range(STRIDE_MAX, 0, -1):
-            first = max_stride[4] >= s1
+            first = ((strides[4] >> s1) & 1).astype(bool)
             plan = [(4, s1)] if first.any() else []
             cost = self._cost(4, s1, int(first.sum())) if plan else 0.0
             rest = ~first
             if rest.any():
                 options = []
                 for q in (4, 3, 2):
-                    s2 = int(max_stride[q][rest].min())
+                    common = int(np.bitwise_and.reduce(strides[q][rest]))
+                    s2 = common.bit_length() - 1  # the largest stride all of them allow
                     if s2 >= 1:
                         options.append((self._cost(q, s2, int(rest.sum())), q, s2))
                 c2, q2, s2 = min(options)
