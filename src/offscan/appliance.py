@@ -333,6 +333,7 @@ class Appliance:
         inflight: dict[int, asyncio.Task[None]] = {}
         streams: dict[int, asyncio.Queue[bytes | None]] = {}
         draining: set[int] = set()  # streams answered before their end chunk arrived
+        controls: set[asyncio.Task[None]] = set()
 
         def _finished(rid: int) -> None:
             inflight.pop(rid, None)
@@ -385,6 +386,10 @@ class Appliance:
                 elif t == "bye":
                     await asyncio.gather(*inflight.values(), return_exceptions=True)
                     return
+                elif t == "control":  # may run for minutes (clones): keep reading frames
+                    ct = asyncio.create_task(self._serve_control(conn, shim, msg))
+                    controls.add(ct)
+                    ct.add_done_callback(controls.discard)
                 else:
                     await self._serve_control(conn, shim, msg)
         except protocol.ProtocolError as exc:
@@ -399,7 +404,7 @@ class Appliance:
         except Exception:  # never let one client take the appliance down
             log.exception("%s: internal error; closing connection", conn.peer)
         finally:
-            for st in inflight.values():
+            for st in [*inflight.values(), *controls]:
                 st.cancel()
             conn.close()
             self._conn_tasks.discard(task)
@@ -447,9 +452,15 @@ class Appliance:
                 reply = await self.control(msg["op"], msg.get("args") or {})
             else:
                 raise RequestFailed("unsupported", f"message type {t!r} not supported here")
-            await conn.send({"t": "status" if t == "status" else "ok", "id": rid, **reply})
+            await conn.send({**reply, "t": "status" if t == "status" else "ok", "id": rid})
         except RequestFailed as exc:
             await conn.send({"t": "error", "id": rid, "code": exc.code, "message": str(exc)})
+        except (ConnectionError, OSError):
+            pass
+        except Exception as exc:  # a failed command must not end the connection
+            log.exception("%s %s failed", msg.get("t"), msg.get("op", ""))
+            with contextlib.suppress(Exception):
+                await conn.send({"t": "error", "id": rid, "code": "internal", "message": str(exc)})
 
     async def _serve_scan(self, conn: protocol.Connection, shim: str, msg: dict[str, Any],
                           fds: list[int], stream: asyncio.Queue[bytes | None] | None = None) -> None:
@@ -834,10 +845,10 @@ class Appliance:
                     where = await loop.run_in_executor(self.pool, lambda: vault.restore(
                         entry.id, root=root, overwrite=bool(args.get("overwrite"))))
                     log.info("quarantine %s restored to VM %s: %s", entry.id, entry.vm, where)
-                    return {"id": entry.id, "restored": where}
+                    return {"qid": entry.id, "restored": where}
                 if op == "quarantine-delete":
                     vault.delete(arg("id"))
-                    return {"id": args["id"]}
+                    return {"qid": args["id"]}
             except QuarantineError as exc:
                 raise RequestFailed("refused", str(exc)) from None
         raise RequestFailed("unsupported", f"unknown operator command {op!r}")

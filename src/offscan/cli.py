@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_scan_image_arguments(sub.add_parser("scan-image", help="scan a directory tree, tar or OCI image layout"))
 
+    from .updates import add_patterns_arguments
+
+    add_patterns_arguments(sub.add_parser("patterns", help="signed pattern bundles: build, diff, keygen, sign, verify, serve"))
+
     p = sub.add_parser("demo", help="50 clones protected by one appliance, end to end")
     p.add_argument("--clones", type=int, default=50)
     p.add_argument("--files", type=int, default=300, help="files in the master image")
@@ -419,7 +423,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     if a == "restore":
         rc, r = _control(args, "quarantine-restore", id=args.id, overwrite=args.overwrite)
         if rc == 0 and not args.json:
-            print(f"restored {r['id']} to {r['restored']}")
+            print(f"restored {r['qid']} to {r['restored']}")
         return rc
     return _control(args, "quarantine-delete", id=args.id)[0]
 
@@ -437,6 +441,13 @@ def cmd_shim(args: argparse.Namespace) -> int:
 @command
 def cmd_scan_image(args: argparse.Namespace) -> int:
     from .images import cmd_scan_image as run
+
+    return run(args)
+
+
+@command
+def cmd_patterns(args: argparse.Namespace) -> int:
+    from .updates import cmd_patterns as run
 
     return run(args)
 

@@ -67,6 +67,7 @@ WATCH_CHECK_INTERVAL = 0.5  # seconds between checks that every VM root is still
 DROP_LOG_INTERVAL = 5.0  # seconds between repeated "backlog full" log lines
 WALK_WAIT_SLICE = 0.1  # seconds a blocked walk sleeps before re-checking for room/cancellation
 WALK_WORKERS = 2  # threads walking directory trees (activation scans, moved-in directories)
+ACTIVATION_HEAD = 8  # files queued at once on activation, even while big walks wait for room
 MAX_REMOTE_RETRIES = 3  # unknown-vm answers tolerated per path (re-registering in between)
 
 Prio = Literal["access", "demand"]
@@ -216,6 +217,14 @@ class Backlog:
                     return False
                 self._room.wait(WALK_WAIT_SLICE)
             ok, wake = self._record_locked(key, prio, False, live=False)
+        if wake and self.on_wake is not None:
+            self.on_wake()
+        return ok
+
+    def record_head(self, vm: str, relpath: str) -> bool:
+        """Queue a file of a VM being activated now, bounded only by ``max_entries``."""
+        with self._lock:
+            ok, wake = self._record_locked((vm, relpath, FILE), DEMAND, False, live=False)
         if wake and self.on_wake is not None:
             self.on_wake()
         return ok
@@ -494,6 +503,7 @@ class _VM:
         self.root_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the watched root
         self.watch_busy = False  # a start/stop of the observer is running in a thread
         self.missing_logged = False
+        self.activating = True  # until its first activation ran; the watch keeper leaves it alone
 
     def start_watch(self, shim: Shim) -> bool:
         """Start this VM's observer (blocking: inotify adds a watch per directory)."""
@@ -804,15 +814,21 @@ class Shim:
         """Watch the VM root, then walk it so files already there get verdicts (watching first:
         a file written during the walk is then seen by one or the other)."""
         self._activating += 1
+        vm.activating = True
         try:
             await self._start_watch(vm)
             if self._vms.get(vm.name) is vm and vm.observer is not None and not self._closing:
+                # A clone storm can fill the backlog with earlier clones' walks; queue a few of
+                # this VM's files right away so its first verdicts (time-to-protect) don't wait.
+                assert self._watch_pool is not None
+                await self._in_thread(self._watch_pool, self._walk_head, vm, ACTIVATION_HEAD)
                 self._start_walk(vm, "", DEMAND, entry=None)
         finally:
+            vm.activating = False
             self._activating -= 1
 
     async def _start_watch(self, vm: _VM) -> None:
-        if vm.watch_busy or self._closing:
+        if vm.watch_busy or vm.observer is not None or self._closing:
             return
         vm.watch_busy = True
         try:
@@ -862,6 +878,23 @@ class Shim:
                 self._backlog.done(entry)
 
         fut.add_done_callback(finished)
+
+    def _walk_head(self, vm: _VM, limit: int) -> int:
+        """Queue up to ``limit`` files near the top of the VM root without waiting for room."""
+        queued, queue = 0, [""]
+        while queue and queued < limit:
+            rel = queue.pop(0)
+            try:
+                with os.scandir(os.path.join(vm.root, rel) if rel else vm.root) as it:
+                    for de in it:
+                        child = f"{rel}/{de.name}" if rel else de.name
+                        if de.is_dir(follow_symlinks=False):
+                            queue.append(child)
+                        elif de.is_file(follow_symlinks=False) and queued < limit:
+                            queued += self._backlog.record_head(vm.name, child)
+            except OSError:
+                continue  # the full walk reports what it cannot list
+        return queued
 
     def _walk(self, vm: _VM, start: str, prio: Prio, cancelled: Callable[[], bool]) -> int:
         """Queue every regular file under ``root/start`` (no symlink following); runs in a thread."""
@@ -1212,7 +1245,7 @@ class Shim:
         while True:
             await asyncio.sleep(WATCH_CHECK_INTERVAL)
             for vm in list(self._vms.values()):
-                if vm.watch_busy:
+                if vm.watch_busy or vm.activating:
                     continue
                 if vm.observer is not None and not vm.watch_healthy():
                     log.warning(
