@@ -355,12 +355,15 @@ cdef class Core:
             cand[nc] = i
             nc += offscan_maybe(bloom, word_shift, offscan_load32(buf + i) & qmask)
             i += S
-        # Second loop: the buckets of the samples that passed. With large tables each bucket
-        # is a cache miss, so all of them are requested before the first is read.
+        # Second loop: the buckets of the samples that passed. With large tables the bucket
+        # start and then the entries are two dependent cache misses per sample, so all the
+        # starts are requested, then all the entries, before the first entry is compared.
         for k in range(nc):
             x = offscan_load32(buf + cand[k]) & qmask
             bucket[k] = (x * OFFSCAN_HASH_WORD) >> ps.bucket_shift
             offscan_prefetch(ps.bucket_start + bucket[k])
+        for k in range(nc):
+            offscan_prefetch(ps.entries + 3 * <int64_t>ps.bucket_start[bucket[k]])
         for k in range(nc):
             x = offscan_load32(buf + cand[k]) & qmask
             self._probe(ps, buf, n, cand[k], x, bucket[k], min_end, done, out, first)

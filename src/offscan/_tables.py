@@ -41,7 +41,13 @@ MAX_PASSES = 2  # the native core interleaves at most this many sampling passes
 BLOOM_BITS_PER_ENTRY = 32  # two bits per entry: ~0.5% false positives (1.5% at 16 bits)
 BLOOM_MIN_BITS = 13  # 1 KiB
 BLOOM_MAX_BITS = 23  # 1 MiB: stays in a core's L2 (2 MiB) next to the 1 MiB scan window
-FP_PENALTY = 12.0  # a probe that reaches the buckets costs ~12 plain probes (mispredict, miss)
+# A probe that gets past the Bloom filter reads its bucket: about 12 Bloom probes' worth when
+# the bucket tables fit in a core's L2 cache, about 200 when each read misses to L3 or memory.
+# (Measured on a 2-core Xeon VM: at 100k signatures stride 3 beats stride 5 by ~15%, at 10k
+# stride 5 beats stride 3 by ~30%.)
+PROBE_COST_CACHED = 12.0
+PROBE_COST_MISS = 200.0
+L2_BYTES = 2 << 20
 
 # How often a byte shows up in ordinary files (text, zero padding); atoms avoid common bytes.
 _COMMON = np.zeros(256, dtype=np.int32)
@@ -281,7 +287,8 @@ class _Index:
         nonstatic = self._cs + self._cb
         plain = nonstatic[self.vstart + self.lens] == nonstatic[self.vstart]
         odd = np.flatnonzero(~plain).tolist()  # parts with wildcards: few, handled one by one
-        gram_good = {q: self._good_grams(q) for q in (2, 3, 4)}
+        # which grams of the parts with wildcards may be indexed (plain parts: all of them)
+        gram_good = {q: self._good_grams(q) if odd else None for q in (2, 3, 4)}
         # Bit S of strides[q][p] is set if part p can be sampled every S bytes with q-byte
         # grams: its good grams must cover every residue mod S. A plain part of length L has
         # grams at 0..L-q, so every S <= L-q+1 works; for other parts the set of strides can
@@ -293,7 +300,9 @@ class _Index:
         for q in gram_good:
             for p in odd:
                 v = int(self.vstart[p])
-                offs = np.flatnonzero(gram_good[q][v : v + int(self.lens[p])]).tolist()
+                good = gram_good[q]
+                assert good is not None
+                offs = np.flatnonzero(good[v : v + int(self.lens[p])]).tolist()
                 good_offs[q, p] = offs
                 strides[q][p] = sum(
                     1 << st for st in range(1, STRIDE_MAX + 1) if len({o % st for o in offs}) == st
@@ -360,7 +369,9 @@ class _Index:
         bits = 1 << (_bloom_words(entries) + 5)
         fp = (1.0 - math.exp(-2.0 * entries / bits)) ** 2
         true_hits = entries / 2.0 ** (8 * q)
-        return (1.0 + FP_PENALTY * (fp + true_hits)) / stride
+        table_bytes = 12 * entries + 4 * (1 << max(4, (entries - 1).bit_length()))
+        probe = PROBE_COST_CACHED if table_bytes <= L2_BYTES else PROBE_COST_MISS
+        return (1.0 + probe * (fp + true_hits)) / stride
 
     def _build_pass(self, q: int, stride: int, gpart: np.ndarray, goff: np.ndarray) -> NativePass:
         """Index the grams at offset goff[k] of part gpart[k] (all values they may take)."""
