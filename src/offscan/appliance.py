@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
@@ -31,7 +32,7 @@ from .cache import CachedVerdict, Identity, IdentityMemo, SingleFlight, VerdictC
 from .clones import clone_tree
 from .confine import ConfinementError, check_relpath, open_confined
 from .engine import Matcher, ScanResult
-from .signatures import load_database
+from .signatures import SignatureError, load_database
 
 log = logging.getLogger("offscan.appliance")
 
@@ -105,6 +106,56 @@ class VMRecord:
     registered_at: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class Revalidation:
+    """How cached verdicts of the previous pattern version become current without a full
+    rescan: clean ones are matched against the added signatures only (``delta``; None when the
+    update only removed signatures), those naming a removed signature are rescanned."""
+
+    old_version: str
+    delta: Matcher | None
+    removed: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The unit of an atomic pattern swap: a request takes one Engine and keeps it to the end."""
+
+    matcher: Matcher
+    version: str
+    db: Any
+    revalidation: Revalidation | None = None
+
+
+class LocationIndex:
+    """Where each content was last seen: digest -> {(vm, path): identity}, bounded. Lets a
+    pattern update revalidate a cached verdict by reading one copy, and report every copy."""
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        self.max_entries = max_entries
+        self._by_digest: "OrderedDict[bytes, dict[tuple[str, str], Identity]]" = OrderedDict()
+        self._count = 0
+
+    def add(self, digest: bytes, vm: str, path: str, ident: Identity) -> None:
+        locs = self._by_digest.get(digest)
+        if locs is None:
+            locs = self._by_digest[digest] = {}
+        else:
+            self._by_digest.move_to_end(digest)
+        if (vm, path) not in locs:
+            self._count += 1
+        locs[(vm, path)] = ident
+        while self._count > self.max_entries and self._by_digest:
+            _, dropped = self._by_digest.popitem(last=False)
+            self._count -= len(dropped)
+
+    def get(self, digest: bytes) -> list[tuple[str, str, Identity]]:
+        return [(vm, path, ident) for (vm, path), ident in self._by_digest.get(digest, {}).items()]
+
+    def __len__(self) -> int:
+        return self._count
+
+
 class Inventory:
     """VMs known to the appliance, persisted (atomically) in the state directory."""
 
@@ -154,6 +205,11 @@ class Counters:
     quarantined: int = 0
     action_failures: int = 0
     hook_runs: int = 0
+    revalidations: int = 0
+    revalidation_bytes: int = 0
+    revalidation_seconds: float = 0.0
+    revalidation_rescans: int = 0
+    swaps: int = 0
     joined_in_flight: int = 0
     detections: int = 0
     errors: int = 0
@@ -185,6 +241,9 @@ class Appliance:
         hook_timeout: float = 10.0,
         quarantine_dir: str | None = None,
         metrics: tuple[str, int] | None = None,
+        updates: str | None = None,
+        trust: str | None = None,
+        poll: float = 60.0,
     ) -> None:
         if listen and not secret:
             raise ValueError("a TCP listener needs a shared secret (--secret or OFFSCAN_SECRET)")
@@ -197,9 +256,31 @@ class Appliance:
         self.state_dir = Path(state_dir) if state_dir else None
         if self.state_dir:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = load_database(*databases)
-        self.matcher = Matcher(self.db, impl=impl)
-        self.pattern_version = self.db.version
+        self.databases = list(databases)
+        self.impl = impl
+        self.store: Any = None
+        self.update_client: Any = None
+        self.poll = poll
+        self.update_error: str | None = None
+        self.last_swap: dict[str, Any] | None = None
+        if updates and not trust:
+            raise ValueError("--updates needs --trust PUB: bundles are verified before use")
+        if trust:
+            if not self.state_dir:
+                raise ValueError("signed pattern updates need a --state directory")
+            from .updates import PatternStore, UpdateClient
+
+            self.store = PatternStore(self.state_dir / "patterns", trust)
+            if updates:
+                self.update_client = UpdateClient(updates, self.store)
+        if self.store is not None and self.store.current_version is not None:
+            db = self.store.load()
+            version = str(self.store.current_version)
+        else:
+            db = load_database(*databases)
+            version = db.version
+        self.engine = Engine(Matcher(db, impl=impl), version, db)
+        self.locations = LocationIndex()
         self.memo = IdentityMemo()
         self.inherited = IdentityMemo()  # clone file identity -> master digest (see clones.py)
         self.default_policy: dict[str, Any] = {}
@@ -228,6 +309,7 @@ class Appliance:
         self.connections = 0
         self.started = time.time()
         self.appliance_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._background: set[asyncio.Task[None]] = set()
         self._servers: list[protocol.Server] = []
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self.tcp_port: int | None = None
@@ -236,6 +318,18 @@ class Appliance:
         self._metrics_server: Any = None
         self.latency: Any = None  # Histogram when metrics are on
         self.request_kinds: dict[str, int] = {"access": 0, "demand": 0, "stream": 0}
+
+    @property
+    def matcher(self) -> Matcher:
+        return self.engine.matcher
+
+    @property
+    def pattern_version(self) -> str:
+        return self.engine.version
+
+    @property
+    def db(self) -> Any:
+        return self.engine.db
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -255,6 +349,8 @@ class Appliance:
             self.db.summary(),
         )
 
+        if self.update_client is not None:
+            self._spawn(self._update_loop())
         if self.metrics_address:
             from .metrics import start_metrics_server
 
@@ -315,9 +411,9 @@ class Appliance:
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
-        for t in list(self._conn_tasks):
+        for t in [*self._conn_tasks, *self._background]:
             t.cancel()
-        await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+        await asyncio.gather(*self._conn_tasks, *self._background, return_exceptions=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.stream_pool.shutdown(wait=False, cancel_futures=True)
         self.cache.close()
@@ -582,6 +678,7 @@ class Appliance:
             raise RequestFailed("malformed", "stream mode needs a non-negative integer size")
         loop = asyncio.get_running_loop()
         timeout = 3 * self.heartbeat
+        eng = self.engine
 
         def pieces() -> Iterator[bytes]:
             while True:
@@ -592,18 +689,19 @@ class Appliance:
 
         res: ScanResult = await loop.run_in_executor(
             self.stream_pool,
-            lambda: self.matcher.scan_chunks(pieces(), size, path=msg["path"], allmatch=True, digest=True),
+            lambda: eng.matcher.scan_chunks(pieces(), size, path=msg["path"], allmatch=True, digest=True),
         )
         self.counters.contents_matched += 1
         self.counters.bytes_matched += res.bytes_scanned
         digest = bytes.fromhex(res.digest) if res.digest else None
         if res.status != "error" and digest is not None:
-            self.cache.put(CachedVerdict(res.status, res.matches, self.pattern_version, digest, size, time.time()))
+            self.cache.put(CachedVerdict(res.status, res.matches, eng.version, digest, size, time.time()))
         return await self._finish(vm, msg["path"], res, "scan", digest, t0)
 
     async def _pipeline(self, vm: VMRecord, path: str, fd: int, prio: int, t0: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        version = self.pattern_version
+        eng = self.engine  # scans that started keep their engine across a swap
+        version = eng.version
         async with self.gate.slot(prio):
             st = os.fstat(fd)
             ident = Identity.from_stat("local", st)
@@ -619,7 +717,12 @@ class Appliance:
                 if Identity.from_stat("local", os.fstat(fd)) == ident:
                     self.memo.put(ident, digest)
             size = st.st_size
+            self.locations.add(digest, vm.name, path, ident)
             cached = self.cache.get(digest, size, version)
+            if cached is None and eng.revalidation is not None:
+                cached = await self._revalidate(eng, digest, size, fd, ident)
+                if cached is not None:
+                    return await self._finish(vm, path, cached, "revalidated", digest, t0, ino=st.st_ino)
             if cached is not None:
                 if source == "identity":
                     self.counters.served_identity += 1
@@ -636,7 +739,7 @@ class Appliance:
                 led = True
                 self.counters.contents_matched += 1
                 res: ScanResult = await loop.run_in_executor(
-                    self.pool, lambda: self.matcher.scan_fd(fd, path=path, allmatch=True)
+                    self.pool, lambda: eng.matcher.scan_fd(fd, path=path, allmatch=True)
                 )
                 self.counters.bytes_read += res.bytes_scanned
                 self.counters.bytes_matched += res.bytes_scanned
@@ -649,6 +752,185 @@ class Appliance:
             if not led:  # an identical content was being matched for another request
                 self.counters.joined_in_flight += 1
             return await self._finish(vm, path, res, "scan", digest, t0, ino=st.st_ino)
+
+    # -- pattern updates ------------------------------------------------------------------
+
+    async def _revalidate(self, eng: Engine, digest: bytes, size: int, fd: int,
+                          ident: Identity) -> CachedVerdict | None:
+        """Make the previous version's cached verdict for this content current, reading it
+        through the small delta matcher only; None when it must be matched in full."""
+        rv = eng.revalidation
+        assert rv is not None
+        old = self.cache.get(digest, size, rv.old_version)
+        if old is None or set(old.matches) & rv.removed:
+            if old is not None:
+                self.counters.revalidation_rescans += 1
+            return None
+        t = time.monotonic()
+        status, matches = old.status, tuple(old.matches)
+        if rv.delta is not None:
+            res: ScanResult = await asyncio.get_running_loop().run_in_executor(
+                self.pool, lambda: rv.delta.scan_fd(fd, allmatch=True))  # type: ignore[union-attr]
+            if res.status == "error":
+                return None
+            self.counters.revalidation_bytes += res.bytes_scanned
+            self.counters.bytes_read += res.bytes_scanned
+            if res.matches:
+                status = "infected"
+                matches = matches + tuple(m for m in res.matches if m not in matches)
+            if res.changed or Identity.from_stat("local", os.fstat(fd)) != ident:
+                return None
+        new = CachedVerdict(status, matches, eng.version, digest, size, time.time())
+        self.cache.put(new)
+        self.counters.revalidations += 1
+        self.counters.revalidation_seconds += time.monotonic() - t
+        return new
+
+    async def _revalidate_cached(self, eng: Engine) -> None:
+        """After a swap: bring cached verdicts of the previous version up to date, hottest
+        first, reading one known copy of each content; an infected result is reported for
+        every VM holding that content."""
+        rv = eng.revalidation
+        assert rv is not None
+        loop = asyncio.get_running_loop()
+        done = 0
+        t0 = time.monotonic()
+        for entry in list(self.cache.entries()):
+            if self.engine is not eng:
+                return  # superseded by a newer swap
+            if entry.pattern_version != rv.old_version:
+                continue
+            if self.cache.get(entry.digest, entry.size, eng.version) is not None:
+                continue
+            new: CachedVerdict | None = None
+            for vm_name, path, ident in self.locations.get(entry.digest):
+                vm = self.inventory.vms.get(vm_name)
+                if vm is None:
+                    continue
+                try:
+                    fd = await loop.run_in_executor(self.pool, open_confined, vm.root, path)
+                except OSError:
+                    continue
+                try:
+                    if Identity.from_stat("local", os.fstat(fd)) != ident:
+                        continue  # changed since: its own next event rescans it
+                    async with self.gate.slot(PRIORITIES["demand"]):
+                        new = await self._revalidate(eng, entry.digest, entry.size, fd, ident)
+                finally:
+                    os.close(fd)
+                break
+            if new is None and rv.delta is None and entry.status == "clean":
+                new = CachedVerdict("clean", (), eng.version, entry.digest, entry.size, time.time())
+                self.cache.put(new)  # removals alone cannot make clean content infected
+                self.counters.revalidations += 1
+            done += 1
+            if new is not None and new.infected:
+                await self._report_copies(new)
+        log.info("revalidated %d cached verdict(s) for pattern version %s in %.2f s",
+                 done, eng.version, time.monotonic() - t0)
+
+    async def _report_copies(self, verdict: CachedVerdict) -> None:
+        """A content became infected under new patterns: a verdict for every copy we know of."""
+        for vm_name, path, ident in self.locations.get(verdict.digest):
+            vm = self.inventory.vms.get(vm_name)
+            if vm is None:
+                continue
+            try:
+                st = os.stat(os.path.join(vm.root, path), follow_symlinks=False)
+            except OSError:
+                continue
+            if Identity.from_stat("local", st) != ident:
+                continue
+            await self._finish(vm, path, verdict, "revalidated", verdict.digest, time.monotonic(), ino=st.st_ino)
+
+    async def swap(self, db: Any, version: str, *, added: Any = None, removed: Sequence[str] = ()) -> dict[str, Any]:
+        """Compile ``db`` in the background, then switch atomically: running scans finish on
+        the old matcher, new ones use the new one. ``added`` (a PatternDB of the added
+        signatures) and ``removed`` (signature names) drive revalidation of cached verdicts."""
+        loop = asyncio.get_running_loop()
+        rss0 = _rss_bytes()
+        t = time.monotonic()
+        matcher = await loop.run_in_executor(None, lambda: Matcher(db, impl=self.impl))
+        delta = None
+        if added is not None and (added.body or added.hashes):
+            delta = await loop.run_in_executor(None, lambda: Matcher(added, impl=self.impl))
+        old = self.engine
+        # "*": unknown lineage (a full reload): no shortcut, every content is matched again
+        rv = None if "*" in removed else Revalidation(old.version, delta, frozenset(removed))
+        self.engine = Engine(matcher, version, db, rv)
+        self.counters.swaps += 1
+        self.last_swap = {
+            "from": old.version, "to": version, "time": time.time(),
+            "compile_seconds": round(time.monotonic() - t, 3),
+            "rss_before": rss0, "rss_peak_during": _rss_bytes(),
+            "added": (len(added.body) + len(added.hashes)) if added is not None else None,
+            "removed": len(removed),
+        }
+        log.info("patterns swapped %s -> %s (%s); compile %.2f s, RSS %d -> %d MB", old.version, version,
+                 db.summary(), self.last_swap["compile_seconds"], rss0 >> 20, self.last_swap["rss_peak_during"] >> 20)
+        if rv is not None:
+            self._spawn(self._revalidate_cached(self.engine))
+        return self.last_swap
+
+    async def check_updates(self) -> list[Any]:
+        """Fetch and apply what the update server has beyond our version, then swap."""
+        from .updates import UpdateError
+
+        loop = asyncio.get_running_loop()
+        try:
+            applied = await loop.run_in_executor(None, self.update_client.update)
+        except (UpdateError, OSError) as exc:
+            self.update_error = str(exc)
+            log.error("pattern update failed, version %s keeps serving: %s", self.pattern_version, exc)
+            applied = list(getattr(self.update_client, "last_applied", []) or [])
+            if not applied:
+                return []
+        else:
+            self.update_error = None
+        if not applied:
+            return []
+        last = applied[-1]
+        db = last.database or self.store.load()
+        added = None
+        removed: list[str] = ["*"]
+        if applied[0].parent is not None and str(applied[0].parent) == self.pattern_version:
+            merged: dict[str, list[str]] = {}
+            removed = []
+            for a in applied:
+                for name, lines in a.added.items():
+                    merged.setdefault(name, []).extend(lines)
+                for name, lines in a.removed.items():
+                    removed.extend(_signature_names(name, lines))
+            from .signatures import PatternDB
+
+            added = PatternDB.from_text((n, "\n".join(ls)) for n, ls in sorted(merged.items()) if ls)
+        await self.swap(db, str(last.version), added=added, removed=removed)
+        return applied
+
+    async def _update_loop(self) -> None:
+        while True:
+            try:
+                await self.check_updates()
+            except Exception:  # keep polling; the running patterns stay
+                log.exception("pattern update check failed")
+            await asyncio.sleep(self.poll)
+
+    async def reload(self) -> dict[str, Any]:
+        """The ``reload`` command: poll the update server now, or re-read the -d databases."""
+        if self.update_client is not None:
+            applied = await self.check_updates()
+            return {"pattern_version": self.pattern_version, "applied": [a.version for a in applied],
+                    "error": self.update_error}
+        db = await asyncio.get_running_loop().run_in_executor(None, load_database, *self.databases)
+        if db.version == self.pattern_version:
+            return {"pattern_version": self.pattern_version, "changed": False}
+        await self.swap(db, db.version, removed=["*"])
+        return {"pattern_version": self.pattern_version, "changed": True}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _excluded(self, vm: VMRecord, path: str, why: str, t0: float) -> dict[str, Any]:
         self.counters.excluded += 1
@@ -792,6 +1074,11 @@ class Appliance:
             return {**asdict(rec), "policy": self.effective_policy(rec),
                     "clones": sorted(v.name for v in self.inventory.vms.values() if v.clone_of == rec.name)}
 
+        if op == "reload":
+            try:
+                return await self.reload()
+            except SignatureError as exc:
+                raise RequestFailed("refused", f"database not reloaded, old one keeps serving: {exc}") from None
         if op == "vm-list":
             return {"vms": [show(v) for v in self.inventory.vms.values()]}
         if op == "vm-show":
@@ -895,6 +1182,10 @@ class Appliance:
             "pattern_version": self.pattern_version,
             "patterns": self.db.summary(),
             "native": self.matcher.native,
+            "patterns_source": self.store.status() if self.store is not None else {"databases": self.databases},
+            "update_error": self.update_error,
+            "last_swap": self.last_swap,
+            "locations": len(self.locations),
             "vms": [{**asdict(v), "policy": self.effective_policy(v)} for v in self.inventory.vms.values()],
             "queue_depth": self.gate.waiting,
             "in_flight": self.gate.active,
@@ -905,6 +1196,28 @@ class Appliance:
             "recent_detections": self.detections[-10:],
             **asdict(c),
         }
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _signature_names(filename: str, lines: Sequence[str]) -> list[str]:
+    """Signature names in database lines (.ndb: first field; .hdb/.hsb: third)."""
+    field_ = 0 if filename.endswith(".ndb") else 2
+    out = []
+    for line in lines:
+        parts = line.split(":")
+        if len(parts) > field_:
+            out.append(parts[field_])
+    return out
 
 
 _THREATS = ("low", "medium", "high")

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hook-timeout", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--quarantine", metavar="DIR", help="quarantine vault (default: STATE/quarantine)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus metrics endpoint")
+    p.add_argument("--updates", metavar="URL", help="pattern update server (offscan patterns serve)")
+    p.add_argument("--trust", metavar="PUB", help="Ed25519 public key that must sign pattern bundles")
+    p.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="update poll interval")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -139,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .images import add_scan_image_arguments
 
     add_scan_image_arguments(sub.add_parser("scan-image", help="scan a directory tree, tar or OCI image layout"))
+
+    from .agent import add_agent_arguments
+
+    add_agent_arguments(sub.add_parser("agent", help="agent mode: a full scanner for one VM (the baseline)"))
+
+    p = sub.add_parser("reload", help="make the appliance fetch pattern updates now (or re-read -d databases)")
+    appliance_arg(p)
 
     from .updates import add_patterns_arguments
 
@@ -274,6 +284,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             hook_timeout=args.hook_timeout,
             quarantine_dir=args.quarantine,
             metrics=_address(args.metrics) if args.metrics else None,
+            updates=args.updates,
+            trust=args.trust,
+            poll=args.poll,
         )
     except (SignatureError, ValueError, OSError, RuntimeError) as exc:
         print(f"offscan: {exc}", file=sys.stderr)
@@ -306,6 +319,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_CLEAN
     print(f"appliance {st['appliance']} (offscan {st['version']}), up {st['uptime']:.0f} s")
     print(f"patterns  {st['pattern_version']}: {st['patterns']}")
+    src = st.get("patterns_source") or {}
+    if src.get("fetched_from"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(src["fetched_at"])) if src.get("fetched_at") else "?"
+        print(f"          fetched {when} from {src['fetched_from']}")
+    if st.get("update_error"):
+        print(f"          last update failed: {st['update_error']}")
     print(f"queue     {st['queue_depth']} waiting, {st['in_flight']} in flight, {st['connections']} connection(s)")
     print(f"verdicts  {st['verdicts']}: {st['contents_matched']} contents matched, "
           f"{st['served_from_cache']} served from cache (hit ratio {st['hit_ratio']:.1%}), "
@@ -443,6 +462,23 @@ def cmd_scan_image(args: argparse.Namespace) -> int:
     from .images import cmd_scan_image as run
 
     return run(args)
+
+
+@command
+def cmd_agent(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .agent import run_agent_cli
+
+    return asyncio.run(run_agent_cli(args))
+
+
+@command
+def cmd_reload(args: argparse.Namespace) -> int:
+    rc, r = _control(args, "reload")
+    if rc == 0 and not args.json:
+        print(f"pattern version {r['pattern_version']}" + (f" (update error: {r['error']})" if r.get("error") else ""))
+    return rc
 
 
 @command

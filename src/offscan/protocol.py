@@ -85,7 +85,7 @@ SCAN_MODES = ("path", "fd", "stream")
 PRIORITIES = ("access", "demand")
 VERDICT_STATUSES = ("clean", "infected", "error")
 VERDICT_ACTIONS = ("allow", "deny")
-VERDICT_SOURCES = ("scan", "identity", "digest", "clone", "excluded")
+VERDICT_SOURCES = ("scan", "identity", "digest", "clone", "excluded", "revalidated")
 
 
 class ProtocolError(Exception):
