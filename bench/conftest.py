@@ -13,8 +13,8 @@ import ctypes.util
 import gc
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import pytest
 
@@ -114,8 +114,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
     if out:
         with open(out, "w") as f:
             json.dump(
-                [asdict(r) | {"mb_per_s": r.mb_per_s, "cpu_mb_per_s": r.cpu_mb_per_s}
-                 for r in RESULTS],
+                [
+                    asdict(r) | {"mb_per_s": r.mb_per_s, "cpu_mb_per_s": r.cpu_mb_per_s}
+                    for r in RESULTS
+                ],
                 f,
                 indent=1,
             )

@@ -56,7 +56,7 @@ ROUNDS = {
 
 # -- inputs -----------------------------------------------------------------------------------
 
-_WORDS = (
+_WORD_TEXT = (
     "the of and to a in is you that it he was for on are as with his they I at be this have "
     "from or one had by word but not what all were we when your can said there use an each "
     "which she do how their if will up other about out many then them these so some her would "
@@ -69,7 +69,8 @@ _WORDS = (
     "need land different home us move try kind hand picture again change off play spell air "
     "away animal house point page letter mother answer found study still learn should America "
     "world scanner appliance signature virtual machine file cache update policy network"
-).split()
+)
+_WORDS = tuple(_WORD_TEXT.split())
 
 
 def english_like_text(n: int, rng: np.random.Generator) -> bytes:
@@ -154,7 +155,11 @@ class Sig:
             elif t[0] == "any":
                 out.append(".")
             elif t[0] == "nib":
-                vals = [(t[2] << 4) | x for x in range(16)] if t[1] else [(x << 4) | t[2] for x in range(16)]
+                vals = (
+                    [(t[2] << 4) | x for x in range(16)]
+                    if t[1]
+                    else [(x << 4) | t[2] for x in range(16)]
+                )
                 out.append("[" + esc(bytes(vals)) + "]")
             elif t[0] == "alt":
                 out.append("(?:" + "|".join(esc(o) for o in t[1]) + ")")
@@ -172,7 +177,9 @@ class Sig:
             elif t[0] == "any":
                 out.append(rng.randrange(256))
             elif t[0] == "nib":
-                out.append((t[2] << 4 | rng.randrange(16)) if t[1] else (rng.randrange(16) << 4 | t[2]))
+                out.append(
+                    (t[2] << 4 | rng.randrange(16)) if t[1] else (rng.randrange(16) << 4 | t[2])
+                )
             elif t[0] == "alt":
                 out += rng.choice(t[1])
             elif t[0] == "gap":
@@ -226,7 +233,11 @@ def wildcard_sig(name: str, rng: random.Random) -> Sig:
             lo = rng.randint(0, 8)
             tokens.append(
                 rng.choice(
-                    (("gap", lo + 1, lo + 1), ("gap", lo, lo + rng.randint(1, 32)), ("gap", lo, None))
+                    (
+                        ("gap", lo + 1, lo + 1),
+                        ("gap", lo, lo + rng.randint(1, 32)),
+                        ("gap", lo, None),
+                    )
                 )
             )
     return Sig(name, tuple(tokens))
@@ -309,8 +320,10 @@ def _hyperscan(sigs: list[Sig]) -> Callable[[], set[str]]:
     db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     flags = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_DOTALL
     db.compile(
-        expressions=[s.regex() for s in sigs], ids=list(range(len(sigs))),
-        elements=len(sigs), flags=[flags] * len(sigs),
+        expressions=[s.regex() for s in sigs],
+        ids=list(range(len(sigs))),
+        elements=len(sigs),
+        flags=[flags] * len(sigs),
     )
     scratch = hyperscan.Scratch(db)
     names = [s.name for s in sigs]
@@ -349,7 +362,9 @@ class _ClamScan:
     def __init__(self, sigs: list[Sig], workdir: Path) -> None:
         exe = shutil.which("clamscan")
         if exe is None:
-            raise RuntimeError("clamscan not found: install Debian's clamav (scripts/install-test-deps)")
+            raise RuntimeError(
+                "clamscan not found: install Debian's clamav (scripts/install-test-deps)"
+            )
         self.exe = exe
         self.db = workdir / "bench.ndb"
         self.db.write_text("".join(f"{s.name}:0:*:{s.ndb()}\n" for s in sigs))
@@ -364,7 +379,8 @@ class _ClamScan:
     def run(self, path: Path) -> set[str]:
         proc = subprocess.Popen(
             [self.exe, "--no-summary", "--allmatch", "--stdout", "-d", str(self.db), str(path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
         _pid, status, usage = os.wait4(proc.pid, 0)
@@ -405,7 +421,7 @@ def _run(benchmark, record, tmp_path: Path, group: str, engine: str) -> Record: 
         clam = _ClamScan(sigs, tmp_path)
         assert clam.run(clam.empty) == set()  # database load + a 1-byte file = "build"
         build_s = time.perf_counter() - t0
-        scanner: Callable[[], set[str]] = lambda: clam.run(clam.target)  # noqa: E731
+        scanner: Callable[[], set[str]] = lambda: clam.run(clam.target)
     else:
         scanner = ENGINES[engine](sigs)
         build_s = time.perf_counter() - t0
@@ -422,20 +438,28 @@ def _run(benchmark, record, tmp_path: Path, group: str, engine: str) -> Record: 
     found = benchmark.pedantic(timed, rounds=ROUNDS[engine], iterations=1, warmup_rounds=0)
     kind = "10% with wildcards" if group == "wild10k" else "literal"
     rec = record(
-        group=f"{len(sigs)} signatures, {kind}, {len(BUFFER) / MiB:g} MiB", engine=engine, size_bytes=len(BUFFER), build_s=build_s,
+        group=f"{len(sigs)} signatures, {kind}, {len(BUFFER) / MiB:g} MiB",
+        engine=engine,
+        size_bytes=len(BUFFER),
+        build_s=build_s,
         memory_bytes=clam.peak_rss if engine == "clamscan" else memory,
-        memory_kind="peak rss" if engine == "clamscan" else "rss growth", times=times,
+        memory_kind="peak rss" if engine == "clamscan" else "rss growth",
+        times=times,
         cpu_times=cpu_times,
     )
     benchmark.extra_info.update(
-        mb_per_s=round(rec.mb_per_s, 1), cpu_mb_per_s=round(rec.cpu_mb_per_s, 1),
+        mb_per_s=round(rec.mb_per_s, 1),
+        cpu_mb_per_s=round(rec.cpu_mb_per_s, 1),
         build_s=round(build_s, 3),
-        memory_mib=round(rec.memory_bytes / 2**20, 1), memory_kind=rec.memory_kind,
+        memory_mib=round(rec.memory_bytes / 2**20, 1),
+        memory_kind=rec.memory_kind,
     )
     expected = EXPECTED[group]
     assert expected <= found, f"{engine} missed planted signatures {sorted(expected - found)}"
     if group != "wild10k":  # random 8+ byte literals never occur by chance in the buffer
-        assert found == expected, f"{engine} reported unplanted signatures {sorted(found - expected)}"
+        assert found == expected, (
+            f"{engine} reported unplanted signatures {sorted(found - expected)}"
+        )
     return rec
 
 

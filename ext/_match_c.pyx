@@ -5,7 +5,7 @@ How candidates are found (offscan/_tables.py builds the tables and explains the 
   1. Sampling passes. A pass (q, S) reads the q-byte gram at every position i that is a
      multiple of S; each of its parts indexed S grams, one per residue mod S, so every
      occurrence of the part puts exactly one indexed gram on a sampled position. Parts of 8+
-     bytes need only one probe per 5 bytes.
+     bytes need only one probe per 5 bytes (per 3 with tables too large for the cache).
   2. Filter: two multiplicative hashes of the gram pick a 32-bit Bloom word and two bits in
      it (0.5% to 1.5% false positives). This loop is nearly all the work, so it also has an
      AVX-512 (F + VBMI) version doing 16 samples per step, chosen at run time; both versions

@@ -7,10 +7,12 @@ changes the answer, only the speed.
 - The Python twin finds candidates with pyahocorasick over one static *atom* per part (the
   rarest run of 2 to 8 static bytes).
 - The native core samples the buffer: a pass ``(q, S)`` reads a q-byte *gram* (q = 2, 3 or 4)
-  only at positions that are multiples of S. Each part of that pass indexes the S grams at
-  offsets w..w+S-1 of a window it chose, so any occurrence puts exactly one of them on a
-  sampled position. Parts of 8+ bytes allow S = 5, i.e. one 32-bit probe per 5 bytes; short
-  parts go to a second pass with a smaller stride. A gram is looked up in a blocked Bloom
+  only at positions that are multiples of S. Each part of that pass indexes S of its grams,
+  one at an offset of every residue mod S (a plain part: the S consecutive grams of its rarest
+  window), so any occurrence puts exactly one of them on a sampled position. Parts of 8+ bytes
+  allow S = 5, i.e. one 32-bit probe per 5 bytes (a cost model picks S = 3 when the tables
+  would not fit in cache); short parts go to a second pass with a smaller stride and maybe
+  shorter grams. A gram is looked up in a blocked Bloom
   filter (two bits in one 32-bit word), then in hashed buckets of (gram, part, offset) entries;
   a hit verifies the whole part. A gram may cover one byte that is not static (a nibble, an
   alternative, or for 3- and 4-byte grams a ``??``): it is indexed once per possible value.
@@ -34,7 +36,6 @@ from .signatures import PatternDB
 HASH_WORD = 0x9E3779B1  # 2**32 / golden ratio (Fibonacci hashing)
 HASH_BITS = 0x85EBCA6B  # an odd constant from MurmurHash3's finalizer, unrelated to HASH_WORD
 ATOM_MAX = 8  # bytes of the twin's pyahocorasick atoms; longer atoms, fewer false candidates
-GRAM_MAX = 4  # bytes; one unaligned 32-bit load in the native loop
 STRIDE_MAX = 8  # samples at most every 8 bytes (needs an 11-byte window per part)
 SMALL_SET = 16  # values of a nibble or alternative byte that a 2-byte gram may hold
 MAX_PASSES = 2  # the native core interleaves at most this many sampling passes
@@ -137,7 +138,9 @@ def build_tables(db: PatternDB) -> Tables:
             plain.append(1 if not part.alts and part.masks.count(0xFF) == n else 0)
             # Only the earliest hit matters for a first part that may start anywhere and is
             # followed by nothing or by an unbounded gap (later hits are dominated).
-            once.append(1 if k == 0 and first_free and (k == last or sig.gaps[k].max is None) else 0)
+            once.append(
+                1 if k == 0 and first_free and (k == last or sig.gaps[k].max is None) else 0
+            )
             for a in part.alts:
                 alt_off.append(a.offset)
                 alt_len.append(a.length)
@@ -195,8 +198,14 @@ def build_tables(db: PatternDB) -> Tables:
 class _Index:
     """Vectorized window choice over all parts at once (positions are global, into values)."""
 
-    def __init__(self, values: np.ndarray, masks: np.ndarray, vstart: np.ndarray,
-                 lens: np.ndarray, alt_sets: dict[int, set[int]]) -> None:
+    def __init__(
+        self,
+        values: np.ndarray,
+        masks: np.ndarray,
+        vstart: np.ndarray,
+        lens: np.ndarray,
+        alt_sets: dict[int, set[int]],
+    ) -> None:
         self.values, self.masks, self.vstart, self.lens = values, masks, vstart, lens
         self.alt_sets = alt_sets
         total = len(values)
@@ -293,14 +302,11 @@ class _Index:
         # grams: its good grams must cover every residue mod S. A plain part of length L has
         # grams at 0..L-q, so every S <= L-q+1 works; for other parts the set of strides can
         # have holes (good grams at 0, 1, 6, 7 cover the residues mod 2 and 4, not mod 3).
-        strides = {
-            q: (1 << (np.clip(self.lens - q + 1, 0, STRIDE_MAX) + 1)) - 2 for q in gram_good
-        }
+        strides = {q: (1 << (np.clip(self.lens - q + 1, 0, STRIDE_MAX) + 1)) - 2 for q in gram_good}
         good_offs: dict[tuple[int, int], list[int]] = {}
-        for q in gram_good:
+        for q, good in gram_good.items():
             for p in odd:
                 v = int(self.vstart[p])
-                good = gram_good[q]
                 assert good is not None
                 offs = np.flatnonzero(good[v : v + int(self.lens[p])]).tolist()
                 good_offs[q, p] = offs
@@ -383,8 +389,7 @@ class _Index:
         offs = goff
         rows = [np.stack([grams[~varying], gpart[~varying], offs[~varying]], axis=1)]
         extra = []
-        for g, p, o in zip(gpos[varying].tolist(), gpart[varying].tolist(),
-                           offs[varying].tolist()):
+        for g, p, o in zip(gpos[varying].tolist(), gpart[varying].tolist(), offs[varying].tolist()):
             base = bytearray(self.values[g : g + q].tobytes())
             j = next(k for k in range(q) if self.kind[g + k] != _STATIC)
             for v in self._byte_values(g + j):
