@@ -53,7 +53,7 @@ def publisher(tmp_path):
 
 
 def _wait_version(sock: Path, version: str, timeout: float = 30) -> dict:
-    return wait_for(lambda: (s := status(sock)) if s["pattern_version"] == version else None, timeout,
+    return wait_for(lambda: s if (s := status(sock))["pattern_version"] == version else None, timeout,
                     f"pattern version {version}", interval=0.1)
 
 
@@ -98,8 +98,8 @@ def test_v2_revalidates_100_clones_by_delta_content_matched_once(tmp_path, publi
         after = _wait_version(a.sock, "2")
         took = time.monotonic() - t0
         reported = wait_for(
-            lambda: (r := {e["vm"] for e in a.events() if e.get("path") == "opt/tool.exe"
-                          and e.get("status") == "infected"}) if len(r) == 101 else None,
+            lambda: r if len(r := {e["vm"] for e in a.events() if e.get("path") == "opt/tool.exe"
+                                   and e.get("status") == "infected"}) == 101 else None,
             60, "every copy reported infected")
         assert len(reported) == 101
         final = status(a.sock)
@@ -130,7 +130,7 @@ def test_bad_bundles_rejected_old_version_keeps_serving(tmp_path, publisher):
         other_key, _, _ = generate_key(tmp_path / "intruder")
         bad = {
             "truncated": good[: len(good) // 2],
-            "corrupted": good.replace(b"offscan-dist-v2-marker".hex().encode(), b"0" * 44, 1),
+            "corrupted": good[: len(good) // 3] + bytes([good[len(good) // 3] ^ 0xFF]) + good[len(good) // 3 + 1:],
             "unsigned": build_full(V2, 2).to_bytes(),
             "wrong-key": build_full(V2, 2).signed(load_private_key(other_key)).to_bytes(),
         }
@@ -172,11 +172,11 @@ def test_kill9_while_applying_runs_old_or_new_never_a_mix(tmp_path, publisher):
     publisher["publish"]("v3-full.osb", build_full(V3, 3))
     time.sleep(0.08)  # somewhere in fetching, verifying, test-loading or switching
     a.kill9()
-    b = ApplianceProc(tmp_path, name="restarted")  # no update server: whatever is on disk
+    b = ApplianceProc(tmp_path, "--trust", str(publisher["pub"]), name="restarted")  # no server: what is on disk
     try:
         st = status(b.sock)
         assert st["pattern_version"] in ("1", "3")
-        want = {"1": 1, "3": 2}[st["pattern_version"]]
+        want = {"1": 1, "3": 3}[st["pattern_version"]]
         assert st["patterns"].startswith(f"{want} body")  # the database matches its version
     finally:
         b.stop()
@@ -249,3 +249,54 @@ def test_one_appliance_vs_n_agents_update_distribution(tmp_path, publisher):
             p.stop()
         a.stop()
         agent_server.close()
+
+
+def test_swap_under_a_steady_stream_drops_nothing(tmp_path, publisher):
+    publisher["publish"]("v1-full.osb", build_full(V1, 1))
+    root = tmp_path / "vm"
+    root.mkdir()
+    a = ApplianceProc(tmp_path, "--updates", publisher["url"], "--trust", str(publisher["pub"]), "--poll", "3600")
+    try:
+        _wait_version(a.sock, "1")
+
+        async def run():
+            c = ApplianceClient(str(a.sock), shim_id="steady")
+            await c.connect()
+            await c.register("vm", str(root))
+            latencies, versions, stop = [], set(), asyncio.Event()
+
+            async def stream(k):
+                i = 0
+                while not stop.is_set():
+                    name = f"s{k}-{i}.bin"
+                    (root / name).write_bytes(os.urandom(4000) + TOOL)
+                    t = time.monotonic()
+                    v = await c.scan_path("vm", name)
+                    latencies.append(time.monotonic() - t)
+                    versions.add(v["pattern_version"])
+                    assert v["status"] in ("clean", "infected")
+                    assert (v["status"] == "infected") == (v["pattern_version"] == "2")
+                    i += 1
+
+            tasks = [asyncio.create_task(stream(k)) for k in range(4)]
+            await asyncio.sleep(0.5)
+            publisher["publish"]("v2-full.osb", build_full(V2, 2))
+            op = ApplianceClient(str(a.sock), shim_id="operator")
+            await op.connect()
+            await op.control("reload", timeout=60)
+            await op.close()
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*tasks)
+            await c.close()
+            return latencies, versions
+
+        latencies, versions = asyncio.run(run())
+        assert versions == {"1", "2"}
+        assert len(latencies) > 50
+        assert max(latencies) < 2.0, max(latencies)
+        st = status(a.sock)
+        assert st["errors"] == 0 and st["last_swap"]["to"] == "2"
+        assert st["last_swap"]["rss_peak_during"] > 0
+    finally:
+        a.stop()
