@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import shutil
@@ -57,11 +58,11 @@ def build_master(root: Path, files: int, seed: int = 7) -> int:
     return total
 
 
-def _start_appliance(sock: Path, state: Path, ready: Path, log: Path) -> subprocess.Popen[bytes]:
+def _start_appliance(sock: Path, state: Path, ready: Path, log: Path, policy: Path) -> subprocess.Popen[bytes]:
     logf = open(log, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "offscan", "serve", "--socket", str(sock), "--state", str(state),
-         "--ready-file", str(ready)],
+         "--ready-file", str(ready), "--policies", str(policy)],
         stdout=logf, stderr=subprocess.STDOUT,
     )
     logf.close()
@@ -84,9 +85,11 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
 
     sock, state = work / "appliance.sock", work / "state"
     t = time.monotonic()
-    proc = _start_appliance(sock, state, work / "ready.json", work / "appliance.log")
+    policy = work / "policy.toml"
+    policy.write_text('[default]\nactions = ["quarantine", "deny"]\n')
+    proc = _start_appliance(sock, state, work / "ready.json", work / "appliance.log", policy)
     timings["start appliance"] = time.monotonic() - t
-    detections: list[tuple[str, str, list[str]]] = []
+    detections: list[tuple[str, str, list[str], str | None]] = []
     verdicts = 0
 
     def on_verdict(vm: str, path: str, verdict: dict[str, Any]) -> None:
@@ -94,7 +97,7 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
         verdicts += 1
         progress.update(task, completed=verdicts)
         if verdict.get("status") == "infected":
-            detections.append((vm, path, verdict.get("matches", [])))
+            detections.append((vm, path, verdict.get("matches", []), verdict.get("quarantine_id")))
 
     burst_per_clone = 4
     expected = files * (clones + 1) + clones * burst_per_clone + 1
@@ -111,23 +114,30 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
                 raise RuntimeError("master activation scan did not finish")
             timings["protect master"] = time.monotonic() - t
 
-            progress.update(task, description=f"cloning {clones} VMs")
+            master_status = await _status(sock)
+            progress.update(task, description=f"cloning {clones} VMs on the appliance")
             t = time.monotonic()
-            for i in range(1, clones + 1):
-                name = f"vm-{i:02d}"
-                dest = work / "vms" / name
-                shutil.copytree(master, dest)
-                await shim.add_vm(VMSpec(name, str(dest), clone_of="master"))
+            op = ApplianceClient(str(sock), shim_id="demo-operator")
+            await op.connect()
+            made = await op.control("vm-clone", timeout=600, base="master", count=clones,
+                                    into=str(work / "vms"), prefix="vm-")
+            await op.close()
+            timings[f"clone {clones} VMs"] = time.monotonic() - t
+            progress.update(task, description=f"protecting {clones} clones")
+            t = time.monotonic()
+            for c in made["clones"]:
+                await shim.add_vm(VMSpec(c["name"], c["root"], clone_of="master"))
             if not await shim.wait_idle(300):
                 raise RuntimeError("clone activation did not finish")
-            timings[f"clone + protect {clones} VMs"] = time.monotonic() - t
+            timings[f"protect {clones} clones"] = time.monotonic() - t
+            clones_status = await _status(sock)
 
             progress.update(task, description="burst of new files in the clones")
             t = time.monotonic()
             rng = random.Random(11)
             shared_update = rng.randbytes(150_000)
             for i in range(1, clones + 1):
-                home = work / "vms" / f"vm-{i:02d}" / "home" / "user"
+                home = work / "vms" / f"vm-{i}" / "home" / "user"
                 (home / "Downloads").mkdir(parents=True, exist_ok=True)
                 (home / "Downloads" / "patch.bin").write_bytes(shared_update)
                 (home / "docs" / "notes.txt").write_text("same notes on every desktop\n" * 40)
@@ -140,10 +150,13 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
             timings["burst"] = time.monotonic() - t
             progress.update(task, description="done", completed=verdicts)
 
-        client = ApplianceClient(str(sock), shim_id="demo-status")
-        await client.connect()
-        status = await client.status()
-        await client.close()
+        status = await _status(sock)
+        tags = {}
+        op = ApplianceClient(str(sock), shim_id="demo-operator")
+        await op.connect()
+        for vm, _, _, _ in detections:
+            tags[vm] = (await op.control("vm-show", name=vm))["tags"]
+        await op.close()
     finally:
         shim.stop()
         if runner is not None:
@@ -157,12 +170,26 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return {"status": status, "timings": timings, "detections": detections,
-            "verdicts": verdicts, "shim": shim.stats()}
+    return {"status": status, "timings": timings, "detections": detections, "tags": tags,
+            "verdicts": verdicts, "shim": shim.stats(),
+            "clone_bytes_read": clones_status["bytes_read"] - master_status["bytes_read"],
+            "clone_matched": clones_status["contents_matched"] - master_status["contents_matched"],
+            "clone_inherited": clones_status["served_clone"] - master_status["served_clone"]}
+
+
+async def _status(sock: Path) -> dict[str, Any]:
+    client = ApplianceClient(str(sock), shim_id="demo-status")
+    await client.connect()
+    try:
+        return await client.status()
+    finally:
+        await client.close()
 
 
 def run_demo(*, clones: int = 50, files: int = 300, keep: str | None = None) -> int:
     console = Console()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("watchdog").setLevel(logging.ERROR)  # observer shutdown chatter
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="offscan-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -179,12 +206,17 @@ def run_demo(*, clones: int = 50, files: int = 300, keep: str | None = None) -> 
     table.add_row("VMs protected", str(len(st["vms"])))
     table.add_row("files seen (verdicts)", str(st["verdicts"]))
     table.add_row("contents matched", str(matched))
-    table.add_row("served from cache", f"{served} ({st['served_identity']} by identity, {st['served_digest']} by digest)")
+    table.add_row("served from cache", f"{served} ({st['served_clone']} by clone inheritance, "
+                  f"{st['served_identity']} by identity, {st['served_digest']} by digest)")
+    table.add_row("clone dedup", f"{out['clone_inherited']} clone files protected unread: "
+                  f"{out['clone_bytes_read']} bytes read, {out['clone_matched']} contents matched for the clones")
     table.add_row("dedup ratio", f"{st['verdicts'] / max(1, matched):.1f} verdicts per matched content "
                   f"(hit ratio {st['hit_ratio']:.1%})")
     table.add_row("bytes read / matched", f"{st['bytes_read'] / 1e6:.1f} MB / {st['bytes_matched'] / 1e6:.1f} MB")
-    for vm, path, names in out["detections"]:
+    for vm, path, names, qid in out["detections"]:
         table.add_row("[red]detection[/red]", f"VM {vm}: {path}: {', '.join(names)} (deny)")
+        table.add_row("quarantine id", str(qid))
+        table.add_row(f"tags of {vm}", ", ".join(out["tags"].get(vm, [])))
     for name, secs in out["timings"].items():
         table.add_row(f"time: {name}", f"{secs:.2f} s")
     console.print(table)
