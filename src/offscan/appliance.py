@@ -696,7 +696,7 @@ class Appliance:
         digest = bytes.fromhex(res.digest) if res.digest else None
         if res.status != "error" and digest is not None:
             self.cache.put(CachedVerdict(res.status, res.matches, eng.version, digest, size, time.time()))
-        return await self._finish(vm, msg["path"], res, "scan", digest, t0)
+        return await self._finish(vm, msg["path"], res, "scan", digest, t0, version=eng.version)
 
     async def _pipeline(self, vm: VMRecord, path: str, fd: int, prio: int, t0: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -751,7 +751,7 @@ class Appliance:
             res = await self.flights.run((digest, size, version), match)
             if not led:  # an identical content was being matched for another request
                 self.counters.joined_in_flight += 1
-            return await self._finish(vm, path, res, "scan", digest, t0, ino=st.st_ino)
+            return await self._finish(vm, path, res, "scan", digest, t0, ino=st.st_ino, version=version)
 
     # -- pattern updates ------------------------------------------------------------------
 
@@ -938,13 +938,16 @@ class Appliance:
         return await self._finish(vm, path, res, "excluded", None, t0)
 
     async def _finish(self, vm: VMRecord, path: str, res: ScanResult | CachedVerdict, source: str,
-                      digest: bytes | None, t0: float, *, ino: int | None = None) -> dict[str, Any]:
+                      digest: bytes | None, t0: float, *, ino: int | None = None,
+                      version: str | None = None) -> dict[str, Any]:
         """Record the verdict; on a detection run the VM's actions and tag it."""
         extra: dict[str, Any] = {}
         action = "allow"
         if res.status == "infected":
             action, extra = await self._act(vm, path, res.matches, ino)
-        return self._verdict(vm, path, res, source, digest, t0, action, extra)
+        # the version that judged it: a cached verdict's own, else the engine the scan ran on
+        version = getattr(res, "pattern_version", None) or version or self.pattern_version
+        return self._verdict(vm, path, res, source, digest, t0, action, extra, version)
 
     async def _act(self, vm: VMRecord, path: str, matches: Sequence[str], ino: int | None) -> tuple[str, dict[str, Any]]:
         """Actions in policy order, the first that succeeds wins; then tags and the hook."""
@@ -1020,7 +1023,7 @@ class Appliance:
 
     def _verdict(self, vm: VMRecord, path: str, res: ScanResult | CachedVerdict, source: str,
                  digest: bytes | None, t0: float, action: str = "allow",
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, version: str | None = None) -> dict[str, Any]:
         infected = res.status == "infected"
         verdict = {
             "vm": vm.name,
@@ -1031,7 +1034,7 @@ class Appliance:
             "action": action,
             "source": source,
             "digest": digest.hex() if digest else None,
-            "pattern_version": self.pattern_version,
+            "pattern_version": version or self.pattern_version,
             **(extra or {}),
         }
         self.counters.verdicts += 1
