@@ -504,6 +504,7 @@ class _VM:
         self.watch_busy = False  # a start/stop of the observer is running in a thread
         self.missing_logged = False
         self.activating = True  # until its first activation ran; the watch keeper leaves it alone
+        self.limit_hit = False  # the watch failed on inotify limits (root present, files walked)
 
     def start_watch(self, shim: Shim) -> bool:
         """Start this VM's observer (blocking: inotify adds a watch per directory)."""
@@ -817,7 +818,9 @@ class Shim:
         vm.activating = True
         try:
             await self._start_watch(vm)
-            if self._vms.get(vm.name) is vm and vm.observer is not None and not self._closing:
+            # Walk even if the watch could not start (e.g. the inotify instance limit): existing
+            # files still get verdicts while the watch keeps being retried.
+            if self._vms.get(vm.name) is vm and os.path.isdir(vm.root) and not self._closing:
                 # A clone storm can fill the backlog with earlier clones' walks; queue a few of
                 # this VM's files right away so its first verdicts (time-to-protect) don't wait.
                 assert self._watch_pool is not None
@@ -835,7 +838,15 @@ class Shim:
             assert self._watch_pool is not None
             await self._in_thread(self._watch_pool, vm.start_watch, self)
         except OSError as exc:
-            if not vm.missing_logged:
+            vm.limit_hit = exc.errno in (errno.EMFILE, errno.ENOSPC)
+            if vm.limit_hit and not vm.missing_logged:
+                log.error(
+                    "VM %s: cannot watch %s: %s; raise the inotify limits "
+                    "(sysctl fs.inotify.max_user_instances / max_user_watches); retrying",
+                    vm.name, vm.root, exc.strerror or exc,
+                )
+                vm.missing_logged = True
+            elif not vm.missing_logged:
                 log.warning(
                     "VM %s: cannot watch %s (%s); will retry while it is missing",
                     vm.name,
@@ -1259,7 +1270,14 @@ class Shim:
                     finally:
                         vm.watch_busy = False
                 if vm.observer is None and os.path.isdir(vm.root):
-                    await self._reactivate(vm)
+                    if vm.limit_hit:  # only the watch is missing: retry it, walk once it works
+                        await self._start_watch(vm)
+                        if vm.observer is not None:
+                            vm.limit_hit = False
+                            log.warning("VM %s: watching %s at last; walking it for missed events", vm.name, vm.root)
+                            self._start_walk(vm, "", DEMAND, entry=None)
+                    else:
+                        await self._reactivate(vm)
             if self._backlog.owed_walks and len(self._backlog) < self._backlog.max_entries // 2:
                 for name in self._backlog.take_owed_walks():
                     owed = self._vms.get(name)
