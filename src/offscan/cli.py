@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", help="make the appliance fetch pattern updates now (or re-read -d databases)")
     appliance_arg(p)
 
+    from .lab import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="the lab: agent vs agentless, clone storm"))
+
     from .updates import add_patterns_arguments
 
     add_patterns_arguments(sub.add_parser("patterns", help="signed pattern bundles: build, diff, keygen, sign, verify, serve"))
@@ -479,6 +483,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if rc == 0 and not args.json:
         print(f"pattern version {r['pattern_version']}" + (f" (update error: {r['error']})" if r.get("error") else ""))
     return rc
+
+
+@command
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .lab import cmd_bench as run
+
+    return run(args)
 
 
 @command
