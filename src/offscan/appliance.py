@@ -393,6 +393,13 @@ class Appliance:
             ("offscan_refused_total", "Requests refused for leaving the VM root.", (), lambda: {(): c.refused}),
             ("offscan_protocol_errors_total", "Connections closed for protocol errors.", (),
              lambda: {(): c.protocol_errors}),
+            ("offscan_revalidations_total", "Cached verdicts made current after a pattern update "
+             "by matching the added signatures only.", (), lambda: {(): c.revalidations}),
+            ("offscan_revalidation_bytes_total", "Bytes read to revalidate cached verdicts.", (),
+             lambda: {(): c.revalidation_bytes}),
+            ("offscan_revalidation_seconds_total", "Time spent revalidating cached verdicts.", (),
+             lambda: {(): c.revalidation_seconds}),
+            ("offscan_pattern_swaps_total", "Pattern database swaps.", (), lambda: {(): c.swaps}),
         ):
             reg.register(CounterView(name, help_, labels, read))
         reg.gauge("offscan_queue_depth", "Requests waiting for admission.", fn=lambda: self.gate.waiting)
