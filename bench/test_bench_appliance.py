@@ -111,3 +111,21 @@ def test_event_path_new_content(benchmark, appliance):
     benchmark.pedantic(lambda names: latencies.extend(_batch(appliance, names)), setup=fresh,
                        rounds=ROUNDS, iterations=1)
     _record(benchmark, latencies, BATCH)
+
+
+def test_event_path_latency_one_in_flight(benchmark, appliance):
+    """Verdict latency without queueing: one request at a time, new content each time."""
+    (appliance["root"] / "seq").mkdir()
+    n = 50 if QUICK else 300
+    names = [f"seq/f{i}" for i in range(n * ROUNDS)]
+    for name in names:
+        (appliance["root"] / name).write_bytes(os.urandom(FILE_SIZE))
+    it = iter(range(len(names)))
+    latencies: list[float] = []
+
+    def sequential() -> None:
+        for _ in range(n):
+            latencies.extend(_batch(appliance, [names[next(it)]]))
+
+    benchmark.pedantic(sequential, rounds=ROUNDS, iterations=1)
+    _record(benchmark, latencies, n)
