@@ -15,7 +15,14 @@ import time
 from typing import Callable, Iterator, Sequence
 
 from . import __version__
-from .engine import DEFAULT_MAX_FILE_SIZE, DEFAULT_SCAN_TIMEOUT, DEFAULT_WINDOW_SIZE, Matcher, ScanResult
+from .engine import (
+    DEFAULT_MAX_FILE_SIZE,
+    DEFAULT_SCAN_TIMEOUT,
+    DEFAULT_WINDOW_SIZE,
+    Matcher,
+    ScanResult,
+    parse_size,
+)
 from .signatures import SignatureError, load_database
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
@@ -27,14 +34,6 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     _COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = fn
     return fn
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower()
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-summary", action="store_true", help="do not print the summary")
     p.add_argument("--impl", choices=["auto", "c", "py"], default="auto",
                    help="matcher core (default: native when built)")
-    p.add_argument("--max-filesize", type=_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE")
+    p.add_argument("--max-filesize", type=parse_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE")
     p.add_argument("--max-scantime", type=float, default=DEFAULT_SCAN_TIMEOUT, metavar="SECONDS")
-    p.add_argument("--window-size", type=_size, default=DEFAULT_WINDOW_SIZE, metavar="SIZE",
+    p.add_argument("--window-size", type=parse_size, default=DEFAULT_WINDOW_SIZE, metavar="SIZE",
                    help=argparse.SUPPRESS)
     p = sub.add_parser("serve", help="run the appliance (one per host)")
     p.add_argument("--socket", metavar="PATH", help="unix socket for local shims")

@@ -396,9 +396,19 @@ def _replace(result: ScanResult, **changes: Any) -> ScanResult:
     return ScanResult(**d)
 
 
-def _special_kind(mode: int) -> str | None:
+def parse_size(text: str) -> int:
+    """Bytes from ``123``, ``64k``, ``10m``, ``1g`` (binary units), for limits on the command line."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower()
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def file_kind(mode: int) -> str:
+    """A file type for messages: "regular file", "FIFO", "character device"..."""
     if stat.S_ISREG(mode):
-        return None
+        return "regular file"
     for test, name in (
         (stat.S_ISDIR, "directory"),
         (stat.S_ISFIFO, "FIFO"),
@@ -410,6 +420,10 @@ def _special_kind(mode: int) -> str | None:
         if test(mode):
             return name
     return "special file"
+
+
+def _special_kind(mode: int) -> str | None:
+    return None if stat.S_ISREG(mode) else file_kind(mode)
 
 
 def _os_reason(exc: OSError) -> str:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import __version__
-from .engine import DEFAULT_MAX_FILE_SIZE, DEFAULT_SCAN_TIMEOUT, Matcher
+from .engine import DEFAULT_MAX_FILE_SIZE, DEFAULT_SCAN_TIMEOUT, Matcher, file_kind, parse_size
 from .signatures import SignatureError, load_database
 
 __all__ = [
@@ -410,7 +410,7 @@ class DirectoryLayer(Layer):
                     yield Member(path, "other", reason="symbolic link, not followed")
                 else:
                     yield Member(
-                        path, "other", reason=f"not a regular file ({_file_kind(st.st_mode)})"
+                        path, "other", reason=f"not a regular file ({file_kind(st.st_mode)})"
                     )
             stack.extend(reversed(subdirs))
 
@@ -666,7 +666,7 @@ def open_image(path: str | os.PathLike[str], *, ref: str | None = None) -> Image
         image.layers.append(ArchiveLayer(spath, image.meter))
     else:
         raise ImageError(
-            f"{spath}: not a directory, tar archive or OCI layout ({_file_kind(st.st_mode)})"
+            f"{spath}: not a directory, tar archive or OCI layout ({file_kind(st.st_mode)})"
         )
     if ref is not None:
         raise ImageError(
@@ -1204,7 +1204,7 @@ def add_scan_image_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="matcher core (default: native when built)",
     )
-    parser.add_argument("--max-filesize", type=_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE")
+    parser.add_argument("--max-filesize", type=parse_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE")
     parser.add_argument(
         "--max-scantime", type=float, default=DEFAULT_SCAN_TIMEOUT, metavar="SECONDS"
     )
@@ -1307,28 +1307,6 @@ def _printable(text: str) -> str:
     cannot forge output lines."""
     raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in raw)
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower()
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "directory"),
-        (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISLNK, "symbolic link"),
-    ):
-        if test(mode):
-            return name
-    return "special file"
 
 
 def _tar_kind(ti: tarfile.TarInfo) -> str:
