@@ -5,7 +5,7 @@ PYTHON ?= python3
 BENCH_STORE = file://bench/baseline
 GATE ?= min:15%
 
-deps:            ## system and Python packages the tests need (Debian clamav, redis; pip extras)
+deps:            ## system and Python packages the tests need (Debian clamav; pip extras)
 	scripts/install-test-deps
 
 test: deps       ## the full test suite, both matcher implementations
