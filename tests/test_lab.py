@@ -40,10 +40,10 @@ def assert_png(path: Path) -> None:
     assert data[:8] == PNG_MAGIC, path
     pos, kinds = 8, []
     while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
         assert zlib.crc32(kind + body) == crc, f"{path}: bad CRC in {kind!r}"
         kinds.append(kind)
         pos += 12 + length
@@ -53,6 +53,7 @@ def assert_png(path: Path) -> None:
 
 
 # ------------------------------------------------------------------ parts
+
 
 def test_image_plan_is_deterministic_mixed_and_shared_as_asked():
     a, b = plan_image(200, shared=0.8, seed=3), plan_image(200, shared=0.8, seed=3)
@@ -104,7 +105,7 @@ def test_event_tail_reads_only_complete_new_lines(tmp_path):
     log.write_text('{"a": 1}\n{"b"')
     assert tail.read() == [{"a": 1}]
     with open(log, "a") as f:
-        f.write(': 2}\n')
+        f.write(": 2}\n")
     assert tail.read() == [{"b": 2}]
 
 
@@ -112,9 +113,18 @@ def test_verdict_tracker_first_and_complete():
     tr = VerdictTracker({"vm1": ["a", "b"], "vm2": ["a"]})
 
     def v(vm, path, t, status="clean", source="scan"):
-        return {"event": "verdict", "vm": vm, "path": path, "time": t, "status": status, "source": source}
+        return {
+            "event": "verdict",
+            "vm": vm,
+            "path": path,
+            "time": t,
+            "status": status,
+            "source": source,
+        }
 
-    tr.feed([v("vm1", "a", 10.0), {"event": "refused", "vm": "vm1"}, v("vm2", "a", 11.0, "infected")])
+    tr.feed(
+        [v("vm1", "a", 10.0), {"event": "refused", "vm": "vm1"}, v("vm2", "a", 11.0, "infected")]
+    )
     assert not tr.complete and tr.first == {"vm1": 10.0, "vm2": 11.0} and tr.done == {"vm2": 11.0}
     tr.feed([v("vm1", "b", 12.0), v("vm1", "b", 13.0)])
     assert tr.complete and tr.done["vm1"] == 12.0 and tr.verdicts == 4
@@ -135,7 +145,13 @@ def test_fit_and_consolidation_arithmetic():
     assert cons["agentless"]["n_cpu"] == 500 and cons["agentless"]["n_mem"] == 1900
     assert cons["agentless"]["n_fit"] == 500 and cons["agentless"]["limited_by"] == "cpu"
     assert cons["agentless"]["extrapolated"]
-    assert cons["agent"] == {"n_cpu": 60, "n_mem": 40, "n_fit": 40, "limited_by": "memory", "extrapolated": False}
+    assert cons["agent"] == {
+        "n_cpu": 60,
+        "n_mem": 40,
+        "n_fit": 40,
+        "limited_by": "memory",
+        "extrapolated": False,
+    }
     assert cons["ratio"] == pytest.approx(12.5)
     s = summarize([1.0, 2.0, 3.0])
     assert s["p50"] == 2.0 and s["max"] == 3.0 and summarize([])["p99"] is None
@@ -150,16 +166,37 @@ def test_inotify_budget_refuses_with_an_actionable_message(monkeypatch):
 
 # ------------------------------------------------------------------ real runs
 
+
 def _runs(results):
     return {(r["setup"], r["n"]): r for r in results["runs"]}
 
 
 def test_agent_vs_agentless_boot_storm_small_real_run(tmp_path):
     out = tmp_path / "report"
-    rc = main(["bench", "agent-vs-agentless", "--vms", "3", "--points", "1,3", "--files", "20",
-               "--sigs", "300", "-o", str(out)])
+    rc = main(
+        [
+            "bench",
+            "agent-vs-agentless",
+            "--vms",
+            "3",
+            "--points",
+            "1,3",
+            "--files",
+            "20",
+            "--sigs",
+            "300",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
-    for name in ("report.md", "results.json", "cost_per_vm.png", "consolidation.png", "time_to_protect.png"):
+    for name in (
+        "report.md",
+        "results.json",
+        "cost_per_vm.png",
+        "consolidation.png",
+        "time_to_protect.png",
+    ):
         assert (out / name).exists(), name
     for png in out.glob("*.png"):
         assert_png(png)
@@ -173,15 +210,21 @@ def test_agent_vs_agentless_boot_storm_small_real_run(tmp_path):
         assert boot["expected"] == expected
         c = boot["counters"]
         assert c["verdicts"] >= expected and c["errors"] == 0
-        assert c["detections"] == 1 and boot["detections"] == ["vm-000:home/user/Downloads/eicar.com"]
+        assert c["detections"] == 1 and boot["detections"] == [
+            "vm-000:home/user/Downloads/eicar.com"
+        ]
         assert boot["processes"] == (2 if setup == "agentless" else n)
-        assert boot["cpu_s"] > 0 and boot["hwm_sum"] > 0 and boot["pss_sum"] > 0 and boot["rchar"] > 0
+        assert (
+            boot["cpu_s"] > 0 and boot["hwm_sum"] > 0 and boot["pss_sum"] > 0 and boot["rchar"] > 0
+        )
         assert all(p["cpu_s"] > 0 and p["hwm"] > 0 for p in boot["per_process"].values())
         for ref in ("from_launch", "from_registration"):
             t = boot[ref]
             assert t["first_verdict_s"]["n"] == n and t["all_files_s"]["n"] == n
             assert 0 <= t["first_verdict_s"]["p50"] <= t["all_files_s"]["p99"]
-        assert c["contents_matched"] + c["served_from_cache"] + c["joined_in_flight"] == c["verdicts"]
+        assert (
+            c["contents_matched"] + c["served_from_cache"] + c["joined_in_flight"] == c["verdicts"]
+        )
     for n in (1, 3):
         al, ag = runs[("agentless", n)]["boot"]["counters"], runs[("agent", n)]["boot"]["counters"]
         assert al["contents_matched"] <= ag["contents_matched"]
@@ -203,9 +246,26 @@ def test_agent_vs_agentless_boot_storm_small_real_run(tmp_path):
 @pytest.mark.parametrize("workload", ["steady", "update", "clone-storm"])
 def test_other_workloads_small_real_runs(tmp_path, workload):
     out = tmp_path / workload
-    extra = {"steady": ["--duration", "2", "--rate", "2"], "update": [], "clone-storm": []}[workload]
-    rc = main(["bench", "agent-vs-agentless", "--points", "2", "--files", "10", "--sigs", "200",
-               "--workload", workload, "-o", str(out), *extra])
+    extra = {"steady": ["--duration", "2", "--rate", "2"], "update": [], "clone-storm": []}[
+        workload
+    ]
+    rc = main(
+        [
+            "bench",
+            "agent-vs-agentless",
+            "--points",
+            "2",
+            "--files",
+            "10",
+            "--sigs",
+            "200",
+            "--workload",
+            workload,
+            "-o",
+            str(out),
+            *extra,
+        ]
+    )
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     runs = _runs(results)
@@ -226,8 +286,12 @@ def test_other_workloads_small_real_runs(tmp_path, workload):
             assert u["counters"]["pattern_versions"] == ["2"]
             assert u["update_bytes"] > 0 and u["all_points_on_v2_s"] > 0
             assert u["all_vms_reported_s"] is not None  # the newly detected file, on every VM
-        assert ag["update"]["update_bytes"] == pytest.approx(2 * al["update"]["update_bytes"], rel=0.1)
-        assert al["update"]["counters"]["contents_matched"] == 0  # revalidated by the delta, not rescanned
+        assert ag["update"]["update_bytes"] == pytest.approx(
+            2 * al["update"]["update_bytes"], rel=0.1
+        )
+        assert (
+            al["update"]["counters"]["contents_matched"] == 0
+        )  # revalidated by the delta, not rescanned
     else:
         for r in (al, ag):
             cs = r["clone_storm"]
@@ -240,7 +304,9 @@ def test_other_workloads_small_real_runs(tmp_path, workload):
 
 def test_clone_storm_small_real_run(tmp_path):
     out = tmp_path / "storm"
-    rc = main(["bench", "clone-storm", "--clones", "10", "--files", "20", "--sigs", "200", "-o", str(out)])
+    rc = main(
+        ["bench", "clone-storm", "--clones", "10", "--files", "20", "--sigs", "200", "-o", str(out)]
+    )
     assert rc == 0
     for name in ("report.md", "results.json", "time_to_protect.png", "limits.png"):
         assert (out / name).exists(), name
@@ -249,7 +315,11 @@ def test_clone_storm_small_real_run(tmp_path):
     s = json.loads((out / "results.json").read_text())["storm"]
     assert s["complete"] and s["clones"] == 10 and len(s["per_clone"]) == 10
     t = s["time_to_protect"]
-    assert t["first_verdict_s"]["n"] == 10 and t["all_files_s"]["n"] == 10 and t["vms_without_verdict"] == 0
+    assert (
+        t["first_verdict_s"]["n"] == 10
+        and t["all_files_s"]["n"] == 10
+        and t["vms_without_verdict"] == 0
+    )
     assert 0 < t["first_verdict_s"]["p50"] <= t["first_verdict_s"]["max"] <= t["all_files_s"]["max"]
     assert all(c["registered"] <= c["handed_to_shim"] <= c["activated"] for c in s["per_clone"])
     assert s["verdict_sources"] == {"clone": 200}  # served from the master's verdicts, unread

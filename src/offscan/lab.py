@@ -88,6 +88,7 @@ class LabError(Exception):
 
 # ----------------------------------------------------------------------------- the image
 
+
 @dataclass(frozen=True)
 class ImageFile:
     """One file of the master image: where it lives, what kind of content, how big."""
@@ -107,8 +108,75 @@ KINDS: dict[str, tuple[float, int, int, tuple[str, ...]]] = {
     "binary": (0.22, 16 << 10, 512 << 10, ("usr/lib", "usr/bin", "opt/app/lib")),
     "archive": (0.08, 32 << 10, 1 << 20, ("opt/app/pkg", "var/cache/pkg")),
 }
-_EXT = {"config": ".conf", "script": ".sh", "text": ".txt", "log": ".log", "binary": ".so", "archive": ".jar"}
-_WORDS = ["kernel", "driver", "config", "service", "update", "policy", "session", "desktop", "profile", "cache", "registry", "user", "network", "packet", "report", "invoice", "budget", "meeting", "archive", "backup", "system", "library", "module", "the", "of", "and", "to", "in", "is", "for", "on", "with", "as", "by", "at", "from", "this", "that", "be", "are", "was", "it", "an", "or", "not", "have", "has", "which", "server", "client", "request", "response", "timeout", "error", "warning", "started", "stopped", "enabled", "disabled"]
+_EXT = {
+    "config": ".conf",
+    "script": ".sh",
+    "text": ".txt",
+    "log": ".log",
+    "binary": ".so",
+    "archive": ".jar",
+}
+_WORDS = [
+    "kernel",
+    "driver",
+    "config",
+    "service",
+    "update",
+    "policy",
+    "session",
+    "desktop",
+    "profile",
+    "cache",
+    "registry",
+    "user",
+    "network",
+    "packet",
+    "report",
+    "invoice",
+    "budget",
+    "meeting",
+    "archive",
+    "backup",
+    "system",
+    "library",
+    "module",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "this",
+    "that",
+    "be",
+    "are",
+    "was",
+    "it",
+    "an",
+    "or",
+    "not",
+    "have",
+    "has",
+    "which",
+    "server",
+    "client",
+    "request",
+    "response",
+    "timeout",
+    "error",
+    "warning",
+    "started",
+    "stopped",
+    "enabled",
+    "disabled",
+]
 
 
 def plan_image(files: int, *, shared: float = DEFAULT_SHARED, seed: int = 1) -> list[ImageFile]:
@@ -128,7 +196,9 @@ def plan_image(files: int, *, shared: float = DEFAULT_SHARED, seed: int = 1) -> 
         kind = rng.choices(kinds, weights)[0]
         _, lo, hi, dirs = KINDS[kind]
         size = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-        plan.append(ImageFile(f"{rng.choice(dirs)}/{kind}{i:04d}{_EXT[kind]}", kind, size, i < n_shared))
+        plan.append(
+            ImageFile(f"{rng.choice(dirs)}/{kind}{i:04d}{_EXT[kind]}", kind, size, i < n_shared)
+        )
     return plan
 
 
@@ -145,19 +215,26 @@ class ContentMaker:
         tag = f"{key}\n".encode()
         if kind in ("text", "script", "config", "log"):
             start = rng.randrange(0, max(1, len(self.corpus) - size))
-            body = self.corpus[start:start + size]
+            body = self.corpus[start : start + size]
             if kind == "config":
-                body = b"\n".join(b"key%d = %s" % (j, w) for j, w in enumerate(body.split(b" ")[:size // 12]))
+                body = b"\n".join(
+                    b"key%d = %s" % (j, w) for j, w in enumerate(body.split(b" ")[: size // 12])
+                )
             elif kind == "log":
                 lines = body.split(b" ")
-                body = b"\n".join(b"2024-05-%02d host svc[%d]: %s" % (1 + j % 28, 100 + j, b" ".join(lines[j:j + 8]))
-                                  for j in range(0, len(lines), 8))
+                body = b"\n".join(
+                    b"2024-05-%02d host svc[%d]: %s"
+                    % (1 + j % 28, 100 + j, b" ".join(lines[j : j + 8]))
+                    for j in range(0, len(lines), 8)
+                )
             elif kind == "script":
                 body = b"#!/bin/sh\n" + body.replace(b" the ", b"\necho ")
-            return (tag + body)[:max(size, len(tag))]
+            return (tag + body)[: max(size, len(tag))]
         if kind == "binary":
             head = b"\x7fELF\x02\x01\x01\x00" + bytes(56)
-            strings = self.corpus[rng.randrange(0, len(self.corpus) - 4096):][:4096].replace(b" ", b"\x00")
+            strings = self.corpus[rng.randrange(0, len(self.corpus) - 4096) :][:4096].replace(
+                b" ", b"\x00"
+            )
             code = rng.randbytes(max(0, size - len(head) - len(strings) - len(tag)) * 3 // 4)
             pad = bytes(max(0, size - len(head) - len(strings) - len(tag) - len(code)))
             return (head + tag + code + pad + strings)[:size]
@@ -181,7 +258,7 @@ def build_master(root: Path, plan: Sequence[ImageFile], maker: ContentMaker, see
     for f in plan:
         data = maker.make(f.kind, f.size, f"master-{seed}-{f.relpath}")
         if f.relpath == TOOL_PATH:
-            data = data[:4096] + TOOL_MARKER + data[4096 + len(TOOL_MARKER):]
+            data = data[:4096] + TOOL_MARKER + data[4096 + len(TOOL_MARKER) :]
         _write(root / f.relpath, data)
         total += len(data)
     return total
@@ -197,8 +274,15 @@ class LabVM:
     bytes: int = 0
 
 
-def build_vm(root: Path, name: str, index: int, master: Path, plan: Sequence[ImageFile],
-             maker: ContentMaker, seed: int) -> LabVM:
+def build_vm(
+    root: Path,
+    name: str,
+    index: int,
+    master: Path,
+    plan: Sequence[ImageFile],
+    maker: ContentMaker,
+    seed: int,
+) -> LabVM:
     """A VM as a plain copy of the master's shared files plus its own content for the rest
     (and the EICAR test file in VM 0)."""
     files, total = [], 0
@@ -222,6 +306,7 @@ def build_vm(root: Path, name: str, index: int, master: Path, plan: Sequence[Ima
 
 # ------------------------------------------------------------------------ signatures
 
+
 def _eicar_lines() -> list[str]:
     text = resources.files("offscan.patterns").joinpath("offscan.ndb").read_text()
     return [line for line in text.splitlines() if line.strip()]
@@ -235,7 +320,9 @@ def build_signatures(count: int, *, seed: int = 1, version: int = 1) -> dict[str
     rng = random.Random(f"sigs-{seed}")
     lines = _eicar_lines()
     for i in range(count):
-        parts = [rng.randbytes(rng.randint(8, 24)).hex() for _ in range(rng.choice((1, 1, 1, 2, 3)))]
+        parts = [
+            rng.randbytes(rng.randint(8, 24)).hex() for _ in range(rng.choice((1, 1, 1, 2, 3)))
+        ]
         body = parts[0]
         for p in parts[1:]:
             body += rng.choice(("*", f"{{0-{rng.randint(4, 64)}}}", "??")) + p
@@ -259,6 +346,7 @@ def write_database(directory: Path, db: dict[str, list[str]]) -> list[str]:
 
 
 # ----------------------------------------------------------------------- measurement
+
 
 @dataclass
 class ProcStats:
@@ -290,8 +378,13 @@ def read_proc(pid: int, *, pss: bool = False) -> ProcStats | None:
         return None
     # /proc/PID/stat fields 14-17 (utime, stime, cutime, cstime) are indexes 11-14 after ")"
     utime, stime, cutime, cstime = (int(x) / CLK_TCK for x in fields[11:15])
-    st = ProcStats(cpu=utime + stime + cutime + cstime, cpu_user=utime + cutime, cpu_sys=stime + cstime,
-                   rchar=int(io.get("rchar", 0)), read_bytes=int(io.get("read_bytes", 0)))
+    st = ProcStats(
+        cpu=utime + stime + cutime + cstime,
+        cpu_user=utime + cutime,
+        cpu_sys=stime + cstime,
+        rchar=int(io.get("rchar", 0)),
+        read_bytes=int(io.get("read_bytes", 0)),
+    )
     for line in status.splitlines():
         if line.startswith("VmHWM:"):
             st.hwm = int(line.split()[1]) * 1024
@@ -337,7 +430,9 @@ class ProcMeter:
     its largest Pss, and the largest *simultaneous* sum of RSS over all processes.
     """
 
-    def __init__(self, interval: float = SAMPLE_INTERVAL, pss_interval: float = PSS_INTERVAL) -> None:
+    def __init__(
+        self, interval: float = SAMPLE_INTERVAL, pss_interval: float = PSS_INTERVAL
+    ) -> None:
         self.interval = interval
         self.pss_interval = pss_interval
         self.pids: dict[str, int] = {}
@@ -367,7 +462,9 @@ class ProcMeter:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def sample(self, *, labels: Iterable[str] | None = None, pss: bool | None = None) -> dict[str, ProcStats]:
+    def sample(
+        self, *, labels: Iterable[str] | None = None, pss: bool | None = None
+    ) -> dict[str, ProcStats]:
         """Read every (or the named) process now; returns the latest stats per label."""
         now = time.monotonic()
         if pss is None:
@@ -388,7 +485,9 @@ class ProcMeter:
                     st.pss = max(st.pss, old.pss)
                 self.last[label] = st
         with self._lock:
-            self.peak_rss_sum = max(self.peak_rss_sum, sum(s.rss for s in self.last.values() if s.alive))
+            self.peak_rss_sum = max(
+                self.peak_rss_sum, sum(s.rss for s in self.last.values() if s.alive)
+            )
             return {k: ProcStats(**asdict(v)) for k, v in self.last.items()}
 
     def snapshot(self) -> dict[str, ProcStats]:
@@ -403,8 +502,13 @@ def summarize(values: Sequence[float]) -> dict[str, float | None]:
     import numpy as np
 
     a = np.asarray(values, dtype=float)
-    return {"n": int(a.size), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
-            "max": float(a.max()), "mean": float(a.mean())}
+    return {
+        "n": int(a.size),
+        "p50": float(np.percentile(a, 50)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+        "mean": float(a.mean()),
+    }
 
 
 def inotify_in_use(uid: int | None = None) -> int:
@@ -456,7 +560,8 @@ class InotifyBudget:
             f"this run needs {needed} inotify instances (one per watched VM root) but "
             f"fs.inotify.max_user_instances is {limit} and {used} are in use: raise it "
             f"(sysctl fs.inotify.max_user_instances={want + 64}, as root) or pass "
-            "--raise-inotify-limit (root only; restored after the run), or use fewer VMs")
+            "--raise-inotify-limit (root only; restored after the run), or use fewer VMs"
+        )
 
     def restore(self) -> None:
         if self.raised_from is not None:
@@ -466,6 +571,7 @@ class InotifyBudget:
 
 
 # ---------------------------------------------------------------------- processes
+
 
 class ProcSet:
     """The child processes of one setup: launched in their own session (a Ctrl-C reaches
@@ -479,12 +585,17 @@ class ProcSet:
         self.meter = ProcMeter()
         self.meter.start()
 
-    def launch(self, label: str, argv: Sequence[str], *, stdin: bool = False, stdout: bool = False) -> subprocess.Popen[bytes]:
+    def launch(
+        self, label: str, argv: Sequence[str], *, stdin: bool = False, stdout: bool = False
+    ) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{label}.log", "ab") as log:  # the child keeps its own copy
             t = time.time()
             p = subprocess.Popen(
-                [sys.executable, *argv], stdout=subprocess.PIPE if stdout else log, stderr=log,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, start_new_session=True,
+                [sys.executable, *argv],
+                stdout=subprocess.PIPE if stdout else log,
+                stderr=log,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.procs[label] = p
         self.launched[label] = t
@@ -495,11 +606,15 @@ class ProcSet:
         """Raise if a process died (with the tail of its log)."""
         for label, p in self.procs.items():
             if p.poll() is not None:
-                raise LabError(f"{label} exited with status {p.returncode}:\n{self.log_tail(label)}")
+                raise LabError(
+                    f"{label} exited with status {p.returncode}:\n{self.log_tail(label)}"
+                )
 
     def log_tail(self, label: str, lines: int = 15) -> str:
         try:
-            return "\n".join((self.logs / f"{label}.log").read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(
+                (self.logs / f"{label}.log").read_text(errors="replace").splitlines()[-lines:]
+            )
         except OSError:
             return "(no log)"
 
@@ -530,14 +645,20 @@ class ProcSet:
             self.meter.stop()
 
 
-def wait_ready(procs: ProcSet, label: str, ready: Path, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+def wait_ready(
+    procs: ProcSet, label: str, ready: Path, timeout: float = START_TIMEOUT
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while not ready.exists():
         p = procs.procs[label]
         if p.poll() is not None:
-            raise LabError(f"{label} exited with status {p.returncode} before listening:\n{procs.log_tail(label)}")
+            raise LabError(
+                f"{label} exited with status {p.returncode} before listening:\n{procs.log_tail(label)}"
+            )
         if time.monotonic() > deadline:
-            raise LabError(f"{label} did not start within {timeout:.0f} s:\n{procs.log_tail(label)}")
+            raise LabError(
+                f"{label} did not start within {timeout:.0f} s:\n{procs.log_tail(label)}"
+            )
         time.sleep(0.02)
     for _ in range(50):
         with contextlib.suppress(ValueError):
@@ -547,6 +668,7 @@ def wait_ready(procs: ProcSet, label: str, ready: Path, timeout: float = START_T
 
 
 # ------------------------------------------------------------------------ event logs
+
 
 class EventTail:
     """Reads the JSON lines appended to an ``events.jsonl`` since the last call."""
@@ -626,9 +748,15 @@ class VerdictTracker:
         return self.missing == 0
 
 
-async def follow(tails: Sequence[EventTail], tracker: VerdictTracker, *, timeout: float,
-                 procs: ProcSet | None = None, on_progress: Callable[[int, int], None] | None = None,
-                 until: Callable[[], bool] | None = None) -> bool:
+async def follow(
+    tails: Sequence[EventTail],
+    tracker: VerdictTracker,
+    *,
+    timeout: float,
+    procs: ProcSet | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    until: Callable[[], bool] | None = None,
+) -> bool:
     """Feed the tracker until it is complete (or ``until()``); False on timeout."""
     deadline = time.monotonic() + timeout
     done = until or (lambda: tracker.complete)
@@ -657,7 +785,9 @@ async def appliance_status(sock: str, *, timeout: float = 30.0) -> dict[str, Any
         await c.close()
 
 
-async def appliance_control(sock: str, op: str, *, timeout: float = 600.0, **args: Any) -> dict[str, Any]:
+async def appliance_control(
+    sock: str, op: str, *, timeout: float = 600.0, **args: Any
+) -> dict[str, Any]:
     from .protocol import ApplianceClient
 
     c = ApplianceClient(sock, shim_id=f"lab-operator-{os.getpid()}")
@@ -680,6 +810,7 @@ async def gather_limited(coros: Iterable[Any], limit: int = 32) -> list[Any]:
 
 # --------------------------------------------------------------------- shim worker
 
+
 def _shim_worker(argv: Sequence[str]) -> int:
     """A :class:`~offscan.shim.Shim` in a process of its own that takes more VMs on stdin
     (one JSON object per line: name, root, clone_of) and prints, per VM, when it was handed
@@ -694,7 +825,9 @@ def _shim_worker(argv: Sequence[str]) -> int:
     p.add_argument("--shim-id", default="lab-shim")
     p.add_argument("--vm", action="append", default=[], type=VMSpec.parse)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
 
     async def main() -> None:
         shim = Shim(args.appliance, args.vm, shim_id=args.shim_id)
@@ -707,7 +840,9 @@ def _shim_worker(argv: Sequence[str]) -> int:
         async def add(spec: VMSpec) -> None:
             t = time.time()
             await shim.add_vm(spec)
-            sys.stdout.write(json.dumps({"vm": spec.name, "added": t, "activated": time.time()}) + "\n")
+            sys.stdout.write(
+                json.dumps({"vm": spec.name, "added": t, "activated": time.time()}) + "\n"
+            )
             sys.stdout.flush()
 
         def start(line: str) -> None:
@@ -731,9 +866,17 @@ def _shim_worker(argv: Sequence[str]) -> int:
 class ShimWorker:
     """The lab's handle on a :func:`_shim_worker` process."""
 
-    def __init__(self, procs: ProcSet, label: str, sock: str, vms: Sequence[tuple[str, str]]) -> None:
-        argv = ["-c", "import sys; from offscan.lab import _shim_worker; sys.exit(_shim_worker(sys.argv[1:]))",
-                "--appliance", sock, "--shim-id", "lab-shim"]
+    def __init__(
+        self, procs: ProcSet, label: str, sock: str, vms: Sequence[tuple[str, str]]
+    ) -> None:
+        argv = [
+            "-c",
+            "import sys; from offscan.lab import _shim_worker; sys.exit(_shim_worker(sys.argv[1:]))",
+            "--appliance",
+            sock,
+            "--shim-id",
+            "lab-shim",
+        ]
         for name, root in vms:
             argv += ["--vm", f"{name}={root}"]
         self.proc = procs.launch(label, argv, stdin=True, stdout=True)
@@ -751,11 +894,14 @@ class ShimWorker:
 
     def add(self, name: str, root: str, clone_of: str | None) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps({"name": name, "root": root, "clone_of": clone_of}) + "\n").encode())
+        self.proc.stdin.write(
+            (json.dumps({"name": name, "root": root, "clone_of": clone_of}) + "\n").encode()
+        )
         self.proc.stdin.flush()
 
 
 # --------------------------------------------------------------------- the bench
+
 
 @dataclass
 class BenchConfig:
@@ -822,7 +968,9 @@ class Lab:
             self.trust = pub
             self._bundles = {
                 "v1-full.osb": build_full(self.db_v1, 1).signed(signer).to_bytes(),
-                "v2-delta-1.osb": build_delta(self.db_v1, self.db_v2, 2, 1).signed(signer).to_bytes(),
+                "v2-delta-1.osb": build_delta(self.db_v1, self.db_v2, 2, 1)
+                .signed(signer)
+                .to_bytes(),
                 "v2-full.osb": build_full(self.db_v2, 2).signed(signer).to_bytes(),
             }
             self.store_v1 = self.work / "store-v1"
@@ -901,9 +1049,23 @@ def phase_costs(before: Mark, after: Mark, *, peak_rss_sum: int) -> dict[str, An
     }
 
 
-COUNTERS = ("verdicts", "contents_matched", "served_from_cache", "served_identity", "served_digest",
-            "served_clone", "joined_in_flight", "bytes_read", "bytes_matched", "detections", "errors",
-            "revalidations", "revalidation_bytes", "revalidation_rescans", "swaps")
+COUNTERS = (
+    "verdicts",
+    "contents_matched",
+    "served_from_cache",
+    "served_identity",
+    "served_digest",
+    "served_clone",
+    "joined_in_flight",
+    "bytes_read",
+    "bytes_matched",
+    "detections",
+    "errors",
+    "revalidations",
+    "revalidation_bytes",
+    "revalidation_rescans",
+    "swaps",
+)
 
 
 def sum_counters(statuses: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -944,7 +1106,14 @@ class Setup:
         (pub / "v1-full.osb").write_bytes(bundles["v1-full.osb"])
         self.server = UpdateServer(pub, host="127.0.0.1", port=0)
         self.server.start()
-        self.scan_args = ["--updates", self.server.url, "--trust", str(self.lab.trust), "--poll", "3600"]
+        self.scan_args = [
+            "--updates",
+            self.server.url,
+            "--trust",
+            str(self.lab.trust),
+            "--poll",
+            "3600",
+        ]
 
     def publish(self, name: str) -> None:
         pub = self.rundir / "published"
@@ -958,8 +1127,21 @@ class Setup:
             self.lab.seed_store(state)
         sock = str(self.rundir / "a.sock")
         ready = self.rundir / "appliance.ready"
-        self.procs.launch("appliance", ["-m", "offscan", "serve", "--socket", sock, "--state", str(state),
-                                        "--ready-file", str(ready), *self.scan_args])
+        self.procs.launch(
+            "appliance",
+            [
+                "-m",
+                "offscan",
+                "serve",
+                "--socket",
+                sock,
+                "--state",
+                str(state),
+                "--ready-file",
+                str(ready),
+                *self.scan_args,
+            ],
+        )
         await wait_ready_async(self.procs, "appliance", ready)
         self.sockets.append(sock)
         self.tails.append(EventTail(state / "events.jsonl"))
@@ -973,12 +1155,17 @@ class Setup:
         for vm in vms:
             self.t0[vm.name] = self.procs.launched["shim"]
 
-    async def start_agents(self, vms: Sequence[LabVM], *, batch: int,
-                           before_launch: Callable[[LabVM], Any] | None = None) -> None:
+    async def start_agents(
+        self,
+        vms: Sequence[LabVM],
+        *,
+        batch: int,
+        before_launch: Callable[[LabVM], Any] | None = None,
+    ) -> None:
         """Launch one agent per VM, ``batch`` at a time; the next batch starts when the
         previous one listens (a storm of imports and compiles would only thrash 2 cores)."""
         for i in range(0, len(vms), max(1, batch)):
-            group = vms[i:i + max(1, batch)]
+            group = vms[i : i + max(1, batch)]
             readies = []
             for vm in group:
                 if before_launch is not None:
@@ -988,8 +1175,21 @@ class Setup:
                     self.lab.seed_store(state / "appliance")
                 ready = state / "ready.json"
                 label = f"agent-{vm.name}"
-                self.procs.launch(label, ["-m", "offscan", "agent", "--vm", f"{vm.name}={vm.root}",
-                                          "--state", str(state), "--ready-file", str(ready), *self.scan_args])
+                self.procs.launch(
+                    label,
+                    [
+                        "-m",
+                        "offscan",
+                        "agent",
+                        "--vm",
+                        f"{vm.name}={vm.root}",
+                        "--state",
+                        str(state),
+                        "--ready-file",
+                        str(ready),
+                        *self.scan_args,
+                    ],
+                )
                 self.t0[vm.name] = self.procs.launched[label]
                 self.sockets.append(str(state / "agent.sock"))
                 self.tails.append(EventTail(state / "appliance" / "events.jsonl"))
@@ -1009,14 +1209,20 @@ class Setup:
                 self.server = None
 
 
-async def wait_ready_async(procs: ProcSet, label: str, ready: Path, timeout: float = START_TIMEOUT) -> None:
+async def wait_ready_async(
+    procs: ProcSet, label: str, ready: Path, timeout: float = START_TIMEOUT
+) -> None:
     deadline = time.monotonic() + timeout
     while not ready.exists():
         p = procs.procs[label]
         if p.poll() is not None:
-            raise LabError(f"{label} exited with status {p.returncode} before listening:\n{procs.log_tail(label)}")
+            raise LabError(
+                f"{label} exited with status {p.returncode} before listening:\n{procs.log_tail(label)}"
+            )
         if time.monotonic() > deadline:
-            raise LabError(f"{label} did not start within {timeout:.0f} s:\n{procs.log_tail(label)}")
+            raise LabError(
+                f"{label} did not start within {timeout:.0f} s:\n{procs.log_tail(label)}"
+            )
         await asyncio.sleep(0.02)
 
 
@@ -1028,11 +1234,12 @@ def registration_times(statuses: Sequence[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def protection_times(tracker: VerdictTracker, start: dict[str, float],
-                     names: Iterable[str] | None = None) -> dict[str, Any]:
+def protection_times(
+    tracker: VerdictTracker, start: dict[str, float], names: Iterable[str] | None = None
+) -> dict[str, Any]:
     """Time to first verdict and to every file verdicted, per VM, from ``start[vm]``."""
     ttfv, ttp, never, partly = [], [], 0, 0
-    for vm in (names if names is not None else tracker.expected):
+    for vm in names if names is not None else tracker.expected:
         if vm in tracker.first and vm in start:
             ttfv.append(tracker.first[vm] - start[vm])
         elif vm not in tracker.first:
@@ -1043,8 +1250,12 @@ def protection_times(tracker: VerdictTracker, start: dict[str, float],
             partly += 1
     # VMs that never got there are not in the percentiles: they are counted apart, and a
     # report must show them (an unprotected VM is worse than any latency)
-    return {"first_verdict_s": summarize(ttfv), "all_files_s": summarize(ttp),
-            "vms_without_verdict": never, "vms_not_fully_verdicted": partly}
+    return {
+        "first_verdict_s": summarize(ttfv),
+        "all_files_s": summarize(ttp),
+        "vms_without_verdict": never,
+        "vms_not_fully_verdicted": partly,
+    }
 
 
 class Progress:
@@ -1060,8 +1271,15 @@ class Progress:
         )
         from rich.progress import Progress as RichProgress
 
-        self.bar = RichProgress(SpinnerColumn(), TextColumn("{task.description:<44}"), BarColumn(),
-                                MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False)
+        self.bar = RichProgress(
+            SpinnerColumn(),
+            TextColumn("{task.description:<44}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
         self.runs = self.bar.add_task("runs", total=runs)
         self.phase = self.bar.add_task("", total=1, visible=False)
 
@@ -1083,8 +1301,12 @@ class Progress:
 
 
 def build_vms(lab: Lab, root: Path, n: int) -> list[LabVM]:
-    vms = [build_vm(root / f"vm-{i:03d}", f"vm-{i:03d}", i, lab.master, lab.plan, lab.maker, lab.cfg.seed)
-           for i in range(n)]
+    vms = [
+        build_vm(
+            root / f"vm-{i:03d}", f"vm-{i:03d}", i, lab.master, lab.plan, lab.maker, lab.cfg.seed
+        )
+        for i in range(n)
+    ]
     os.sync()  # written back before measuring, so writeback does not land in a setup's run
     return vms
 
@@ -1108,20 +1330,29 @@ async def run_point(lab: Lab, kind: str, n: int, progress: Progress) -> dict[str
             setup.use_updates()
         tracker = VerdictTracker({vm.name: vm.files for vm in vms})
         start = Mark.now(setup.procs)
-        progress.start_phase(f"N={n} {kind}: {'master activation' if storm else 'boot storm'}", tracker.total)
+        progress.start_phase(
+            f"N={n} {kind}: {'master activation' if storm else 'boot storm'}", tracker.total
+        )
         launcher: asyncio.Task[None] | None = None
         if kind == "agentless":
             sock = await setup.start_appliance()
             if storm:
-                setup.worker = ShimWorker(setup.procs, "shim", sock, [(vm.name, vm.root) for vm in vms])
+                setup.worker = ShimWorker(
+                    setup.procs, "shim", sock, [(vm.name, vm.root) for vm in vms]
+                )
                 setup.t0["master"] = setup.procs.launched["shim"]
             else:
                 setup.start_shim(vms)
         else:
             launcher = asyncio.create_task(setup.start_agents(vms, batch=cfg.agent_batch))
-        ok = await follow(setup.tails, tracker, timeout=cfg.timeout, procs=setup.procs,
-                          on_progress=progress.update,
-                          until=lambda: tracker.complete and (launcher is None or launcher.done()))
+        ok = await follow(
+            setup.tails,
+            tracker,
+            timeout=cfg.timeout,
+            procs=setup.procs,
+            on_progress=progress.update,
+            until=lambda: tracker.complete and (launcher is None or launcher.done()),
+        )
         if launcher is not None:
             await launcher  # raises what failed
         boot = Mark.now(setup.procs)
@@ -1129,10 +1360,13 @@ async def run_point(lab: Lab, kind: str, n: int, progress: Progress) -> dict[str
         counters = sum_counters(statuses)
         reg = registration_times(statuses)
         result["boot"] = {
-            "complete": ok, "missing": tracker.missing, "expected": tracker.total,
+            "complete": ok,
+            "missing": tracker.missing,
+            "expected": tracker.total,
             **phase_costs(start, boot, peak_rss_sum=setup.procs.meter.peak_rss_sum),
             "counters": counters,
-            "verdict_statuses": dict(tracker.statuses), "verdict_sources": dict(tracker.sources),
+            "verdict_statuses": dict(tracker.statuses),
+            "verdict_sources": dict(tracker.sources),
             "detections": sorted(f"{vm}:{p}" for vm, p in tracker.infected),
             "from_launch": protection_times(tracker, setup.t0),
             "from_registration": protection_times(tracker, reg),
@@ -1199,22 +1433,37 @@ class WriteTracker:
         return out
 
 
-async def steady_phase(setup: Setup, vms: Sequence[LabVM], boot: Mark, counters: dict[str, Any],
-                       progress: Progress) -> dict[str, Any]:
+async def steady_phase(
+    setup: Setup, vms: Sequence[LabVM], boot: Mark, counters: dict[str, Any], progress: Progress
+) -> dict[str, Any]:
     """VMs write new and modified files at ``--rate`` files per VM per second for
     ``--duration`` seconds (Poisson arrivals, same schedule for both setups): half are
     downloads identical across VMs, 30 % new documents, 20 % appends to a log."""
     cfg = setup.lab.cfg
     rng = random.Random(f"steady-{cfg.seed}")
     maker = setup.lab.maker
-    pool = [maker.make(rng.choice(("binary", "archive", "text")), int(math.exp(rng.uniform(math.log(8 << 10), math.log(256 << 10)))),
-                       f"download-{cfg.seed}-{k}") for k in range(20)]
+    pool = [
+        maker.make(
+            rng.choice(("binary", "archive", "text")),
+            int(math.exp(rng.uniform(math.log(8 << 10), math.log(256 << 10)))),
+            f"download-{cfg.seed}-{k}",
+        )
+        for k in range(20)
+    ]
     schedule: list[tuple[float, int, str, int, int]] = []
     for i in range(len(vms)):
         t, j = rng.expovariate(cfg.rate), 0
         while t < cfg.duration:
             r = rng.random()
-            schedule.append((t, i, "shared" if r < 0.5 else "new" if r < 0.8 else "append", j, rng.randrange(1 << 30)))
+            schedule.append(
+                (
+                    t,
+                    i,
+                    "shared" if r < 0.5 else "new" if r < 0.8 else "append",
+                    j,
+                    rng.randrange(1 << 30),
+                )
+            )
             t += rng.expovariate(cfg.rate)
             j += 1
     schedule.sort()
@@ -1236,7 +1485,10 @@ async def steady_phase(setup: Setup, vms: Sequence[LabVM], boot: Mark, counters:
                 _write(Path(vm.root) / rel, pool[arg % len(pool)])
             elif op == "new":
                 rel = f"home/user/docs/new-{j:04d}.txt"
-                _write(Path(vm.root) / rel, maker.make("text", 2048 + arg % 40_000, f"steady-{vm.name}-{j}"))
+                _write(
+                    Path(vm.root) / rel,
+                    maker.make("text", 2048 + arg % 40_000, f"steady-{vm.name}-{j}"),
+                )
             else:
                 rel = "var/log/steady.log"
                 _append(Path(vm.root) / rel, maker.make("log", 2048, f"append-{vm.name}-{j}"))
@@ -1263,18 +1515,23 @@ async def steady_phase(setup: Setup, vms: Sequence[LabVM], boot: Mark, counters:
     after = sum_counters(await setup.statuses())
     lat = writes.latencies()
     return {
-        "complete": not writes.pending, "missing": len(writes.pending),
-        "writes": len(writes.writes), "rate_per_vm": cfg.rate, "duration_s": cfg.duration,
+        "complete": not writes.pending,
+        "missing": len(writes.pending),
+        "writes": len(writes.writes),
+        "rate_per_vm": cfg.rate,
+        "duration_s": cfg.duration,
         **phase_costs(boot, end, peak_rss_sum=setup.procs.meter.peak_rss_sum),
         "counters": diff_counters(counters, after),
         "write_to_verdict_s": summarize(lat),
-        "verdict_statuses": writes.statuses, "verdict_sources": writes.sources,
+        "verdict_statuses": writes.statuses,
+        "verdict_sources": writes.sources,
         "budget_window_s": end.time - boot.time,
     }
 
 
-async def update_phase(setup: Setup, vms: Sequence[LabVM], boot: Mark, counters: dict[str, Any],
-                       progress: Progress) -> dict[str, Any]:
+async def update_phase(
+    setup: Setup, vms: Sequence[LabVM], boot: Mark, counters: dict[str, Any], progress: Progress
+) -> dict[str, Any]:
     """Publish pattern version 2 (a delta adding 1 % signatures, one of which detects a
     shared binary on every VM) and ``reload`` every scanning point at once; measure the
     bytes the update server sent, the time until every point runs v2, and the time until
@@ -1303,8 +1560,12 @@ async def update_phase(setup: Setup, vms: Sequence[LabVM], boot: Mark, counters:
 
     def feed_infected(events: Iterable[dict[str, Any]]) -> None:
         for e in events:
-            if (e.get("event") == "verdict" and e.get("path") == TOOL_PATH and e.get("status") == "infected"
-                    and e["time"] >= t_pub):
+            if (
+                e.get("event") == "verdict"
+                and e.get("path") == TOOL_PATH
+                and e.get("status") == "infected"
+                and e["time"] >= t_pub
+            ):
                 found.setdefault(e["vm"], e["time"])
 
     progress.start_phase(f"N={len(vms)} {setup.kind}: new detection reported", len(vms))
@@ -1320,7 +1581,8 @@ async def update_phase(setup: Setup, vms: Sequence[LabVM], boot: Mark, counters:
     statuses = await setup.statuses()
     after = sum_counters(statuses)
     return {
-        "complete": len(found) == len(vms), "missing": len(vms) - len(found),
+        "complete": len(found) == len(vms),
+        "missing": len(vms) - len(found),
         **phase_costs(boot, end, peak_rss_sum=setup.procs.meter.peak_rss_sum),
         "counters": diff_counters(counters, after),
         "update_bytes": sent,
@@ -1332,12 +1594,15 @@ async def update_phase(setup: Setup, vms: Sequence[LabVM], boot: Mark, counters:
         "new_detection_reported_s": summarize([t - t_pub for t in found.values()]),
         "all_vms_reported_s": (max(found.values()) - t_pub) if len(found) == len(vms) else None,
         "verdict_sources": dict(tracker.sources),
-        "compile_seconds": summarize([float((s.get("last_swap") or {}).get("compile_seconds") or 0) for s in statuses]),
+        "compile_seconds": summarize(
+            [float((s.get("last_swap") or {}).get("compile_seconds") or 0) for s in statuses]
+        ),
     }
 
 
-async def storm_phase(setup: Setup, n: int, boot: Mark, counters: dict[str, Any],
-                      progress: Progress) -> dict[str, Any]:
+async def storm_phase(
+    setup: Setup, n: int, boot: Mark, counters: dict[str, Any], progress: Progress
+) -> dict[str, Any]:
     """``n`` clones of the protected master, created as fast as the setup allows: agentless
     through the appliance's ``vm-clone`` (in-kernel copy, clones inherit the master's
     verdicts) handed to the running shim; agents as copies made by the lab, one new agent each."""
@@ -1353,10 +1618,19 @@ async def storm_phase(setup: Setup, n: int, boot: Mark, counters: dict[str, Any]
     storm: dict[str, Any] = {}
     if setup.kind == "agentless":
         assert setup.worker is not None
-        follower = asyncio.create_task(follow(setup.tails, tracker, timeout=lab.cfg.timeout, procs=setup.procs,
-                                              on_progress=progress.update,
-                                              until=lambda: tracker.complete and tracker.total >= n * len(files)))
-        storm = await agentless_storm(setup.sockets[0], setup.worker, n, lab.cfg.clone_batch, into, files, tracker)
+        follower = asyncio.create_task(
+            follow(
+                setup.tails,
+                tracker,
+                timeout=lab.cfg.timeout,
+                procs=setup.procs,
+                on_progress=progress.update,
+                until=lambda: tracker.complete and tracker.total >= n * len(files),
+            )
+        )
+        storm = await agentless_storm(
+            setup.sockets[0], setup.worker, n, lab.cfg.clone_batch, into, files, tracker
+        )
         ok = await follower
         reg = registration_times(await setup.statuses())
         start = {name: reg.get(name, t_start) for name in storm["clones"]}
@@ -1364,7 +1638,9 @@ async def storm_phase(setup: Setup, n: int, boot: Mark, counters: dict[str, Any]
         from .cache import IdentityMemo
         from .clones import clone_tree
 
-        clones = [LabVM(f"clone-{i:03d}", str(into / f"clone-{i:03d}"), files) for i in range(1, n + 1)]
+        clones = [
+            LabVM(f"clone-{i:03d}", str(into / f"clone-{i:03d}"), files) for i in range(1, n + 1)
+        ]
 
         async def copy(vm: LabVM) -> None:
             nonlocal copy_cpu
@@ -1377,10 +1653,17 @@ async def storm_phase(setup: Setup, n: int, boot: Mark, counters: dict[str, Any]
             copy_cpu += await asyncio.to_thread(work)
             tracker.expect(vm.name, vm.files)
 
-        launcher = asyncio.create_task(setup.start_agents(clones, batch=lab.cfg.agent_batch, before_launch=copy))
-        ok = await follow(setup.tails, tracker, timeout=lab.cfg.timeout, procs=setup.procs,
-                          on_progress=progress.update,
-                          until=lambda: launcher.done() and tracker.complete)
+        launcher = asyncio.create_task(
+            setup.start_agents(clones, batch=lab.cfg.agent_batch, before_launch=copy)
+        )
+        ok = await follow(
+            setup.tails,
+            tracker,
+            timeout=lab.cfg.timeout,
+            procs=setup.procs,
+            on_progress=progress.update,
+            until=lambda: launcher.done() and tracker.complete,
+        )
         await launcher
         start = {vm.name: setup.t0[vm.name] for vm in clones}
         storm = {"clones": [vm.name for vm in clones], "copy_cpu_s": copy_cpu}
@@ -1389,11 +1672,20 @@ async def storm_phase(setup: Setup, n: int, boot: Mark, counters: dict[str, Any]
     costs = phase_costs(boot, end, peak_rss_sum=setup.procs.meter.peak_rss_sum)
     if copy_cpu:
         costs["cpu_s"] += copy_cpu  # the lab made the agents' copies: charge them to that setup
-        costs["per_process"]["lab-copies"] = {"cpu_s": copy_cpu, "user_s": 0.0, "sys_s": 0.0, "hwm": 0, "pss": 0,
-                                              "rchar": 0, "read_bytes": 0}
+        costs["per_process"]["lab-copies"] = {
+            "cpu_s": copy_cpu,
+            "user_s": 0.0,
+            "sys_s": 0.0,
+            "hwm": 0,
+            "pss": 0,
+            "rchar": 0,
+            "read_bytes": 0,
+        }
     names = list(storm["clones"])
     return {
-        "complete": ok, "missing": tracker.missing, "clones": n,
+        "complete": ok,
+        "missing": tracker.missing,
+        "clones": n,
         "storm_wall_s": (tracker.last_time or end.time) - t_start,
         **costs,
         "counters": diff_counters(counters, after),
@@ -1403,9 +1695,17 @@ async def storm_phase(setup: Setup, n: int, boot: Mark, counters: dict[str, Any]
     }
 
 
-async def agentless_storm(sock: str, worker: ShimWorker, n: int, batch: int, into: Path,
-                          files: Sequence[str], tracker: VerdictTracker, base: str = "master",
-                          parallel: int = 1) -> dict[str, Any]:
+async def agentless_storm(
+    sock: str,
+    worker: ShimWorker,
+    n: int,
+    batch: int,
+    into: Path,
+    files: Sequence[str],
+    tracker: VerdictTracker,
+    base: str = "master",
+    parallel: int = 1,
+) -> dict[str, Any]:
     """Clone ``base`` ``n`` times through the appliance, ``batch`` clones per ``vm-clone``
     request and ``parallel`` requests in flight, handing each batch to the shim as soon as
     its reply arrives."""
@@ -1422,16 +1722,26 @@ async def agentless_storm(sock: str, worker: ShimWorker, n: int, batch: int, int
         while queue:
             k, b = queue.pop(0)
             t = time.time()
-            r = await client.control("vm-clone", timeout=600, base=base, count=b, into=str(into),
-                                     prefix=f"c{k:03d}-")
+            r = await client.control(
+                "vm-clone", timeout=600, base=base, count=b, into=str(into), prefix=f"c{k:03d}-"
+            )
             t_reply = time.time()
             for c in r["clones"]:
                 tracker.expect(c["name"], files)
                 worker.add(c["name"], c["root"], base)
                 made.append(c["name"])
-            requests.append({"count": b, "sent": t, "reply": t_reply, "seconds": r["seconds"],
-                             "bytes_copied": r["bytes_copied"], "inherited": r["inherited"],
-                             "reflinked": r["reflinked"], "files": r["files"]})
+            requests.append(
+                {
+                    "count": b,
+                    "sent": t,
+                    "reply": t_reply,
+                    "seconds": r["seconds"],
+                    "bytes_copied": r["bytes_copied"],
+                    "inherited": r["inherited"],
+                    "reflinked": r["reflinked"],
+                    "files": r["files"],
+                }
+            )
 
     try:
         await asyncio.gather(*(requester() for _ in range(max(1, parallel))))
@@ -1442,6 +1752,7 @@ async def agentless_storm(sock: str, worker: ShimWorker, n: int, batch: int, int
 
 
 # ------------------------------------------------------------------------- analysis
+
 
 def host_info() -> dict[str, Any]:
     model = ""
@@ -1458,9 +1769,14 @@ def host_info() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - informational only
         native = False
     return {
-        "hostname": platform.node(), "kernel": platform.release(), "python": platform.python_version(),
-        "cpus": os.cpu_count(), "cpu_model": model, "mem_total": mem_total(),
-        "offscan": __version__, "native_engine": native,
+        "hostname": platform.node(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "mem_total": mem_total(),
+        "offscan": __version__,
+        "native_engine": native,
         "inotify_max_user_instances": InotifyBudget.limit(),
     }
 
@@ -1469,8 +1785,13 @@ def primary_metrics(run: dict[str, Any]) -> dict[str, float]:
     """The cost of a run's main phase: CPU seconds, memory (sum of Pss; sum of VmHWM where
     Pss is unavailable), bytes read (rchar) and the VM count it is divided by."""
     p = run[run["primary"]]
-    return {"n": run["n"], "cpu_s": p["cpu_s"], "mem": p["pss_sum"] or p["hwm_sum"], "hwm": p["hwm_sum"],
-            "rchar": p["rchar"]}
+    return {
+        "n": run["n"],
+        "cpu_s": p["cpu_s"],
+        "mem": p["pss_sum"] or p["hwm_sum"],
+        "hwm": p["hwm_sum"],
+        "rchar": p["rchar"],
+    }
 
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
@@ -1484,12 +1805,23 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
         # Costs are not negative: a negative slope or intercept is noise around a flat or
         # proportional cost, so refit with that coefficient held at zero.
         if b < 0:
-            return {"a": float(y.mean()), "b": 0.0, "method": "polyfit; slope < 0 (noise) held at 0"}
+            return {
+                "a": float(y.mean()),
+                "b": 0.0,
+                "method": "polyfit; slope < 0 (noise) held at 0",
+            }
         if a < 0:
-            return {"a": 0.0, "b": float((x * y).sum() / (x * x).sum()),
-                    "method": "polyfit; intercept < 0 (noise) held at 0"}
+            return {
+                "a": 0.0,
+                "b": float((x * y).sum() / (x * x).sum()),
+                "method": "polyfit; intercept < 0 (noise) held at 0",
+            }
         return {"a": float(a), "b": float(b), "method": "polyfit"}
-    return {"a": 0.0, "b": float(ys[0]) / max(1.0, float(xs[0])), "method": "one point: proportional"}
+    return {
+        "a": 0.0,
+        "b": float(ys[0]) / max(1.0, float(xs[0])),
+        "method": "one point: proportional",
+    }
 
 
 def fits_for(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -1499,8 +1831,10 @@ def fits_for(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if not ms:
             continue
         xs = [m["n"] for m in ms]
-        out[setup] = {k: {**fit_line(xs, [m[k] for m in ms]), "points": [[m["n"], m[k]] for m in ms]}
-                      for k in ("cpu_s", "mem", "hwm", "rchar")}
+        out[setup] = {
+            k: {**fit_line(xs, [m[k] for m in ms]), "points": [[m["n"], m[k]] for m in ms]}
+            for k in ("cpu_s", "mem", "hwm", "rchar")
+        }
     return out
 
 
@@ -1510,9 +1844,14 @@ def budget_for(cfg: BenchConfig, runs: Sequence[dict[str, Any]]) -> dict[str, fl
     if cfg.workload == "steady":
         walls = [r["steady"]["budget_window_s"] for r in runs if "steady" in r]
         window = max(walls) if walls else cfg.duration
-    return {"cpu_share": cfg.budget_cpu, "window_s": window, "cores": cores,
-            "cpu_s": cfg.budget_cpu * cores * window,
-            "mem_share": cfg.budget_mem, "mem_bytes": cfg.budget_mem * mem_total()}
+    return {
+        "cpu_share": cfg.budget_cpu,
+        "window_s": window,
+        "cores": cores,
+        "cpu_s": cfg.budget_cpu * cores * window,
+        "mem_share": cfg.budget_mem,
+        "mem_bytes": cfg.budget_mem * mem_total(),
+    }
 
 
 def fit_capacity(fit: dict[str, Any], budget: float) -> float:
@@ -1523,7 +1862,9 @@ def fit_capacity(fit: dict[str, Any], budget: float) -> float:
     return max(0.0, (budget - a) / b)
 
 
-def consolidation(fits: dict[str, dict[str, Any]], budget: dict[str, float], max_n: int) -> dict[str, Any]:
+def consolidation(
+    fits: dict[str, dict[str, Any]], budget: dict[str, float], max_n: int
+) -> dict[str, Any]:
     """How many VMs fit on this host within the security budget, per setup, and the ratio."""
     out: dict[str, Any] = {"budget": budget}
     for setup, f in fits.items():
@@ -1565,8 +1906,11 @@ def plot_cost_per_vm(fits: dict[str, dict[str, Any]], path: Path, title: str) ->
     import numpy as np
 
     fig, axes = _figure(3)
-    panels = (("cpu_s", "CPU seconds per VM", 1.0), ("mem", "memory per VM (MiB, sum of Pss)", 1 / 2**20),
-              ("rchar", "bytes read per VM (MiB, rchar)", 1 / 2**20))
+    panels = (
+        ("cpu_s", "CPU seconds per VM", 1.0),
+        ("mem", "memory per VM (MiB, sum of Pss)", 1 / 2**20),
+        ("rchar", "bytes read per VM (MiB, rchar)", 1 / 2**20),
+    )
     for ax, (key, label, scale) in zip(axes, panels):
         for setup, f in fits.items():
             pts = f[key]["points"]
@@ -1575,8 +1919,14 @@ def plot_cost_per_vm(fits: dict[str, dict[str, Any]], path: Path, title: str) ->
             ax.plot(xs, ys, "o", color=COLORS[setup], label=f"{setup} (measured)")
             grid = np.linspace(max(1.0, xs.min()), xs.max(), 200)
             a, b = f[key]["a"], f[key]["b"]
-            ax.plot(grid, (a / grid + b) * scale, "-", color=COLORS[setup], alpha=0.6,
-                    label=f"{setup} fit: {a * scale:.3g}/N + {b * scale:.3g}")
+            ax.plot(
+                grid,
+                (a / grid + b) * scale,
+                "-",
+                color=COLORS[setup],
+                alpha=0.6,
+                label=f"{setup} fit: {a * scale:.3g}/N + {b * scale:.3g}",
+            )
         ax.set_xlabel("VMs on the host (N)")
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
@@ -1587,7 +1937,9 @@ def plot_cost_per_vm(fits: dict[str, dict[str, Any]], path: Path, title: str) ->
     fig.savefig(path)
 
 
-def plot_consolidation(fits: dict[str, dict[str, Any]], cons: dict[str, Any], path: Path, title: str) -> None:
+def plot_consolidation(
+    fits: dict[str, dict[str, Any]], cons: dict[str, Any], path: Path, title: str
+) -> None:
     """Total CPU and memory vs N, the budget lines, and where each setup crosses them."""
     import numpy as np
 
@@ -1598,21 +1950,52 @@ def plot_consolidation(fits: dict[str, dict[str, Any]], cons: dict[str, Any], pa
     x_max = max([max_n * 1.1, *[min(c * 1.15, max_n * 20) for c in caps]])
     grid = np.linspace(0, x_max, 300)
     for ax, key, limit, label, scale in (
-        (axes[0], "cpu_s", budget["cpu_s"], (f"CPU seconds (budget {budget['cpu_share']:.0%} of "
-                                              f"{budget['cores']} cores over {budget['window_s']:.0f} s)"), 1.0),
-        (axes[1], "mem", budget["mem_bytes"], f"memory, GiB (sum of Pss; budget {budget['mem_share']:.0%} of RAM)",
-         1 / 2**30),
+        (
+            axes[0],
+            "cpu_s",
+            budget["cpu_s"],
+            (
+                f"CPU seconds (budget {budget['cpu_share']:.0%} of "
+                f"{budget['cores']} cores over {budget['window_s']:.0f} s)"
+            ),
+            1.0,
+        ),
+        (
+            axes[1],
+            "mem",
+            budget["mem_bytes"],
+            f"memory, GiB (sum of Pss; budget {budget['mem_share']:.0%} of RAM)",
+            1 / 2**30,
+        ),
     ):
         for setup, f in fits.items():
             pts = f[key]["points"]
-            ax.plot([p[0] for p in pts], [p[1] * scale for p in pts], "o", color=COLORS[setup], label=f"{setup} (measured)")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] * scale for p in pts],
+                "o",
+                color=COLORS[setup],
+                label=f"{setup} (measured)",
+            )
             cap = cons[setup]["n_cpu" if key == "cpu_s" else "n_mem"]
-            ax.plot(grid, (f[key]["a"] + f[key]["b"] * grid) * scale, "-", color=COLORS[setup], alpha=0.6,
-                    label=f"{setup} fit: budget reached at N = {cap if cap is not None else 'never'}")
+            ax.plot(
+                grid,
+                (f[key]["a"] + f[key]["b"] * grid) * scale,
+                "-",
+                color=COLORS[setup],
+                alpha=0.6,
+                label=f"{setup} fit: budget reached at N = {cap if cap is not None else 'never'}",
+            )
             if cap is not None and cap <= x_max:
                 ax.axvline(cap, color=COLORS[setup], ls=":", alpha=0.7)
-                ax.annotate(f"{cap}", (cap, limit * scale), color=COLORS[setup], fontsize=8,
-                            xytext=(3, 5), textcoords="offset points")
+                ax.annotate(
+                    f"{cap}",
+                    (cap, limit * scale),
+                    color=COLORS[setup],
+                    fontsize=8,
+                    xytext=(3, 5),
+                    textcoords="offset points",
+                )
         ax.axhline(limit * scale, color="black", ls="--", lw=1, label="budget")
         ax.set_xlabel("VMs on the host (N)")
         ax.set_ylabel(label, fontsize=8)
@@ -1628,17 +2011,31 @@ def plot_consolidation(fits: dict[str, dict[str, Any]], cons: dict[str, Any], pa
 
 def plot_protection(runs: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     fig, axes = _figure(2)
-    for ax, key, label in ((axes[0], "first_verdict_s", "time to first verdict (s)"),
-                           (axes[1], "all_files_s", "time until every file has a verdict (s)")):
+    for ax, key, label in (
+        (axes[0], "first_verdict_s", "time to first verdict (s)"),
+        (axes[1], "all_files_s", "time until every file has a verdict (s)"),
+    ):
         for setup in ("agentless", "agent"):
-            rs = sorted((r for r in runs if r.get("setup") == setup and "boot" in r), key=lambda r: r["n"])
+            rs = sorted(
+                (r for r in runs if r.get("setup") == setup and "boot" in r), key=lambda r: r["n"]
+            )
             if not rs:
                 continue
-            src = [r["clone_storm"]["time_to_protect"] if "clone_storm" in r else r["boot"]["from_launch"] for r in rs]
+            src = [
+                r["clone_storm"]["time_to_protect"]
+                if "clone_storm" in r
+                else r["boot"]["from_launch"]
+                for r in rs
+            ]
             xs = [r["n"] for r in rs]
             for q, style in (("p50", "o-"), ("p99", "s--")):
-                ax.plot(xs, [s[key][q] if s[key][q] is not None else float("nan") for s in src], style,
-                        color=COLORS[setup], label=f"{setup} {q}")
+                ax.plot(
+                    xs,
+                    [s[key][q] if s[key][q] is not None else float("nan") for s in src],
+                    style,
+                    color=COLORS[setup],
+                    label=f"{setup} {q}",
+                )
         ax.set_xlabel("VMs (N)")
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
@@ -1652,12 +2049,26 @@ def plot_protection(runs: Sequence[dict[str, Any]], path: Path, title: str) -> N
 def plot_update(runs: Sequence[dict[str, Any]], path: Path) -> None:
     fig, axes = _figure(2)
     for setup in ("agentless", "agent"):
-        rs = sorted((r for r in runs if r.get("setup") == setup and "update" in r), key=lambda r: r["n"])
+        rs = sorted(
+            (r for r in runs if r.get("setup") == setup and "update" in r), key=lambda r: r["n"]
+        )
         if not rs:
             continue
         xs = [r["n"] for r in rs]
-        axes[0].plot(xs, [r["update"]["update_bytes"] / 1024 for r in rs], "o-", color=COLORS[setup], label=setup)
-        axes[1].plot(xs, [r["update"]["all_points_on_v2_s"] for r in rs], "o-", color=COLORS[setup], label=setup)
+        axes[0].plot(
+            xs,
+            [r["update"]["update_bytes"] / 1024 for r in rs],
+            "o-",
+            color=COLORS[setup],
+            label=setup,
+        )
+        axes[1].plot(
+            xs,
+            [r["update"]["all_points_on_v2_s"] for r in rs],
+            "o-",
+            color=COLORS[setup],
+            label=setup,
+        )
     axes[0].set_ylabel("update bytes sent (KiB)")
     axes[1].set_ylabel("seconds until every scanning point runs v2")
     for ax in axes:
@@ -1671,6 +2082,7 @@ def plot_update(runs: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 # -------------------------------------------------------------------------- report
+
 
 def _mb(x: float | None) -> str:
     return "-" if x is None else f"{x / 2**20:.1f}"
@@ -1692,19 +2104,30 @@ def render_report(results: dict[str, Any], out: Path) -> None:
     bcfg = BenchConfig(**{k: v for k, v in cfg.items() if k in BenchConfig.__dataclass_fields__})
     budget = budget_for(bcfg, runs)
     max_n = max((r["n"] for r in runs), default=1)
-    cons: dict[str, Any] = consolidation(fits, budget, max_n) if fits else {"ratio": None, "budget": budget}
+    cons: dict[str, Any] = (
+        consolidation(fits, budget, max_n) if fits else {"ratio": None, "budget": budget}
+    )
     results["analysis"] = {"fits": fits, "consolidation": cons}
     wl = cfg["workload"]
-    phase_name = {"boot-storm": "boot storm (launch → every file verdicted)", "steady": "steady writes",
-                  "update": "pattern update", "clone-storm": "clone storm"}[wl]
+    phase_name = {
+        "boot-storm": "boot storm (launch → every file verdicted)",
+        "steady": "steady writes",
+        "update": "pattern update",
+        "clone-storm": "clone storm",
+    }[wl]
     plots = []
     if fits:
         plot_cost_per_vm(fits, out / "cost_per_vm.png", f"cost per VM, {phase_name}")
         plot_consolidation(fits, cons, out / "consolidation.png", f"security budget, {phase_name}")
         plots += ["cost_per_vm.png", "consolidation.png"]
     if runs:
-        plot_protection(runs, out / "time_to_protect.png",
-                        "time-to-protect (new clones)" if wl == "clone-storm" else "time-to-protect from VM start (boot storm)")
+        plot_protection(
+            runs,
+            out / "time_to_protect.png",
+            "time-to-protect (new clones)"
+            if wl == "clone-storm"
+            else "time-to-protect from VM start (boot storm)",
+        )
         plots.append("time_to_protect.png")
     if wl == "update" and runs:
         plot_update(runs, out / "update.png")
@@ -1712,140 +2135,211 @@ def render_report(results: dict[str, Any], out: Path) -> None:
 
     L: list[str] = []
     L.append(f"# offscan lab: agent vs agentless — {wl}\n")
-    L.append(f"Run {meta['started']} on `{meta['host']['hostname']}`: {meta['host']['cpus']} CPUs "
-             f"({meta['host']['cpu_model'] or 'unknown model'}), {meta['host']['mem_total'] / 2**30:.1f} GiB RAM, "
-             f"Linux {meta['host']['kernel']}, Python {meta['host']['python']}, offscan {meta['host']['offscan']} "
-             f"({'native' if meta['host']['native_engine'] else 'pure-Python'} engine). "
-             f"The whole run took {meta.get('duration_s', 0):.0f} s.\n")
+    L.append(
+        f"Run {meta['started']} on `{meta['host']['hostname']}`: {meta['host']['cpus']} CPUs "
+        f"({meta['host']['cpu_model'] or 'unknown model'}), {meta['host']['mem_total'] / 2**30:.1f} GiB RAM, "
+        f"Linux {meta['host']['kernel']}, Python {meta['host']['python']}, offscan {meta['host']['offscan']} "
+        f"({'native' if meta['host']['native_engine'] else 'pure-Python'} engine). "
+        f"The whole run took {meta.get('duration_s', 0):.0f} s.\n"
+    )
     L.append(f"Command: `{cfg.get('command') or 'offscan bench agent-vs-agentless'}`\n")
-    L.append(f"Image: {cfg['files']} files per VM ({meta.get('master_bytes', 0) / 2**20:.1f} MiB master), "
-             f"{cfg['shared']:.0%} identical on every VM, the rest per-VM content (the first VM also holds the "
-             f"EICAR test file); {meta.get('signatures', 0)} signatures ({cfg['sigs']} generated .ndb + EICAR); "
-             f"seed {cfg['seed']}. VMs are plain copies on disk for both setups. Agentless = one `offscan serve` + "
-             f"one `offscan shim` for all VMs; agent = one `offscan agent` per VM, started {cfg['agent_batch']} at a time.\n")
+    L.append(
+        f"Image: {cfg['files']} files per VM ({meta.get('master_bytes', 0) / 2**20:.1f} MiB master), "
+        f"{cfg['shared']:.0%} identical on every VM, the rest per-VM content (the first VM also holds the "
+        f"EICAR test file); {meta.get('signatures', 0)} signatures ({cfg['sigs']} generated .ndb + EICAR); "
+        f"seed {cfg['seed']}. VMs are plain copies on disk for both setups. Agentless = one `offscan serve` + "
+        f"one `offscan shim` for all VMs; agent = one `offscan agent` per VM, started {cfg['agent_batch']} at a time.\n"
+    )
     noisy = [r for r in runs if r[r["primary"]]["background_share"] > 0.10]
     bg = max((r[r["primary"]]["background_share"] for r in runs), default=0.0)
-    L.append(f"Host noise: load average {meta.get('loadavg_before', '?')} before, {meta.get('loadavg_after', '?')} after; "
-             f"CPU used by other processes during the measured phases: up to {bg:.0%} of the host"
-             + (f" ({len(noisy)} of {len(runs)} runs above 10 %: the machine was shared with other work, so "
-                "wall-clock times and latencies are pessimistic; CPU seconds and memory are per process and "
-                "unaffected except through cache and scheduling effects)." if noisy else " (quiet).") + "\n")
-    incomplete = [r for r in results["runs"] if "error" in r or not r.get(r.get("primary", "boot"), {}).get("complete", False)]
+    L.append(
+        f"Host noise: load average {meta.get('loadavg_before', '?')} before, {meta.get('loadavg_after', '?')} after; "
+        f"CPU used by other processes during the measured phases: up to {bg:.0%} of the host"
+        + (
+            f" ({len(noisy)} of {len(runs)} runs above 10 %: the machine was shared with other work, so "
+            "wall-clock times and latencies are pessimistic; CPU seconds and memory are per process and "
+            "unaffected except through cache and scheduling effects)."
+            if noisy
+            else " (quiet)."
+        )
+        + "\n"
+    )
+    incomplete = [
+        r
+        for r in results["runs"]
+        if "error" in r or not r.get(r.get("primary", "boot"), {}).get("complete", False)
+    ]
     if incomplete:
-        L.append("**Incomplete runs:** " + "; ".join(
-            f"{r['setup']} N={r['n']}: {r.get('error') or 'missing ' + str(r.get(r.get('primary', 'boot'), {}).get('missing')) + ' verdicts'}"
-            for r in incomplete) + "\n")
+        L.append(
+            "**Incomplete runs:** "
+            + "; ".join(
+                f"{r['setup']} N={r['n']}: {r.get('error') or 'missing ' + str(r.get(r.get('primary', 'boot'), {}).get('missing')) + ' verdicts'}"
+                for r in incomplete
+            )
+            + "\n"
+        )
 
     L.append("## Summary\n")
     if cons.get("ratio") is not None or fits:
         b: dict[str, Any] = cons["budget"]
-        L.append(f"Security budget: {b['cpu_share']:.0%} of the host's CPU over {b['window_s']:.0f} s "
-                 f"({b['cpu_s']:.0f} CPU-s on {b['cores']} cores) for the {phase_name}, and {b['mem_share']:.0%} of RAM "
-                 f"({b['mem_bytes'] / 2**30:.2f} GiB) for the scanners' memory (sum of Pss).\n")
+        L.append(
+            f"Security budget: {b['cpu_share']:.0%} of the host's CPU over {b['window_s']:.0f} s "
+            f"({b['cpu_s']:.0f} CPU-s on {b['cores']} cores) for the {phase_name}, and {b['mem_share']:.0%} of RAM "
+            f"({b['mem_bytes'] / 2**30:.2f} GiB) for the scanners' memory (sum of Pss).\n"
+        )
         for setup in ("agentless", "agent"):
             c = cons.get(setup)
             if c:
-                L.append(f"- **{setup}**: {c['n_fit'] if c['n_fit'] is not None else 'unbounded'} VMs fit "
-                         f"(CPU allows {c['n_cpu'] if c['n_cpu'] is not None else '∞'}, memory "
-                         f"{c['n_mem'] if c['n_mem'] is not None else '∞'}; limited by {c['limited_by']}"
-                         + (", extrapolated beyond the measured N" if c["extrapolated"] else "") + ")")
+                L.append(
+                    f"- **{setup}**: {c['n_fit'] if c['n_fit'] is not None else 'unbounded'} VMs fit "
+                    f"(CPU allows {c['n_cpu'] if c['n_cpu'] is not None else '∞'}, memory "
+                    f"{c['n_mem'] if c['n_mem'] is not None else '∞'}; limited by {c['limited_by']}"
+                    + (", extrapolated beyond the measured N" if c["extrapolated"] else "")
+                    + ")"
+                )
         if cons.get("ratio") is not None:
-            L.append(f"\n**Consolidation ratio: {cons['ratio']:.1f}x** more VMs per host agentless than with an agent per VM "
-                     "at this budget"
-                     + (f" (the agentless figure extrapolates the fit beyond N = {max_n}; counting only measured "
-                        f"points the ratio is at least {max_n / max(1, cons['agent']['n_fit']):.1f}x)"
-                        if cons["agentless"]["extrapolated"] and cons["agent"]["n_fit"] < max_n else "")
-                     + ".\n")
+            L.append(
+                f"\n**Consolidation ratio: {cons['ratio']:.1f}x** more VMs per host agentless than with an agent per VM "
+                "at this budget"
+                + (
+                    f" (the agentless figure extrapolates the fit beyond N = {max_n}; counting only measured "
+                    f"points the ratio is at least {max_n / max(1, cons['agent']['n_fit']):.1f}x)"
+                    if cons["agentless"]["extrapolated"] and cons["agent"]["n_fit"] < max_n
+                    else ""
+                )
+                + ".\n"
+            )
         elif cons.get("agentless", {}).get("n_fit") is None and fits.get("agentless"):
-            L.append("\nThe agentless cost did not grow measurably with N in these measurements (the fit is flat), "
-                     "so no VM count exhausts the budget: measure larger N for a ratio.\n")
+            L.append(
+                "\nThe agentless cost did not grow measurably with N in these measurements (the fit is flat), "
+                "so no VM count exhausts the budget: measure larger N for a ratio.\n"
+            )
     top = [r for r in runs if r["n"] == max_n]
     if top:
         L.append(f"Cost per VM at N = {max_n} ({phase_name}):\n")
-        L.append("| setup | CPU s / VM | memory / VM (Pss, MiB) | peak RSS / VM (VmHWM, MiB) | bytes read / VM (rchar, MiB) | contents matched | served from cache |")
+        L.append(
+            "| setup | CPU s / VM | memory / VM (Pss, MiB) | peak RSS / VM (VmHWM, MiB) | bytes read / VM (rchar, MiB) | contents matched | served from cache |"
+        )
         L.append("|---|---|---|---|---|---|---|")
         for r in top:
             p = r[r["primary"]]
             c = p["counters"]
-            L.append(f"| {r['setup']} | {p['cpu_s'] / r['n']:.3f} | {_mb(p['pss_sum'] / r['n'])} | {_mb(p['hwm_sum'] / r['n'])} "
-                     f"| {_mb(p['rchar'] / r['n'])} | {c['contents_matched']} | {c['served_from_cache']} |")
+            L.append(
+                f"| {r['setup']} | {p['cpu_s'] / r['n']:.3f} | {_mb(p['pss_sum'] / r['n'])} | {_mb(p['hwm_sum'] / r['n'])} "
+                f"| {_mb(p['rchar'] / r['n'])} | {c['contents_matched']} | {c['served_from_cache']} |"
+            )
         L.append("")
     for name in plots:
         L.append(f"![{name}]({name})\n")
 
     L.append("## Measurements per N\n")
-    L.append(f"Main phase: {phase_name}. CPU = utime+stime of every process of the setup; memory = sum over "
-             "processes of Pss (largest seen) and of VmHWM; reads = rchar and read_bytes from /proc/PID/io; "
-             "counters from each scanning point's status.\n")
-    L.append("| N | setup | procs | wall s | CPU s | CPU s/VM | max VmHWM MiB | Σ VmHWM MiB | Σ Pss MiB | rchar MiB | read_bytes MiB | file bytes read (counter) MiB | verdicts | contents matched | served from cache | detections | errors | other load |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append(
+        f"Main phase: {phase_name}. CPU = utime+stime of every process of the setup; memory = sum over "
+        "processes of Pss (largest seen) and of VmHWM; reads = rchar and read_bytes from /proc/PID/io; "
+        "counters from each scanning point's status.\n"
+    )
+    L.append(
+        "| N | setup | procs | wall s | CPU s | CPU s/VM | max VmHWM MiB | Σ VmHWM MiB | Σ Pss MiB | Pss/VM MiB | rchar MiB | read_bytes MiB | file bytes read (counter) MiB | verdicts | contents matched | served from cache | detections | errors | other load |"
+    )
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless")):
         p = r[r["primary"]]
         c = p["counters"]
-        L.append(f"| {r['n']} | {r['setup']} | {p['processes']} | {p['wall_s']:.1f} | {p['cpu_s']:.2f} | {p['cpu_s'] / r['n']:.3f} "
-                 f"| {_mb(p['hwm_max'])} | {_mb(p['hwm_sum'])} | {_mb(p['pss_sum'])} | {_mb(p['rchar'])} | {_mb(p['read_bytes'])} "
-                 f"| {_mb(c['bytes_read'])} | {c['verdicts']} | {c['contents_matched']} | {c['served_from_cache']} "
-                 f"| {c['detections']} | {c['errors']} | {p['background_share']:.0%} |")
+        L.append(
+            f"| {r['n']} | {r['setup']} | {p['processes']} | {p['wall_s']:.1f} | {p['cpu_s']:.2f} | {p['cpu_s'] / r['n']:.3f} "
+            f"| {_mb(p['hwm_max'])} | {_mb(p['hwm_sum'])} | {_mb(p['pss_sum'])} | {_mb(p['pss_sum'] / r['n'])} "
+            f"| {_mb(p['rchar'])} | {_mb(p['read_bytes'])} "
+            f"| {_mb(c['bytes_read'])} | {c['verdicts']} | {c['contents_matched']} | {c['served_from_cache']} "
+            f"| {c['detections']} | {c['errors']} | {p['background_share']:.0%} |"
+        )
     L.append("")
     if wl != "clone-storm":
         L.append("### Time to protect (boot storm)\n")
-        L.append("From the moment a VM's protection was started (agentless: the shim process launched with every VM; "
-                 "agent: that VM's agent launched) and from its registration with its scanner, to its first verdict "
-                 "and to every one of its files having a verdict. p50 / p99 over the VMs, seconds.\n")
-        L.append("| N | setup | first verdict from start | all files from start | first verdict from registration | all files from registration | setup wall s |")
+        L.append(
+            "From the moment a VM's protection was started (agentless: the shim process launched with every VM; "
+            "agent: that VM's agent launched) and from its registration with its scanner, to its first verdict "
+            "and to every one of its files having a verdict. p50 / p99 over the VMs, seconds.\n"
+        )
+        L.append(
+            "| N | setup | first verdict from start | all files from start | first verdict from registration | all files from registration | setup wall s |"
+        )
         L.append("|---|---|---|---|---|---|---|")
         for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless")):
             bt = r["boot"]
-            L.append(f"| {r['n']} | {r['setup']} | {_pq(bt['from_launch']['first_verdict_s'])} | {_pq(bt['from_launch']['all_files_s'])} "
-                     f"| {_pq(bt['from_registration']['first_verdict_s'])} | {_pq(bt['from_registration']['all_files_s'])} "
-                     f"| {bt['setup_wall_s']:.1f} |")
+            L.append(
+                f"| {r['n']} | {r['setup']} | {_pq(bt['from_launch']['first_verdict_s'])} | {_pq(bt['from_launch']['all_files_s'])} "
+                f"| {_pq(bt['from_registration']['first_verdict_s'])} | {_pq(bt['from_registration']['all_files_s'])} "
+                f"| {bt['setup_wall_s']:.1f} |"
+            )
         L.append("")
     if wl == "steady":
         L.append("### Steady writes\n")
-        L.append("| N | setup | writes | write → verdict p50 / p99 s | CPU s | host CPU share | contents matched | served from cache |")
+        L.append(
+            "| N | setup | writes | write → verdict p50 / p99 s | CPU s | host CPU share | contents matched | served from cache |"
+        )
         L.append("|---|---|---|---|---|---|---|---|")
         for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless")):
             s = r["steady"]
             share = s["cpu_s"] / (s["wall_s"] * (meta["host"]["cpus"] or 1))
-            L.append(f"| {r['n']} | {r['setup']} | {s['writes']} | {_pq(s['write_to_verdict_s'])} | {s['cpu_s']:.2f} | {share:.1%} "
-                     f"| {s['counters']['contents_matched']} | {s['counters']['served_from_cache']} |")
+            L.append(
+                f"| {r['n']} | {r['setup']} | {s['writes']} | {_pq(s['write_to_verdict_s'])} | {s['cpu_s']:.2f} | {share:.1%} "
+                f"| {s['counters']['contents_matched']} | {s['counters']['served_from_cache']} |"
+            )
         L.append("")
     if wl == "update":
         L.append("### Pattern update v1 → v2\n")
-        L.append("Published as a signed delta (and a full bundle); every scanning point got a `reload` at once. "
-                 "Bytes are what the update server sent (headers included).\n")
-        L.append("| N | setup | scanning points | update bytes | all points on v2 (s) | compile p50 s | every VM's newly detected file reported (s) | revalidations | contents matched |")
+        L.append(
+            "Published as a signed delta (and a full bundle); every scanning point got a `reload` at once. "
+            "Bytes are what the update server sent (headers included).\n"
+        )
+        L.append(
+            "| N | setup | scanning points | update bytes | all points on v2 (s) | compile p50 s | every VM's newly detected file reported (s) | revalidations | contents matched |"
+        )
         L.append("|---|---|---|---|---|---|---|---|---|")
         for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless")):
             u = r["update"]
-            L.append(f"| {r['n']} | {r['setup']} | {u['scanning_points']} | {u['update_bytes']} | {u['all_points_on_v2_s']:.2f} "
-                     f"| {_s(u['compile_seconds']['p50'])} | {_s(u['all_vms_reported_s'])} | {u['counters']['revalidations']} "
-                     f"| {u['counters']['contents_matched']} |")
+            L.append(
+                f"| {r['n']} | {r['setup']} | {u['scanning_points']} | {u['update_bytes']} | {u['all_points_on_v2_s']:.2f} "
+                f"| {_s(u['compile_seconds']['p50'])} | {_s(u['all_vms_reported_s'])} | {u['counters']['revalidations']} "
+                f"| {u['counters']['contents_matched']} |"
+            )
         L.append("")
     if wl == "clone-storm":
         L.append("### Clone storm\n")
-        L.append("Time-to-protect per clone, from its registration (agentless: the appliance recorded the clone; "
-                 "agent: the clone's copy was done and its agent launched), p50 / p99 / max, seconds.\n")
+        L.append(
+            "Time-to-protect per clone, from its registration (agentless: the appliance recorded the clone; "
+            "agent: the clone's copy was done and its agent launched), p50 / p99 / max, seconds.\n"
+        )
         L.append("| N | setup | first verdict | all files | storm wall s | CPU s | sources |")
         L.append("|---|---|---|---|---|---|---|")
         for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless")):
             cs = r["clone_storm"]
             t = cs["time_to_protect"]
-            L.append(f"| {r['n']} | {r['setup']} | {_pq(t['first_verdict_s'])} / {_s(t['first_verdict_s']['max'])} "
-                     f"| {_pq(t['all_files_s'])} / {_s(t['all_files_s']['max'])} | {cs['storm_wall_s']:.1f} | {cs['cpu_s']:.2f} "
-                     f"| {', '.join(f'{k} {v}' for k, v in sorted(cs['verdict_sources'].items()))} |")
+            L.append(
+                f"| {r['n']} | {r['setup']} | {_pq(t['first_verdict_s'])} / {_s(t['first_verdict_s']['max'])} "
+                f"| {_pq(t['all_files_s'])} / {_s(t['all_files_s']['max'])} | {cs['storm_wall_s']:.1f} | {cs['cpu_s']:.2f} "
+                f"| {', '.join(f'{k} {v}' for k, v in sorted(cs['verdict_sources'].items()))} |"
+            )
         L.append("")
 
     if fits:
         L.append("## Fits\n")
-        L.append("Total cost of the main phase = a + b·N (numpy.polyfit, degree 1, over the measured N); "
-                 "a is the fixed cost, b the cost of each further VM.\n")
+        L.append(
+            "Total cost of the main phase = a + b·N (numpy.polyfit, degree 1, over the measured N); "
+            "a is the fixed cost, b the cost of each further VM.\n"
+        )
         L.append("| setup | metric | a (fixed) | b (per VM) | method |")
         L.append("|---|---|---|---|---|")
         for setup, f in fits.items():
-            for key, unit, scale in (("cpu_s", "CPU s", 1.0), ("mem", "Σ Pss MiB", 1 / 2**20), ("hwm", "Σ VmHWM MiB", 1 / 2**20),
-                                     ("rchar", "rchar MiB", 1 / 2**20)):
-                L.append(f"| {setup} | {unit} | {f[key]['a'] * scale:.3f} | {f[key]['b'] * scale:.4f} | {f[key]['method']} |")
+            for key, unit, scale in (
+                ("cpu_s", "CPU s", 1.0),
+                ("mem", "Σ Pss MiB", 1 / 2**20),
+                ("hwm", "Σ VmHWM MiB", 1 / 2**20),
+                ("rchar", "rchar MiB", 1 / 2**20),
+            ):
+                L.append(
+                    f"| {setup} | {unit} | {f[key]['a'] * scale:.3f} | {f[key]['b'] * scale:.4f} | {f[key]['method']} |"
+                )
         L.append("")
 
     L.append("## How this was measured, and caveats\n")
@@ -1889,6 +2383,7 @@ CAVEATS = """\
 
 # --------------------------------------------------------------------- entry points
 
+
 def _loadavg() -> str:
     with contextlib.suppress(OSError):
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -1913,22 +2408,29 @@ def run_agent_vs_agentless(cfg: BenchConfig, console: Any = None) -> dict[str, A
     budget.ensure(points[-1] + 1, allow_raise=cfg.raise_inotify_limit)
     t_run = time.monotonic()
     results: dict[str, Any] = {
-        "meta": {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": host_info(), "loadavg_before": _loadavg()},
-        "config": asdict(cfg), "runs": [],
+        "meta": {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "host": host_info(),
+            "loadavg_before": _loadavg(),
+        },
+        "config": asdict(cfg),
+        "runs": [],
     }
     lab: Lab | None = None
     try:
         console.print(f"building the master image ({cfg.files} files) and {cfg.sigs} signatures…")
         lab = Lab(cfg, console)
-        results["meta"].update(master_bytes=lab.master_bytes, signatures=lab.signatures, work=str(lab.work))
+        results["meta"].update(
+            master_bytes=lab.master_bytes, signatures=lab.signatures, work=str(lab.work)
+        )
         with Progress(console, 2 * len(points)) as progress:
             for n in points:
                 for kind in ("agentless", "agent"):
                     try:
                         run = asyncio.run(run_point(lab, kind, n, progress))
-                    except LabError as exc:
-                        run = {"setup": kind, "n": n, "error": str(exc)}
-                        console.print(f"[red]{kind} N={n} failed:[/red] {exc}")
+                    except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
+                        run = {"setup": kind, "n": n, "error": f"{type(exc).__name__}: {exc}"}
+                        console.print(f"[red]{kind} N={n} failed:[/red] {run['error']}")
                     results["runs"].append(run)
                     _save(out, results)
                     progress.run_done()
@@ -1960,10 +2462,16 @@ def _print_run(console: Any, run: dict[str, Any]) -> None:
         return
     p = run[run["primary"]]
     c = p["counters"]
-    console.print(f"  {run['setup']:>9} N={run['n']:<4} {run['primary']}: {p['wall_s']:.1f} s, CPU {p['cpu_s']:.1f} s "
-                  f"({p['cpu_s'] / run['n']:.3f}/VM), Σ Pss {p['pss_sum'] / 2**20:.0f} MiB, rchar {p['rchar'] / 2**20:.0f} MiB, "
-                  f"matched {c['contents_matched']}, cached {c['served_from_cache']}"
-                  + ("" if p.get("complete", True) else f" [red]INCOMPLETE ({p.get('missing')} missing)[/red]"))
+    console.print(
+        f"  {run['setup']:>9} N={run['n']:<4} {run['primary']}: {p['wall_s']:.1f} s, CPU {p['cpu_s']:.1f} s "
+        f"({p['cpu_s'] / run['n']:.3f}/VM), Σ Pss {p['pss_sum'] / 2**20:.0f} MiB, rchar {p['rchar'] / 2**20:.0f} MiB, "
+        f"matched {c['contents_matched']}, cached {c['served_from_cache']}"
+        + (
+            ""
+            if p.get("complete", True)
+            else f" [red]INCOMPLETE ({p.get('missing')} missing)[/red]"
+        )
+    )
 
 
 def run_clone_storm(cfg: BenchConfig, console: Any = None) -> dict[str, Any]:
@@ -1982,7 +2490,11 @@ def run_clone_storm(cfg: BenchConfig, console: Any = None) -> dict[str, Any]:
     budget.ensure(cfg.clones + 1, allow_raise=cfg.raise_inotify_limit)
     cfg.shared = 1.0
     results: dict[str, Any] = {
-        "meta": {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": host_info(), "loadavg_before": _loadavg()},
+        "meta": {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "host": host_info(),
+            "loadavg_before": _loadavg(),
+        },
         "config": asdict(cfg),
     }
     t_run = time.monotonic()
@@ -2003,8 +2515,10 @@ def run_clone_storm(cfg: BenchConfig, console: Any = None) -> dict[str, Any]:
     render_storm_report(results, out)
     _save(out, results)
     t = results["storm"]["time_to_protect"]["first_verdict_s"]
-    console.print(f"{cfg.clones} clones: time to first verdict p50 {_s(t['p50'])} s, p99 {_s(t['p99'])} s, "
-                  f"max {_s(t['max'])} s; report in {out / 'report.md'}")
+    console.print(
+        f"{cfg.clones} clones: time to first verdict p50 {_s(t['p50'])} s, p99 {_s(t['p99'])} s, "
+        f"max {_s(t['max'])} s; report in {out / 'report.md'}"
+    )
     return results
 
 
@@ -2019,7 +2533,13 @@ async def _clone_storm(lab: Lab, progress: Progress) -> dict[str, Any]:
         worker = setup.worker = ShimWorker(setup.procs, "shim", sock, [("master", str(lab.master))])
         tracker = VerdictTracker({"master": files})
         progress.start_phase("protecting the master", len(files))
-        ok = await follow(setup.tails, tracker, timeout=cfg.timeout, procs=setup.procs, on_progress=progress.update)
+        ok = await follow(
+            setup.tails,
+            tracker,
+            timeout=cfg.timeout,
+            procs=setup.procs,
+            on_progress=progress.update,
+        )
         if not ok:
             raise LabError(f"the master's activation did not finish in {cfg.timeout:.0f} s")
         master_s = (tracker.last_time or time.time()) - setup.procs.launched["shim"]
@@ -2030,11 +2550,26 @@ async def _clone_storm(lab: Lab, progress: Progress) -> dict[str, Any]:
         total = cfg.clones * len(files)
         progress.start_phase(f"storm: {cfg.clones} clones", total)
         t_start = time.time()
-        follower = asyncio.create_task(follow(
-            setup.tails, storm, timeout=cfg.timeout, procs=setup.procs, on_progress=progress.update,
-            until=lambda: storm.complete and storm.total >= total))
-        created = await agentless_storm(sock, worker, cfg.clones, cfg.clone_batch, rundir / "clones", files, storm,
-                                        parallel=cfg.parallel)
+        follower = asyncio.create_task(
+            follow(
+                setup.tails,
+                storm,
+                timeout=cfg.timeout,
+                procs=setup.procs,
+                on_progress=progress.update,
+                until=lambda: storm.complete and storm.total >= total,
+            )
+        )
+        created = await agentless_storm(
+            sock,
+            worker,
+            cfg.clones,
+            cfg.clone_batch,
+            rundir / "clones",
+            files,
+            storm,
+            parallel=cfg.parallel,
+        )
         t_created = time.time()
         ok = await follower
         end = Mark.now(setup.procs)
@@ -2055,10 +2590,16 @@ async def _clone_storm(lab: Lab, progress: Progress) -> dict[str, Any]:
     for name in names:
         rep = worker.reports.get(name, {})
         r = reg.get(name)
-        per_clone.append({
-            "vm": name, "registered": r, "handed_to_shim": rep.get("added"), "activated": rep.get("activated"),
-            "first_verdict": storm.first.get(name), "all_files": storm.done.get(name),
-        })
+        per_clone.append(
+            {
+                "vm": name,
+                "registered": r,
+                "handed_to_shim": rep.get("added"),
+                "activated": rep.get("activated"),
+                "first_verdict": storm.first.get(name),
+                "all_files": storm.done.get(name),
+            }
+        )
 
     def span(a: str, b: str) -> list[float]:
         return [c[b] - c[a] for c in per_clone if c.get(a) is not None and c.get(b) is not None]
@@ -2076,9 +2617,16 @@ async def _clone_storm(lab: Lab, progress: Progress) -> dict[str, Any]:
     demand = _per_second([r - t_start for r in reg.values() if r >= t_start], seconds)
     files_n = len(files)
     return {
-        "complete": ok, "missing": storm.missing, "clones": cfg.clones, "files_per_clone": files_n,
-        "batch": cfg.clone_batch, "parallel": cfg.parallel, "master_activation_s": master_s,
-        "storm_wall_s": wall, "creation_span_s": creation_span, "created_at_s": t_created - t_start,
+        "complete": ok,
+        "missing": storm.missing,
+        "clones": cfg.clones,
+        "files_per_clone": files_n,
+        "batch": cfg.clone_batch,
+        "parallel": cfg.parallel,
+        "master_activation_s": master_s,
+        "storm_wall_s": wall,
+        "creation_span_s": creation_span,
+        "created_at_s": t_created - t_start,
         "drain_after_creation_s": max(0.0, wall - (t_created - t_start)),
         "time_to_protect": {
             "first_verdict_s": summarize(span("registered", "first_verdict")),
@@ -2092,36 +2640,51 @@ async def _clone_storm(lab: Lab, progress: Progress) -> dict[str, Any]:
             "handed_to_first_verdict_s": summarize(span("handed_to_shim", "first_verdict")),
         },
         "cloning": {
-            "requests": len(reqs), "copy_seconds_total": copy_total,
+            "requests": len(reqs),
+            "copy_seconds_total": copy_total,
             "copy_seconds_per_clone": copy_total / max(1, cfg.clones),
             "copies_in_progress": copy_total / creation_span if creation_span else None,
             "clones_per_second": cfg.clones / creation_span if creation_span else None,
             "bytes_copied": sum(r["bytes_copied"] for r in reqs),
             "reflinked": sum(r["reflinked"] for r in reqs),
-            "inherited": sum(r["inherited"] for r in reqs), "files": sum(r["files"] for r in reqs),
+            "inherited": sum(r["inherited"] for r in reqs),
+            "files": sum(r["files"] for r in reqs),
         },
         "throughput": {
-            "verdicts": storm.verdicts, "verdicts_per_s": storm.verdicts / wall if wall > 0 else None,
+            "verdicts": storm.verdicts,
+            "verdicts_per_s": storm.verdicts / wall if wall > 0 else None,
             "peak_verdicts_per_s": max(verdict_rate, default=0),
             "appliance_cpu_share_of_core": app.get("cpu_s", 0.0) / wall if wall > 0 else None,
             "appliance_user_share_of_core": app.get("user_s", 0.0) / wall if wall > 0 else None,
             "appliance_sys_share_of_core": app.get("sys_s", 0.0) / wall if wall > 0 else None,
             "shim_cpu_share_of_core": shim.get("cpu_s", 0.0) / wall if wall > 0 else None,
-            "host_cpu_share": (costs["cpu_s"] + costs["background_cpu_s"] + costs["lab_cpu_s"]) / (wall * cores)
-            if wall > 0 else None,
+            "host_cpu_share": (costs["cpu_s"] + costs["background_cpu_s"] + costs["lab_cpu_s"])
+            / (wall * cores)
+            if wall > 0
+            else None,
             # what each part could sustain alone, from its own cost per unit of work
             "capacity_clones_per_s": {
                 "copy": 1 / (copy_total / cfg.clones) if copy_total else None,
-                "appliance_user_cpu": (storm.verdicts / app["user_s"] / files_n) if app.get("user_s") else None,
-                "shim_cpu": (storm.verdicts / shim["cpu_s"] / files_n) if shim.get("cpu_s") else None,
+                "appliance_user_cpu": (storm.verdicts / app["user_s"] / files_n)
+                if app.get("user_s")
+                else None,
+                "shim_cpu": (storm.verdicts / shim["cpu_s"] / files_n)
+                if shim.get("cpu_s")
+                else None,
             },
         },
-        "series": {"verdicts_per_s": verdict_rate, "clone_files_registered_per_s": [d * files_n for d in demand]},
+        "series": {
+            "verdicts_per_s": verdict_rate,
+            "clone_files_registered_per_s": [d * files_n for d in demand],
+        },
         **costs,
         "counters": diff_counters(before, after),
-        "verdict_sources": dict(storm.sources), "verdict_statuses": dict(storm.statuses),
+        "verdict_sources": dict(storm.sources),
+        "verdict_statuses": dict(storm.statuses),
         "verdict_latency_ms": summarize(storm.latency_ms),
-        "per_clone": per_clone, "requests": reqs, "t_start": t_start,
+        "per_clone": per_clone,
+        "requests": reqs,
+        "t_start": t_start,
     }
 
 
@@ -2140,42 +2703,63 @@ def storm_limits(s: dict[str, Any]) -> list[str]:
     b, th, cl = s["breakdown"], s["throughput"], s["cloning"]
     wait, first = b["registered_to_handed_s"], b["handed_to_first_verdict_s"]
     if wait["p99"] is not None and first["p99"] is not None:
-        big = (f"waiting for the rest of its vm-clone batch of {s['batch']} to be copied" if wait["p99"] >= first["p99"]
-               else "activation in the shim and the appliance's queue")
-        out.append(f"**First verdict**: p99 {wait['p99']:.3f} s from registration to being handed to the shim "
-                   f"(the rest of its batch copied, then the reply) + p99 {first['p99']:.3f} s from hand-over to "
-                   f"its first verdict (register, inotify watch, first files queued ahead of older clones' walks); "
-                   f"the larger part is {big}.")
+        big = (
+            f"waiting for the rest of its vm-clone batch of {s['batch']} to be copied"
+            if wait["p99"] >= first["p99"]
+            else "activation in the shim and the appliance's queue"
+        )
+        out.append(
+            f"**First verdict**: p99 {wait['p99']:.3f} s from registration to being handed to the shim "
+            f"(the rest of its batch copied, then the reply) + p99 {first['p99']:.3f} s from hand-over to "
+            f"its first verdict (register, inotify watch, first files queued ahead of older clones' walks); "
+            f"the larger part is {big}."
+        )
     cap = th["capacity_clones_per_s"]
     if cl["clones_per_second"] is not None:
-        out.append(f"**Creation rate**: {cl['clones_per_second']:.1f} clones/s. Copying one clone "
-                   f"({cl['bytes_copied'] / max(1, s['clones']) / 2**20:.1f} MiB, {cl['reflinked']} files reflinked) took "
-                   f"{cl['copy_seconds_per_clone'] * 1000:.0f} ms on average, and a copy was running "
-                   f"{min(cl['copies_in_progress'], 1.0) if s['parallel'] == 1 else cl['copies_in_progress']:.0%}"
-                   + (" of the time" if s["parallel"] == 1 else " (copies in progress on average)")
-                   + " while clones were being created: without reflink (ext4) `copy_file_range` moves every byte "
-                   "inside the kernel, so cloning is bound by memory/disk bandwidth.")
+        out.append(
+            f"**Creation rate**: {cl['clones_per_second']:.1f} clones/s. Copying one clone "
+            f"({cl['bytes_copied'] / max(1, s['clones']) / 2**20:.1f} MiB, {cl['reflinked']} files reflinked) took "
+            f"{cl['copy_seconds_per_clone'] * 1000:.0f} ms on average, and a copy was running "
+            f"{min(cl['copies_in_progress'], 1.0) if s['parallel'] == 1 else cl['copies_in_progress']:.0%}"
+            + (" of the time" if s["parallel"] == 1 else " (copies in progress on average)")
+            + " while clones were being created: without reflink (ext4) `copy_file_range` moves every byte "
+            "inside the kernel, so cloning is bound by memory/disk bandwidth."
+        )
     if th["verdicts_per_s"] is not None:
-        app_u, app_s, shim = (th["appliance_user_share_of_core"], th["appliance_sys_share_of_core"],
-                              th["shim_cpu_share_of_core"])
-        out.append(f"**Serving**: {th['verdicts']} verdicts in {s['storm_wall_s']:.1f} s (mean {th['verdicts_per_s']:.0f}/s, "
-                   f"peak {th['peak_verdicts_per_s']}/s in one second). The appliance used {app_u:.0%} of a core in user "
-                   f"space (its event loop and clone bookkeeping) and {app_s:.0%} in the kernel (mostly the copies); the "
-                   f"shim {shim:.0%}; the host was {th['host_cpu_share']:.0%} busy. Clone files are served from the "
-                   f"master's verdicts without being read (source 'clone': {s['verdict_sources'].get('clone', 0)} of "
-                   f"{th['verdicts']}), so serving costs per request, not per byte.")
+        app_u, app_s, shim = (
+            th["appliance_user_share_of_core"],
+            th["appliance_sys_share_of_core"],
+            th["shim_cpu_share_of_core"],
+        )
+        out.append(
+            f"**Serving**: {th['verdicts']} verdicts in {s['storm_wall_s']:.1f} s (mean {th['verdicts_per_s']:.0f}/s, "
+            f"peak {th['peak_verdicts_per_s']}/s in one second). The appliance used {app_u:.0%} of a core in user "
+            f"space (its event loop and clone bookkeeping) and {app_s:.0%} in the kernel (mostly the copies); the "
+            f"shim {shim:.0%}; the host was {th['host_cpu_share']:.0%} busy. Clone files are served from the "
+            f"master's verdicts without being read (source 'clone': {s['verdict_sources'].get('clone', 0)} of "
+            f"{th['verdicts']}), so serving costs per request, not per byte."
+        )
     parts = {k: v for k, v in cap.items() if v}
     if parts:
-        names = {"copy": "copying", "appliance_user_cpu": "the appliance's user CPU (one event loop)",
-                 "shim_cpu": "the shim's CPU"}
+        names = {
+            "copy": "copying",
+            "appliance_user_cpu": "the appliance's user CPU (one event loop)",
+            "shim_cpu": "the shim's CPU",
+        }
         limit = min(parts, key=lambda k: parts[k])
         drain = s["drain_after_creation_s"]
-        out.append("**Capacity of each part alone** (from its own cost per clone): "
-                   + ", ".join(f"{names[k]} {v:.1f} clones/s" for k, v in parts.items())
-                   + f". The tightest is {names[limit]}. Protection finished {drain:.1f} s after the last clone was "
-                   "created" + (": the scanners kept up with creation, so time-to-protect is bound by how fast "
-                                "clones appear, not by the appliance." if drain < max(1.0, 0.05 * s["storm_wall_s"])
-                                else ": the scanners fell behind creation; the backlog drained afterwards."))
+        out.append(
+            "**Capacity of each part alone** (from its own cost per clone): "
+            + ", ".join(f"{names[k]} {v:.1f} clones/s" for k, v in parts.items())
+            + f". The tightest is {names[limit]}. Protection finished {drain:.1f} s after the last clone was "
+            "created"
+            + (
+                ": the scanners kept up with creation, so time-to-protect is bound by how fast "
+                "clones appear, not by the appliance."
+                if drain < max(1.0, 0.05 * s["storm_wall_s"])
+                else ": the scanners fell behind creation; the backlog drained afterwards."
+            )
+        )
     return out
 
 
@@ -2184,8 +2768,17 @@ def plot_storm(s: dict[str, Any], path_ttp: Path, path_limits: Path) -> None:
 
     fig, axes = _figure(2)
     pc = s["per_clone"]
-    for key, label, color in (("first_verdict", "first verdict", "#1f77b4"), ("all_files", "all files", "#ff7f0e")):
-        vals = np.sort([c[key] - c["registered"] for c in pc if c[key] is not None and c["registered"] is not None])
+    for key, label, color in (
+        ("first_verdict", "first verdict", "#1f77b4"),
+        ("all_files", "all files", "#ff7f0e"),
+    ):
+        vals = np.sort(
+            [
+                c[key] - c["registered"]
+                for c in pc
+                if c[key] is not None and c["registered"] is not None
+            ]
+        )
         if vals.size:
             axes[0].plot(vals, np.arange(1, vals.size + 1) / vals.size, color=color, label=label)
     axes[0].axvline(1.0, color="black", ls="--", lw=1, label="goal: p99 < 1 s (first verdict)")
@@ -2196,8 +2789,11 @@ def plot_storm(s: dict[str, Any], path_ttp: Path, path_limits: Path) -> None:
     axes[0].legend(fontsize=7)
     axes[0].set_title("time-to-protect per clone (CDF)")
     t0 = s["t_start"]
-    for key, label, color in (("registered", "registered", "gray"), ("first_verdict", "first verdict", "#1f77b4"),
-                              ("all_files", "all files verdicted", "#ff7f0e")):
+    for key, label, color in (
+        ("registered", "registered", "gray"),
+        ("first_verdict", "first verdict", "#1f77b4"),
+        ("all_files", "all files verdicted", "#ff7f0e"),
+    ):
         ts = np.sort([c[key] - t0 for c in pc if c[key] is not None])
         if ts.size:
             axes[1].step(ts, np.arange(1, ts.size + 1), where="post", color=color, label=label)
@@ -2211,21 +2807,42 @@ def plot_storm(s: dict[str, Any], path_ttp: Path, path_limits: Path) -> None:
 
     fig2, (ax1, ax2) = _figure(2)
     sec = np.arange(len(s["series"]["verdicts_per_s"]))
-    ax1.step(sec, s["series"]["clone_files_registered_per_s"], where="post", color="gray",
-             label="files of clones registered per s (demand)")
-    ax1.step(sec, s["series"]["verdicts_per_s"], where="post", color="#1f77b4", label="verdicts per s (served)")
+    ax1.step(
+        sec,
+        s["series"]["clone_files_registered_per_s"],
+        where="post",
+        color="gray",
+        label="files of clones registered per s (demand)",
+    )
+    ax1.step(
+        sec,
+        s["series"]["verdicts_per_s"],
+        where="post",
+        color="#1f77b4",
+        label="verdicts per s (served)",
+    )
     ax1.set_xlabel("seconds since the storm began")
     ax1.set_ylabel("files per second")
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=7)
     ax1.set_title("demand vs appliance throughput")
     reqs = s["requests"]
-    ax2.plot([r["reply"] - t0 for r in reqs], [r["seconds"] / r["count"] * 1000 for r in reqs], ".", ms=3,
-             label="copy per clone (appliance, in-kernel)")
-    act = sorted((c["activated"] - t0, (c["activated"] - c["handed_to_shim"]) * 1000) for c in pc
-                 if c["activated"] is not None and c["handed_to_shim"] is not None)
+    ax2.plot(
+        [r["reply"] - t0 for r in reqs],
+        [r["seconds"] / r["count"] * 1000 for r in reqs],
+        ".",
+        ms=3,
+        label="copy per clone (appliance, in-kernel)",
+    )
+    act = sorted(
+        (c["activated"] - t0, (c["activated"] - c["handed_to_shim"]) * 1000)
+        for c in pc
+        if c["activated"] is not None and c["handed_to_shim"] is not None
+    )
     if act:
-        ax2.plot([a[0] for a in act], [a[1] for a in act], ".", ms=3, label="shim activation per clone")
+        ax2.plot(
+            [a[0] for a in act], [a[1] for a in act], ".", ms=3, label="shim activation per clone"
+        )
     ax2.set_xlabel("seconds since the storm began")
     ax2.set_ylabel("milliseconds (log)")
     ax2.set_yscale("log")
@@ -2240,40 +2857,69 @@ def render_storm_report(results: dict[str, Any], out: Path) -> None:
     meta, cfg, s = results["meta"], results["config"], results["storm"]
     plot_storm(s, out / "time_to_protect.png", out / "limits.png")
     t = s["time_to_protect"]
-    goal = (t["first_verdict_s"]["p99"] is not None and t["first_verdict_s"]["p99"] < 1.0
-            and not t["vms_without_verdict"])
+    goal = (
+        t["first_verdict_s"]["p99"] is not None
+        and t["first_verdict_s"]["p99"] < 1.0
+        and not t["vms_without_verdict"]
+    )
     c = s["counters"]
     L = [f"# offscan lab: clone storm — {s['clones']} clones\n"]
-    L.append(f"Run {meta['started']} on `{meta['host']['hostname']}`: {meta['host']['cpus']} CPUs "
-             f"({meta['host']['cpu_model'] or 'unknown model'}), {meta['host']['mem_total'] / 2**30:.1f} GiB RAM, "
-             f"Linux {meta['host']['kernel']}, offscan {meta['host']['offscan']} "
-             f"({'native' if meta['host']['native_engine'] else 'pure-Python'} engine); {meta.get('duration_s', 0):.0f} s in all.\n")
+    L.append(
+        f"Run {meta['started']} on `{meta['host']['hostname']}`: {meta['host']['cpus']} CPUs "
+        f"({meta['host']['cpu_model'] or 'unknown model'}), {meta['host']['mem_total'] / 2**30:.1f} GiB RAM, "
+        f"Linux {meta['host']['kernel']}, offscan {meta['host']['offscan']} "
+        f"({'native' if meta['host']['native_engine'] else 'pure-Python'} engine); {meta.get('duration_s', 0):.0f} s in all.\n"
+    )
     L.append(f"Command: `{cfg.get('command') or 'offscan bench clone-storm'}`\n")
-    L.append(f"One `offscan serve` and one shim process (the `Shim` class, fed new VMs on stdin) protect a master of "
-             f"{s['files_per_clone']} files ({meta.get('master_bytes', 0) / 2**20:.1f} MiB, {meta.get('signatures', 0)} "
-             f"signatures; activation took {s['master_activation_s']:.2f} s). Then {s['clones']} clones are made with the "
-             f"appliance's `vm-clone` operation, {s['batch']} per request and {s['parallel']} request(s) in flight, "
-             "each batch handed to the shim as soon as its reply arrives, the next request sent at once.\n")
-    L.append(f"Host noise: load average {meta.get('loadavg_before')} before, {meta.get('loadavg_after')} after; other "
-             f"processes used {s['background_share']:.0%} of the host during the storm"
-             + (" (the machine was shared: times are pessimistic)." if s["background_share"] > 0.10 else ".") + "\n")
+    L.append(
+        f"One `offscan serve` and one shim process (the `Shim` class, fed new VMs on stdin) protect a master of "
+        f"{s['files_per_clone']} files ({meta.get('master_bytes', 0) / 2**20:.1f} MiB, {meta.get('signatures', 0)} "
+        f"signatures; activation took {s['master_activation_s']:.2f} s). Then {s['clones']} clones are made with the "
+        f"appliance's `vm-clone` operation, {s['batch']} per request and {s['parallel']} request(s) in flight, "
+        "each batch handed to the shim as soon as its reply arrives, the next request sent at once.\n"
+    )
+    L.append(
+        f"Host noise: load average {meta.get('loadavg_before')} before, {meta.get('loadavg_after')} after; other "
+        f"processes used {s['background_share']:.0%} of the host during the storm"
+        + (
+            " (the machine was shared: times are pessimistic)."
+            if s["background_share"] > 0.10
+            else "."
+        )
+        + "\n"
+    )
     if not s["complete"]:
-        L.append(f"**Incomplete:** {s['missing']} clone files had no verdict after {cfg['timeout']:.0f} s.\n")
+        L.append(
+            f"**Incomplete:** {s['missing']} clone files had no verdict after {cfg['timeout']:.0f} s.\n"
+        )
     L.append("## Time-to-protect per clone\n")
-    L.append("From the clone's registration (the moment the appliance recorded it, inside `vm-clone`), seconds.\n")
+    L.append(
+        "From the clone's registration (the moment the appliance recorded it, inside `vm-clone`), seconds.\n"
+    )
     L.append("| | p50 | p99 | max |")
     L.append("|---|---|---|---|")
-    for key, label in (("first_verdict_s", "first verdict for its files"), ("all_files_s", "every file verdicted")):
+    for key, label in (
+        ("first_verdict_s", "first verdict for its files"),
+        ("all_files_s", "every file verdicted"),
+    ):
         d = t[key]
         L.append(f"| {label} | {_s(d['p50'], 3)} | {_s(d['p99'], 3)} | {_s(d['max'], 3)} |")
     L.append("")
     if t["vms_without_verdict"] or t["vms_not_fully_verdicted"]:
-        L.append(f"**{t['vms_without_verdict']} clone(s) never got a verdict and {t['vms_not_fully_verdicted']} "
-                 f"were not fully verdicted within {cfg['timeout']:.0f} s; they are not in the percentiles above.**\n")
-    L.append(f"Goal p99 < 1 s to first verdict: **{'met' if goal else 'not met'}** "
-             f"(p99 {_s(t['first_verdict_s']['p99'], 3)} s"
-             + (", and every clone protected)." if not t["vms_without_verdict"] else ", but not every clone was protected).")
-             + "\n")
+        L.append(
+            f"**{t['vms_without_verdict']} clone(s) never got a verdict and {t['vms_not_fully_verdicted']} "
+            f"were not fully verdicted within {cfg['timeout']:.0f} s; they are not in the percentiles above.**\n"
+        )
+    L.append(
+        f"Goal p99 < 1 s to first verdict: **{'met' if goal else 'not met'}** "
+        f"(p99 {_s(t['first_verdict_s']['p99'], 3)} s"
+        + (
+            ", and every clone protected)."
+            if not t["vms_without_verdict"]
+            else ", but not every clone was protected)."
+        )
+        + "\n"
+    )
     L.append("![time to protect](time_to_protect.png)\n")
     L.append("## What limits it\n")
     for line in storm_limits(s):
@@ -2282,9 +2928,14 @@ def render_storm_report(results: dict[str, Any], out: Path) -> None:
     L.append("Breakdown per clone (p50 / p99 / max, seconds):\n")
     L.append("| step | p50 | p99 | max |")
     L.append("|---|---|---|---|")
-    for key, label in (("registered_to_handed_s", "registered → handed to the shim (rest of its batch copied, reply)"),
-                       ("activation_s", "shim add_vm: register, watch (inotify), queue first files"),
-                       ("handed_to_first_verdict_s", "handed to the shim → first verdict")):
+    for key, label in (
+        (
+            "registered_to_handed_s",
+            "registered → handed to the shim (rest of its batch copied, reply)",
+        ),
+        ("activation_s", "shim add_vm: register, watch (inotify), queue first files"),
+        ("handed_to_first_verdict_s", "handed to the shim → first verdict"),
+    ):
         d = s["breakdown"][key]
         L.append(f"| {label} | {_s(d['p50'], 3)} | {_s(d['p99'], 3)} | {_s(d['max'], 3)} |")
     L.append("")
@@ -2294,36 +2945,45 @@ def render_storm_report(results: dict[str, Any], out: Path) -> None:
     L.append("| process | CPU s | VmHWM MiB | Pss MiB | rchar MiB |")
     L.append("|---|---|---|---|---|")
     for label, p in per.items():
-        L.append(f"| {label} | {p['cpu_s']:.2f} | {_mb(p['hwm'])} | {_mb(p['pss'])} | {_mb(p['rchar'])} |")
+        L.append(
+            f"| {label} | {p['cpu_s']:.2f} | {_mb(p['hwm'])} | {_mb(p['pss'])} | {_mb(p['rchar'])} |"
+        )
     L.append("")
-    L.append(f"Appliance counters over the storm: {c['verdicts']} verdicts, {c['contents_matched']} contents matched, "
-             f"{c['served_clone']} served from the master's verdicts by clone identity, {c['served_identity']} by identity, "
-             f"{c['served_digest']} by digest; {c['bytes_read'] / 2**20:.1f} MiB of file content read; "
-             f"{s['cloning']['bytes_copied'] / 2**20:.0f} MiB copied in-kernel for the clones. "
-             f"Verdict latency inside the appliance p50 {_s(s['verdict_latency_ms']['p50'])} ms, "
-             f"p99 {_s(s['verdict_latency_ms']['p99'])} ms.\n")
+    L.append(
+        f"Appliance counters over the storm: {c['verdicts']} verdicts, {c['contents_matched']} contents matched, "
+        f"{c['served_clone']} served from the master's verdicts by clone identity, {c['served_identity']} by identity, "
+        f"{c['served_digest']} by digest; {c['bytes_read'] / 2**20:.1f} MiB of file content read; "
+        f"{s['cloning']['bytes_copied'] / 2**20:.0f} MiB copied in-kernel for the clones. "
+        f"Verdict latency inside the appliance p50 {_s(s['verdict_latency_ms']['p50'])} ms, "
+        f"p99 {_s(s['verdict_latency_ms']['p99'])} ms.\n"
+    )
     L.append("## Caveats\n")
-    L.append("- Clones are directories on one ext4 filesystem: without reflink support every clone is a full "
-             "in-kernel copy (copy_file_range), which is the appliance's CPU time (system time) and disk traffic. "
-             "On btrfs/xfs the copy shares extents and costs almost nothing.\n"
-             "- The shim watches each VM root with its own inotify instance (watchdog); the kernel's "
-             "`fs.inotify.max_user_instances` (128 by default) caps how many VMs one user's shims can watch, so a "
-             "storm of hundreds of clones needs that limit raised (`--raise-inotify-limit` does it for the run).\n"
-             "- The appliance's rchar includes the bytes `copy_file_range` copied for the clones (the kernel "
-             "counts them as read); its own `bytes_read` counter (file content read to hash or match) is the "
-             "scanning work.\n"
-             "- Times are wall-clock verdict timestamps from the appliance's events.jsonl and registration times "
-             "from its inventory (same clock). The lab's own work (reading the event log) runs on the same 2 cores.")
+    L.append(
+        "- Clones are directories on one ext4 filesystem: without reflink support every clone is a full "
+        "in-kernel copy (copy_file_range), which is the appliance's CPU time (system time) and disk traffic. "
+        "On btrfs/xfs the copy shares extents and costs almost nothing.\n"
+        "- The shim watches each VM root with its own inotify instance (watchdog); the kernel's "
+        "`fs.inotify.max_user_instances` (128 by default) caps how many VMs one user's shims can watch, so a "
+        "storm of hundreds of clones needs that limit raised (`--raise-inotify-limit` does it for the run).\n"
+        "- The appliance's rchar includes the bytes `copy_file_range` copied for the clones (the kernel "
+        "counts them as read); its own `bytes_read` counter (file content read to hash or match) is the "
+        "scanning work.\n"
+        "- Times are wall-clock verdict timestamps from the appliance's events.jsonl and registration times "
+        "from its inventory (same clock). The lab's own work (reading the event log) runs on the same 2 cores."
+    )
     (out / "report.md").write_text("\n".join(L) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def _points(text: str) -> list[int]:
     try:
         return sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated VM counts, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated VM counts, got {text!r}"
+        ) from None
 
 
 def _share(text: str) -> float:
@@ -2338,55 +2998,142 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
 
     def common(p: argparse.ArgumentParser, default_out: str) -> None:
-        p.add_argument("--files", type=int, default=DEFAULT_FILES, help=f"files per VM (default {DEFAULT_FILES})")
-        p.add_argument("--sigs", type=int, default=DEFAULT_SIGS,
-                       help=f"generated .ndb signatures, plus EICAR (default {DEFAULT_SIGS})")
-        p.add_argument("-o", "--output", dest="out", default=default_out, metavar="DIR",
-                       help=f"where report.md, results.json and the plots go (default ./{default_out})")
-        p.add_argument("--seed", type=int, default=1, help="seed of the image and signatures (default 1)")
-        p.add_argument("--timeout", type=float, default=DEFAULT_PHASE_TIMEOUT, metavar="SECONDS",
-                       help="longest a phase may take before it is reported incomplete")
-        p.add_argument("--work", metavar="DIR", help="where the VMs and scanner state go (default: a temp dir)")
-        p.add_argument("--keep", action="store_true", help="keep the work directory (VMs, logs, event logs)")
-        p.add_argument("--raise-inotify-limit", action="store_true",
-                       help="as root, raise fs.inotify.max_user_instances for the run if it is too low "
-                       "(the shim needs one instance per VM); restored afterwards")
+        p.add_argument(
+            "--files",
+            type=int,
+            default=DEFAULT_FILES,
+            help=f"files per VM (default {DEFAULT_FILES})",
+        )
+        p.add_argument(
+            "--sigs",
+            type=int,
+            default=DEFAULT_SIGS,
+            help=f"generated .ndb signatures, plus EICAR (default {DEFAULT_SIGS})",
+        )
+        p.add_argument(
+            "-o",
+            "--output",
+            dest="out",
+            default=default_out,
+            metavar="DIR",
+            help=f"where report.md, results.json and the plots go (default ./{default_out})",
+        )
+        p.add_argument(
+            "--seed", type=int, default=1, help="seed of the image and signatures (default 1)"
+        )
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=DEFAULT_PHASE_TIMEOUT,
+            metavar="SECONDS",
+            help="longest a phase may take before it is reported incomplete",
+        )
+        p.add_argument(
+            "--work", metavar="DIR", help="where the VMs and scanner state go (default: a temp dir)"
+        )
+        p.add_argument(
+            "--keep", action="store_true", help="keep the work directory (VMs, logs, event logs)"
+        )
+        p.add_argument(
+            "--raise-inotify-limit",
+            action="store_true",
+            help="as root, raise fs.inotify.max_user_instances for the run if it is too low "
+            "(the shim needs one instance per VM); restored afterwards",
+        )
 
-    p = sub.add_parser("agent-vs-agentless", help="one appliance + one shim vs one agent per VM, measured",
-                       description="Build N VMs from a master image and measure the agentless setup against "
-                       "an agent per VM on the same workload; writes a report with plots.")
+    p = sub.add_parser(
+        "agent-vs-agentless",
+        help="one appliance + one shim vs one agent per VM, measured",
+        description="Build N VMs from a master image and measure the agentless setup against "
+        "an agent per VM on the same workload; writes a report with plots.",
+    )
     p.add_argument("--vms", type=int, default=10, help="VMs (default 10; --points overrides)")
-    p.add_argument("--points", type=_points, metavar="N,N,...", help="run for each VM count (e.g. 1,10,25,50,100)")
-    p.add_argument("--workload", choices=WORKLOADS, default="boot-storm",
-                   help="boot-storm (every file scanned at activation), steady (writes at --rate), "
-                   "clone-storm (N clones of a protected master), update (a pattern update lands)")
-    p.add_argument("--shared", type=_share, default=DEFAULT_SHARED,
-                   help=f"share of files identical across VMs (default {DEFAULT_SHARED})")
-    p.add_argument("--agent-batch", type=int, default=DEFAULT_AGENT_BATCH,
-                   help=f"agents started together (default {DEFAULT_AGENT_BATCH})")
-    p.add_argument("--clone-batch", type=int, default=DEFAULT_CLONE_BATCH,
-                   help=f"clones per vm-clone request (default {DEFAULT_CLONE_BATCH})")
-    p.add_argument("--duration", type=float, default=DEFAULT_STEADY_SECONDS, metavar="SECONDS",
-                   help=f"steady workload: length of the writes (default {DEFAULT_STEADY_SECONDS:.0f})")
-    p.add_argument("--rate", type=float, default=DEFAULT_STEADY_RATE,
-                   help=f"steady workload: files written per VM per second (default {DEFAULT_STEADY_RATE})")
-    p.add_argument("--budget-cpu", type=_share, default=DEFAULT_BUDGET_CPU,
-                   help=f"share of the host's CPU security may use (default {DEFAULT_BUDGET_CPU})")
-    p.add_argument("--budget-window", type=float, default=DEFAULT_BUDGET_WINDOW, metavar="SECONDS",
-                   help=f"over this long (default {DEFAULT_BUDGET_WINDOW:.0f}; steady: the phase's length)")
-    p.add_argument("--budget-mem", type=_share, default=DEFAULT_BUDGET_MEM,
-                   help=f"share of the host's RAM security may hold (default {DEFAULT_BUDGET_MEM})")
+    p.add_argument(
+        "--points",
+        type=_points,
+        metavar="N,N,...",
+        help="run for each VM count (e.g. 1,10,25,50,100)",
+    )
+    p.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="boot-storm",
+        help="boot-storm (every file scanned at activation), steady (writes at --rate), "
+        "clone-storm (N clones of a protected master), update (a pattern update lands)",
+    )
+    p.add_argument(
+        "--shared",
+        type=_share,
+        default=DEFAULT_SHARED,
+        help=f"share of files identical across VMs (default {DEFAULT_SHARED})",
+    )
+    p.add_argument(
+        "--agent-batch",
+        type=int,
+        default=DEFAULT_AGENT_BATCH,
+        help=f"agents started together (default {DEFAULT_AGENT_BATCH})",
+    )
+    p.add_argument(
+        "--clone-batch",
+        type=int,
+        default=DEFAULT_CLONE_BATCH,
+        help=f"clones per vm-clone request (default {DEFAULT_CLONE_BATCH})",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=DEFAULT_STEADY_SECONDS,
+        metavar="SECONDS",
+        help=f"steady workload: length of the writes (default {DEFAULT_STEADY_SECONDS:.0f})",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=DEFAULT_STEADY_RATE,
+        help=f"steady workload: files written per VM per second (default {DEFAULT_STEADY_RATE})",
+    )
+    p.add_argument(
+        "--budget-cpu",
+        type=_share,
+        default=DEFAULT_BUDGET_CPU,
+        help=f"share of the host's CPU security may use (default {DEFAULT_BUDGET_CPU})",
+    )
+    p.add_argument(
+        "--budget-window",
+        type=float,
+        default=DEFAULT_BUDGET_WINDOW,
+        metavar="SECONDS",
+        help=f"over this long (default {DEFAULT_BUDGET_WINDOW:.0f}; steady: the phase's length)",
+    )
+    p.add_argument(
+        "--budget-mem",
+        type=_share,
+        default=DEFAULT_BUDGET_MEM,
+        help=f"share of the host's RAM security may hold (default {DEFAULT_BUDGET_MEM})",
+    )
     common(p, "offscan-lab")
 
-    q = sub.add_parser("clone-storm", help="hundreds of clones while the appliance serves: time-to-protect",
-                       description="Protect a master, then clone it many times through the appliance as fast "
-                       "as the machine allows; report time-to-protect per clone and what limits it.")
+    q = sub.add_parser(
+        "clone-storm",
+        help="hundreds of clones while the appliance serves: time-to-protect",
+        description="Protect a master, then clone it many times through the appliance as fast "
+        "as the machine allows; report time-to-protect per clone and what limits it.",
+    )
     q.add_argument("--clones", type=int, default=500, help="clones to create (default 500)")
-    q.add_argument("--batch", dest="clone_batch", type=int, default=DEFAULT_CLONE_BATCH,
-                   help=f"clones per vm-clone request (default {DEFAULT_CLONE_BATCH}: a clone is registered when "
-                   "its copy is done, but reaches the shim with its whole batch)")
-    q.add_argument("--parallel", type=int, default=DEFAULT_CLONE_PARALLEL,
-                   help=f"vm-clone requests in flight (default {DEFAULT_CLONE_PARALLEL}; 2 copies on both cores)")
+    q.add_argument(
+        "--batch",
+        dest="clone_batch",
+        type=int,
+        default=DEFAULT_CLONE_BATCH,
+        help=f"clones per vm-clone request (default {DEFAULT_CLONE_BATCH}: a clone is registered when "
+        "its copy is done, but reaches the shim with its whole batch)",
+    )
+    q.add_argument(
+        "--parallel",
+        type=int,
+        default=DEFAULT_CLONE_PARALLEL,
+        help=f"vm-clone requests in flight (default {DEFAULT_CLONE_PARALLEL}; 2 copies on both cores)",
+    )
     common(q, "offscan-clone-storm")
 
 
@@ -2399,7 +3146,11 @@ def _command_line(args: argparse.Namespace) -> str:
             continue
         if value == getattr(defaults, key) or value is False:
             continue
-        flag = "--batch" if key == "clone_batch" and args.bench_command == "clone-storm" else f"--{key.replace('_', '-')}"
+        flag = (
+            "--batch"
+            if key == "clone_batch" and args.bench_command == "clone-storm"
+            else f"--{key.replace('_', '-')}"
+        )
         if value is True:
             words.append(flag)
         elif isinstance(value, list):
