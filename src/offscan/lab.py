@@ -926,6 +926,7 @@ class BenchConfig:
     work: str | None = None
     keep: bool = False
     raise_inotify_limit: bool = False
+    repeat: int = 1  # runs of every (setup, N), interleaved, to show run-to-run spread
     clones: int = 500  # clone-storm
     parallel: int = DEFAULT_CLONE_PARALLEL  # clone-storm: vm-clone requests in flight
     command: str = ""
@@ -1311,13 +1312,15 @@ def build_vms(lab: Lab, root: Path, n: int) -> list[LabVM]:
     return vms
 
 
-async def run_point(lab: Lab, kind: str, n: int, progress: Progress) -> dict[str, Any]:
+async def run_point(
+    lab: Lab, kind: str, n: int, progress: Progress, *, rep: int = 0
+) -> dict[str, Any]:
     """Run one setup (``agentless`` or ``agent``) with ``n`` VMs on the configured workload."""
     cfg = lab.cfg
-    rundir = lab.work / f"{'al' if kind == 'agentless' else 'ag'}{n}"
+    rundir = lab.work / f"{'al' if kind == 'agentless' else 'ag'}{n}r{rep}"
     rundir.mkdir()
     setup = Setup(kind, lab, rundir)
-    result: dict[str, Any] = {"setup": kind, "n": n, "workload": cfg.workload}
+    result: dict[str, Any] = {"setup": kind, "n": n, "repeat": rep, "workload": cfg.workload}
     try:
         storm = cfg.workload == "clone-storm"
         progress.start_phase(f"N={n} {kind}: building {n if not storm else 1} VM(s)")
@@ -2009,6 +2012,16 @@ def plot_consolidation(
     fig.savefig(path)
 
 
+def _median_by_n(
+    runs: Sequence[dict[str, Any]], value: Callable[[dict[str, Any]], float]
+) -> tuple[list[int], list[float]]:
+    """One point per N: the median over repeated runs."""
+    import statistics
+
+    ns = sorted({r["n"] for r in runs})
+    return ns, [statistics.median(value(r) for r in runs if r["n"] == n) for n in ns]
+
+
 def plot_protection(runs: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     fig, axes = _figure(2)
     for ax, key, label in (
@@ -2021,21 +2034,19 @@ def plot_protection(runs: Sequence[dict[str, Any]], path: Path, title: str) -> N
             )
             if not rs:
                 continue
-            src = [
-                r["clone_storm"]["time_to_protect"]
-                if "clone_storm" in r
-                else r["boot"]["from_launch"]
-                for r in rs
-            ]
-            xs = [r["n"] for r in rs]
             for q, style in (("p50", "o-"), ("p99", "s--")):
-                ax.plot(
-                    xs,
-                    [s[key][q] if s[key][q] is not None else float("nan") for s in src],
-                    style,
-                    color=COLORS[setup],
-                    label=f"{setup} {q}",
-                )
+
+                def value(r: dict[str, Any], q: str = q, key: str = key) -> float:
+                    src = (
+                        r["clone_storm"]["time_to_protect"]
+                        if "clone_storm" in r
+                        else r["boot"]["from_launch"]
+                    )
+                    v = src[key][q]
+                    return float("nan") if v is None else float(v)
+
+                xs, ys = _median_by_n(rs, value)
+                ax.plot(xs, ys, style, color=COLORS[setup], label=f"{setup} {q}")
         ax.set_xlabel("VMs (N)")
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
@@ -2054,17 +2065,14 @@ def plot_update(runs: Sequence[dict[str, Any]], path: Path) -> None:
         )
         if not rs:
             continue
-        xs = [r["n"] for r in rs]
         axes[0].plot(
-            xs,
-            [r["update"]["update_bytes"] / 1024 for r in rs],
+            *_median_by_n(rs, lambda r: r["update"]["update_bytes"] / 1024),
             "o-",
             color=COLORS[setup],
             label=setup,
         )
         axes[1].plot(
-            xs,
-            [r["update"]["all_points_on_v2_s"] for r in rs],
+            *_median_by_n(rs, lambda r: r["update"]["all_points_on_v2_s"]),
             "o-",
             color=COLORS[setup],
             label=setup,
@@ -2090,6 +2098,19 @@ def _mb(x: float | None) -> str:
 
 def _s(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _spread(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
+    """Median, and [min–max] when there are several values."""
+    import statistics
+
+    vs = [v * scale for v in values]
+    med = f"{statistics.median(vs):.{digits}f}"
+    return med if len(vs) < 2 else f"{med} [{min(vs):.{digits}f}–{max(vs):.{digits}f}]"
+
+
+def _nrep(run: dict[str, Any], repeats: int) -> str:
+    return str(run["n"]) if repeats < 2 else f"{run['n']} #{run.get('repeat', 0) + 1}"
 
 
 def _pq(d: dict[str, Any]) -> str:
@@ -2214,21 +2235,37 @@ def render_report(results: dict[str, Any], out: Path) -> None:
                 "\nThe agentless cost did not grow measurably with N in these measurements (the fit is flat), "
                 "so no VM count exhausts the budget: measure larger N for a ratio.\n"
             )
-    top = [r for r in runs if r["n"] == max_n]
-    if top:
-        L.append(f"Cost per VM at N = {max_n} ({phase_name}):\n")
-        L.append(
-            "| setup | CPU s / VM | memory / VM (Pss, MiB) | peak RSS / VM (VmHWM, MiB) | bytes read / VM (rchar, MiB) | contents matched | served from cache |"
-        )
-        L.append("|---|---|---|---|---|---|---|")
-        for r in top:
-            p = r[r["primary"]]
-            c = p["counters"]
+    repeats = max((r.get("repeat", 0) for r in runs), default=0) + 1
+    L.append(
+        f"Cost per VM ({phase_name}"
+        + (f"; median of {repeats} interleaved runs, min–max in brackets" if repeats > 1 else "")
+        + "):\n"
+    )
+    L.append(
+        "| N | setup | CPU s / VM | memory / VM (Σ Pss, MiB) | peak RSS / VM (Σ VmHWM, MiB) "
+        "| bytes read / VM (rchar, MiB) | contents matched | served from cache |"
+    )
+    L.append("|---|---|---|---|---|---|---|---|")
+    for n in sorted({r["n"] for r in runs}):
+        for setup in ("agentless", "agent"):
+            rs = [r for r in runs if r["n"] == n and r["setup"] == setup]
+            if not rs:
+                continue
             L.append(
-                f"| {r['setup']} | {p['cpu_s'] / r['n']:.3f} | {_mb(p['pss_sum'] / r['n'])} | {_mb(p['hwm_sum'] / r['n'])} "
-                f"| {_mb(p['rchar'] / r['n'])} | {c['contents_matched']} | {c['served_from_cache']} |"
+                f"| {n} | {setup} "
+                + "".join(
+                    f"| {_spread([fn(r[r['primary']]) / n for r in rs], scale, digits)} "
+                    for fn, scale, digits in (
+                        (lambda p: p["cpu_s"], 1.0, 3),
+                        (lambda p: p["pss_sum"], 1 / 2**20, 1),
+                        (lambda p: p["hwm_sum"], 1 / 2**20, 1),
+                        (lambda p: p["rchar"], 1 / 2**20, 1),
+                    )
+                )
+                + f"| {_spread([r[r['primary']]['counters']['contents_matched'] for r in rs], 1.0, 0)} "
+                + f"| {_spread([r[r['primary']]['counters']['served_from_cache'] for r in rs], 1.0, 0)} |"
             )
-        L.append("")
+    L.append("")
     for name in plots:
         L.append(f"![{name}]({name})\n")
 
@@ -2242,11 +2279,11 @@ def render_report(results: dict[str, Any], out: Path) -> None:
         "| N | setup | procs | wall s | CPU s | CPU s/VM | max VmHWM MiB | Σ VmHWM MiB | Σ Pss MiB | Pss/VM MiB | rchar MiB | read_bytes MiB | file bytes read (counter) MiB | verdicts | contents matched | served from cache | detections | errors | other load |"
     )
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless")):
+    for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0))):
         p = r[r["primary"]]
         c = p["counters"]
         L.append(
-            f"| {r['n']} | {r['setup']} | {p['processes']} | {p['wall_s']:.1f} | {p['cpu_s']:.2f} | {p['cpu_s'] / r['n']:.3f} "
+            f"| {_nrep(r, repeats)} | {r['setup']} | {p['processes']} | {p['wall_s']:.1f} | {p['cpu_s']:.2f} | {p['cpu_s'] / r['n']:.3f} "
             f"| {_mb(p['hwm_max'])} | {_mb(p['hwm_sum'])} | {_mb(p['pss_sum'])} | {_mb(p['pss_sum'] / r['n'])} "
             f"| {_mb(p['rchar'])} | {_mb(p['read_bytes'])} "
             f"| {_mb(c['bytes_read'])} | {c['verdicts']} | {c['contents_matched']} | {c['served_from_cache']} "
@@ -2264,10 +2301,12 @@ def render_report(results: dict[str, Any], out: Path) -> None:
             "| N | setup | first verdict from start | all files from start | first verdict from registration | all files from registration | setup wall s |"
         )
         L.append("|---|---|---|---|---|---|---|")
-        for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless")):
+        for r in sorted(
+            runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0))
+        ):
             bt = r["boot"]
             L.append(
-                f"| {r['n']} | {r['setup']} | {_pq(bt['from_launch']['first_verdict_s'])} | {_pq(bt['from_launch']['all_files_s'])} "
+                f"| {_nrep(r, repeats)} | {r['setup']} | {_pq(bt['from_launch']['first_verdict_s'])} | {_pq(bt['from_launch']['all_files_s'])} "
                 f"| {_pq(bt['from_registration']['first_verdict_s'])} | {_pq(bt['from_registration']['all_files_s'])} "
                 f"| {bt['setup_wall_s']:.1f} |"
             )
@@ -2278,11 +2317,13 @@ def render_report(results: dict[str, Any], out: Path) -> None:
             "| N | setup | writes | write → verdict p50 / p99 s | CPU s | host CPU share | contents matched | served from cache |"
         )
         L.append("|---|---|---|---|---|---|---|---|")
-        for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless")):
+        for r in sorted(
+            runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0))
+        ):
             s = r["steady"]
             share = s["cpu_s"] / (s["wall_s"] * (meta["host"]["cpus"] or 1))
             L.append(
-                f"| {r['n']} | {r['setup']} | {s['writes']} | {_pq(s['write_to_verdict_s'])} | {s['cpu_s']:.2f} | {share:.1%} "
+                f"| {_nrep(r, repeats)} | {r['setup']} | {s['writes']} | {_pq(s['write_to_verdict_s'])} | {s['cpu_s']:.2f} | {share:.1%} "
                 f"| {s['counters']['contents_matched']} | {s['counters']['served_from_cache']} |"
             )
         L.append("")
@@ -2296,10 +2337,12 @@ def render_report(results: dict[str, Any], out: Path) -> None:
             "| N | setup | scanning points | update bytes | all points on v2 (s) | compile p50 s | every VM's newly detected file reported (s) | revalidations | contents matched |"
         )
         L.append("|---|---|---|---|---|---|---|---|---|")
-        for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless")):
+        for r in sorted(
+            runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0))
+        ):
             u = r["update"]
             L.append(
-                f"| {r['n']} | {r['setup']} | {u['scanning_points']} | {u['update_bytes']} | {u['all_points_on_v2_s']:.2f} "
+                f"| {_nrep(r, repeats)} | {r['setup']} | {u['scanning_points']} | {u['update_bytes']} | {u['all_points_on_v2_s']:.2f} "
                 f"| {_s(u['compile_seconds']['p50'])} | {_s(u['all_vms_reported_s'])} | {u['counters']['revalidations']} "
                 f"| {u['counters']['contents_matched']} |"
             )
@@ -2312,11 +2355,13 @@ def render_report(results: dict[str, Any], out: Path) -> None:
         )
         L.append("| N | setup | first verdict | all files | storm wall s | CPU s | sources |")
         L.append("|---|---|---|---|---|---|---|")
-        for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless")):
+        for r in sorted(
+            runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0))
+        ):
             cs = r["clone_storm"]
             t = cs["time_to_protect"]
             L.append(
-                f"| {r['n']} | {r['setup']} | {_pq(t['first_verdict_s'])} / {_s(t['first_verdict_s']['max'])} "
+                f"| {_nrep(r, repeats)} | {r['setup']} | {_pq(t['first_verdict_s'])} / {_s(t['first_verdict_s']['max'])} "
                 f"| {_pq(t['all_files_s'])} / {_s(t['all_files_s']['max'])} | {cs['storm_wall_s']:.1f} | {cs['cpu_s']:.2f} "
                 f"| {', '.join(f'{k} {v}' for k, v in sorted(cs['verdict_sources'].items()))} |"
             )
@@ -2423,18 +2468,25 @@ def run_agent_vs_agentless(cfg: BenchConfig, console: Any = None) -> dict[str, A
         results["meta"].update(
             master_bytes=lab.master_bytes, signatures=lab.signatures, work=str(lab.work)
         )
-        with Progress(console, 2 * len(points)) as progress:
-            for n in points:
-                for kind in ("agentless", "agent"):
-                    try:
-                        run = asyncio.run(run_point(lab, kind, n, progress))
-                    except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
-                        run = {"setup": kind, "n": n, "error": f"{type(exc).__name__}: {exc}"}
-                        console.print(f"[red]{kind} N={n} failed:[/red] {run['error']}")
-                    results["runs"].append(run)
-                    _save(out, results)
-                    progress.run_done()
-                    _print_run(console, run)
+        repeat = max(1, cfg.repeat)
+        with Progress(console, 2 * len(points) * repeat) as progress:
+            for rep in range(repeat):  # interleaved, so a slow spell of the host hits every N
+                for n in points:
+                    for kind in ("agentless", "agent"):
+                        try:
+                            run = asyncio.run(run_point(lab, kind, n, progress, rep=rep))
+                        except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
+                            run = {
+                                "setup": kind,
+                                "n": n,
+                                "repeat": rep,
+                                "error": f"{type(exc).__name__}: {exc}",
+                            }
+                            console.print(f"[red]{kind} N={n} failed:[/red] {run['error']}")
+                        results["runs"].append(run)
+                        _save(out, results)
+                        progress.run_done()
+                        _print_run(console, run)
     finally:
         if lab is not None:
             lab.close()
@@ -3110,6 +3162,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         type=_share,
         default=DEFAULT_BUDGET_MEM,
         help=f"share of the host's RAM security may hold (default {DEFAULT_BUDGET_MEM})",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every (setup, N) this many times, interleaved, to show the host's run-to-run spread",
     )
     common(p, "offscan-lab")
 
