@@ -638,6 +638,10 @@ class Appliance:
         vm = self._vm(shim, msg["vm"])
         path = msg["path"]
         mode = msg.get("mode", "path")
+        try:
+            check_relpath(path)  # refuse escapes before anything, exclusions included
+        except ConfinementError as exc:
+            self._refused(vm, shim, path, exc)
         policy = self.effective_policy(vm)
         why = policies.excluded(policy, path)
         if why:
@@ -655,11 +659,7 @@ class Appliance:
                 try:
                     fd = await loop.run_in_executor(self.pool, open_confined, vm.root, path)
                 except ConfinementError as exc:
-                    self.counters.refused += 1
-                    log.warning("refused: VM %s (shim %s): %s", vm.name, shim, exc)
-                    self.events.write({"time": time.time(), "event": "refused", "vm": vm.name,
-                                       "path": path, "reason": str(exc)})
-                    raise RequestFailed("confined", str(exc)) from None
+                    self._refused(vm, shim, path, exc)
                 except OSError as exc:
                     return await self._finish(vm, path, ScanResult(path, "error", reason=_reason(exc)), "scan", None, t0)
             else:
@@ -672,6 +672,13 @@ class Appliance:
             if fd >= 0:
                 os.close(fd)
             _close_fds(fds)
+
+    def _refused(self, vm: VMRecord, shim: str, path: str, exc: ConfinementError) -> None:
+        self.counters.refused += 1
+        log.warning("refused: VM %s (shim %s): %s", vm.name, shim, exc)
+        self.events.write({"time": time.time(), "event": "refused", "vm": vm.name, "path": path,
+                           "reason": str(exc)})
+        raise RequestFailed("confined", str(exc)) from None
 
     async def scan_stream(self, shim: str, msg: dict[str, Any], chunks: asyncio.Queue[bytes | None]) -> dict[str, Any]:
         """Content streamed in chunk frames (remote shims): matched and hashed as it arrives in
