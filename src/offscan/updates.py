@@ -1272,6 +1272,13 @@ class _CountingReader:
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # a fleet of agents polls at once; socketserver's default is 5
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+            return  # a client that went away mid-reply is not a server error
+        super().handle_error(request, client_address)
 
     def __init__(self, address: tuple[str, int], catalog: _Catalog) -> None:
         self.catalog = catalog
