@@ -2320,7 +2320,8 @@ def render_report(results: dict[str, Any], out: Path) -> None:
         "| N | setup | procs | wall s | CPU s | CPU s/VM | max VmHWM MiB | Σ VmHWM MiB | Σ Pss MiB | Pss/VM MiB | rchar MiB | read_bytes MiB | file bytes read (counter) MiB | verdicts | contents matched | served from cache | detections | errors | other load |"
     )
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0))):
+    ordered = sorted(runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0)))
+    for r in ordered:
         p = r[r["primary"]]
         c = p["counters"]
         L.append(
@@ -2345,9 +2346,7 @@ def render_report(results: dict[str, Any], out: Path) -> None:
             "| all files from registration | all files from the storm's start | setup wall s |"
         )
         L.append("|---|---|---|---|---|---|---|---|")
-        for r in sorted(
-            runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0))
-        ):
+        for r in ordered:
             bt = r["boot"]
             L.append(
                 f"| {_nrep(r, repeats)} | {r['setup']} | {_pq(bt['from_launch']['first_verdict_s'])} | {_pq(bt['from_launch']['all_files_s'])} "
@@ -2362,9 +2361,7 @@ def render_report(results: dict[str, Any], out: Path) -> None:
             "| N | setup | writes | write → verdict p50 / p99 s | CPU s | host CPU share | contents matched | served from cache |"
         )
         L.append("|---|---|---|---|---|---|---|---|")
-        for r in sorted(
-            runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0))
-        ):
+        for r in ordered:
             s = r["steady"]
             share = s["cpu_s"] / (s["wall_s"] * (meta["host"]["cpus"] or 1))
             L.append(
@@ -2383,9 +2380,7 @@ def render_report(results: dict[str, Any], out: Path) -> None:
             "| compile p50 s | every VM's newly detected file reported (s) | revalidations | contents matched |"
         )
         L.append("|---|---|---|---|---|---|---|---|---|---|")
-        for r in sorted(
-            runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0))
-        ):
+        for r in ordered:
             u = r["update"]
             L.append(
                 f"| {_nrep(r, repeats)} | {r['setup']} | {u['scanning_points']} | {u['update_bytes']} | {u['all_points_on_v2_s']:.2f} "
@@ -2410,9 +2405,7 @@ def render_report(results: dict[str, Any], out: Path) -> None:
         )
         L.append("| N | setup | first verdict | all files | storm wall s | CPU s | sources |")
         L.append("|---|---|---|---|---|---|---|")
-        for r in sorted(
-            runs, key=lambda r: (r["n"], r["setup"] != "agentless", r.get("repeat", 0))
-        ):
+        for r in ordered:
             cs = r["clone_storm"]
             t = cs["time_to_protect"]
             L.append(
