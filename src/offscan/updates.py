@@ -1480,24 +1480,24 @@ class _CountingSocket:
         return getattr(self._sock, name)
 
 
-class _CountingHTTPConnection(http.client.HTTPConnection):
+class _CountingConnection:
+    """Mixin for http.client connections: wrap the socket so every byte is counted."""
+
     def __init__(self, *args: Any, counter: _Counter, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self._counter = counter
 
     def connect(self) -> None:
-        super().connect()
-        self.sock = _CountingSocket(self.sock, self._counter)  # type: ignore[assignment]
+        super().connect()  # type: ignore[misc]
+        self.sock = _CountingSocket(self.sock, self._counter)  # type: ignore[attr-defined]
 
 
-class _CountingHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, counter: _Counter, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._counter = counter
+class _CountingHTTPConnection(_CountingConnection, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self.sock = _CountingSocket(self.sock, self._counter)  # type: ignore[assignment]
+
+class _CountingHTTPSConnection(_CountingConnection, http.client.HTTPSConnection):
+    pass
 
 
 class _CountingHTTPHandler(urllib.request.HTTPHandler):
