@@ -1,0 +1,67 @@
+"""What several subcommands share: exit codes, the ``--appliance`` argument, operator calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2  # clamscan's: 1 means "virus found"
+DEFAULT_SOCKET = "/run/offscan/appliance.sock"
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+def add_appliance_arguments(q: argparse.ArgumentParser) -> None:
+    """``--appliance``, ``--secret`` and ``--json`` for the commands that talk to an appliance."""
+    q.add_argument("--appliance", "--socket", dest="appliance", metavar="SOCKET|HOST:PORT",
+                   default=os.environ.get("OFFSCAN_APPLIANCE", DEFAULT_SOCKET),
+                   help=f"the appliance (default: $OFFSCAN_APPLIANCE or {DEFAULT_SOCKET})")
+    q.add_argument("--secret", default=os.environ.get("OFFSCAN_SECRET"))
+    q.add_argument("--json", action="store_true", help="print the appliance's reply as JSON")
+
+
+def parse_host_port(text: str, *, option: str = "--listen") -> tuple[str, int]:
+    """``HOST:PORT`` → ``(host, port)``; a bad value ends the command with a one-line error."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"offscan: {option} wants HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+def control(args: argparse.Namespace, op: str, **kw: object) -> tuple[int, dict[str, Any]]:
+    """Run operator command ``op`` on the appliance; print the reply with ``--json``."""
+    import asyncio
+
+    from ..protocol import ApplianceClient, ProtocolError, RequestError
+
+    async def call() -> dict[str, Any]:
+        client = ApplianceClient(args.appliance, shim_id=f"operator-{os.getpid()}", secret=args.secret)
+        await client.connect()
+        try:
+            return await client.control(op, timeout=600, **kw)
+        finally:
+            await client.close()
+
+    try:
+        reply = asyncio.run(call())
+    except RequestError as exc:
+        print(f"offscan: {exc}", file=sys.stderr)
+        return EXIT_ERROR, {}
+    except (OSError, ConnectionError, TimeoutError, ProtocolError) as exc:
+        print(f"offscan: cannot reach appliance at {args.appliance}: {exc}", file=sys.stderr)
+        return EXIT_ERROR, {}
+    reply = {k: v for k, v in reply.items() if k not in ("t", "id")}
+    if args.json:
+        print(json.dumps(reply, indent=1))
+    return EXIT_CLEAN, reply

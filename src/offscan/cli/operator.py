@@ -1,0 +1,204 @@
+"""Operator commands against a running appliance: ``status``, ``vm``, ``policy``,
+``quarantine`` and ``reload``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from ._common import EXIT_CLEAN, EXIT_ERROR, add_appliance_arguments, control
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="show a running appliance's VMs, queue and cache")
+    p.add_argument("--appliance", "--socket", dest="appliance", required=True, metavar="SOCKET|HOST:PORT")
+    p.add_argument("--secret", default=os.environ.get("OFFSCAN_SECRET"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run_status)
+
+    p = sub.add_parser("vm", help="VM inventory: clone, list, show, unregister, untag")
+    p.set_defaults(run=run_vm)
+    vsub = p.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    q = vsub.add_parser("clone", help="make N clones of a registered master; they inherit its verdicts")
+    q.add_argument("base")
+    q.add_argument("--count", type=int, required=True)
+    q.add_argument("--into", required=True, metavar="DIR")
+    q.add_argument("--prefix", help="clone names: PREFIX001... (default BASE-clone)")
+    add_appliance_arguments(q)
+    q = vsub.add_parser("list")
+    add_appliance_arguments(q)
+    for action in ("show", "unregister"):
+        q = vsub.add_parser(action)
+        q.add_argument("name")
+        add_appliance_arguments(q)
+    q = vsub.add_parser("untag", help="remove tags (all by default) and rerun the isolation hook")
+    q.add_argument("name")
+    q.add_argument("tags", nargs="*")
+    add_appliance_arguments(q)
+
+    p = sub.add_parser("policy", help="per-VM policy at run time")
+    p.set_defaults(run=run_policy)
+    psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    q = psub.add_parser("set", help="e.g. policy set vm1 actions=quarantine,deny exclude_ext=iso max_size=1000000")
+    q.add_argument("vm")
+    q.add_argument("settings", nargs="+", metavar="KEY=VALUE")
+    add_appliance_arguments(q)
+    q = psub.add_parser("unset", help="drop the VM's own setting (inherit again)")
+    q.add_argument("vm")
+    q.add_argument("keys", nargs="+")
+    add_appliance_arguments(q)
+    q = psub.add_parser("show")
+    q.add_argument("vm")
+    add_appliance_arguments(q)
+
+    p = sub.add_parser("quarantine", help="the quarantine vault: list, restore, delete")
+    p.set_defaults(run=run_quarantine)
+    qsub = p.add_subparsers(dest="quarantine_command", required=True, metavar="ACTION")
+    q = qsub.add_parser("list")
+    add_appliance_arguments(q)
+    for action in ("restore", "delete"):
+        q = qsub.add_parser(action)
+        q.add_argument("id")
+        if action == "restore":
+            q.add_argument("--overwrite", action="store_true")
+        add_appliance_arguments(q)
+
+    p = sub.add_parser("reload", help="make the appliance fetch pattern updates now (or re-read -d databases)")
+    add_appliance_arguments(p)
+    p.set_defaults(run=run_reload)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ..protocol import ApplianceClient, ProtocolError, RequestError
+
+    async def fetch() -> dict[str, Any]:
+        client = ApplianceClient(args.appliance, shim_id=f"status-{os.getpid()}", secret=args.secret)
+        await client.connect()
+        try:
+            return await client.status()
+        finally:
+            await client.close()
+
+    try:
+        st = asyncio.run(fetch())
+    except (OSError, ConnectionError, TimeoutError, RequestError, ProtocolError) as exc:
+        print(f"offscan: cannot get status from {args.appliance}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return EXIT_CLEAN
+    print(f"appliance {st['appliance']} (offscan {st['version']}), up {st['uptime']:.0f} s")
+    print(f"patterns  {st['pattern_version']}: {st['patterns']}")
+    src = st.get("patterns_source") or {}
+    if src.get("fetched_from"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(src["fetched_at"])) if src.get("fetched_at") else "?"
+        print(f"          fetched {when} from {src['fetched_from']}")
+    if st.get("update_error"):
+        print(f"          last update failed: {st['update_error']}")
+    print(f"queue     {st['queue_depth']} waiting, {st['in_flight']} in flight, {st['connections']} connection(s)")
+    print(f"verdicts  {st['verdicts']}: {st['contents_matched']} contents matched, "
+          f"{st['served_from_cache']} served from cache (hit ratio {st['hit_ratio']:.1%}), "
+          f"{st['detections']} detection(s), {st['errors']} error(s), {st['refused']} refused")
+    print(f"VMs       {len(st['vms'])}")
+    for vm in st["vms"]:
+        extra = f" clone of {vm['clone_of']}" if vm.get("clone_of") else ""
+        tags = f" tags={','.join(vm['tags'])}" if vm.get("tags") else ""
+        print(f"  {vm['name']:<20} {vm['root']}{extra}{tags}")
+    for d in st["recent_detections"]:
+        print(f"detected  {d['vm']}:{d['path']}: {', '.join(d['matches'])} ({d['action']})")
+    return EXIT_CLEAN
+
+
+def _print_vm(vm: dict[str, Any]) -> None:
+    extra = f" clone of {vm['clone_of']}" if vm.get("clone_of") else ""
+    owner = vm.get("owner") or "unclaimed"
+    tags = ",".join(vm.get("tags") or []) or "-"
+    print(f"{vm['name']:<22} {vm['root']}  owner={owner} tags={tags}{extra}")
+
+
+
+def run_vm(args: argparse.Namespace) -> int:
+    a = args.vm_command
+    if a == "clone":
+        rc, r = control(args, "vm-clone", base=args.base, count=args.count,
+                         into=os.path.abspath(args.into), prefix=args.prefix)
+        if rc == 0 and not args.json:
+            print(f"{len(r['clones'])} clones of {r['base']} in {r['seconds']:.2f} s: {r['files']} files, "
+                  f"{r['inherited']} inherit the master's verdicts, {r['bytes_copied'] / 1e6:.1f} MB copied "
+                  f"in-kernel ({r['reflinked']} reflinked)")
+            for c in r["clones"]:
+                print(f"  {c['name']}  {c['root']}")
+        return rc
+    if a == "list":
+        rc, r = control(args, "vm-list")
+        if rc == 0 and not args.json:
+            for vm in r["vms"]:
+                _print_vm(vm)
+        return rc
+    if a == "show":
+        rc, r = control(args, "vm-show", name=args.name)
+        if rc == 0 and not args.json:
+            _print_vm(r)
+            print(f"  policy: {json.dumps(r['policy'])}")
+            if r.get("clones"):
+                print(f"  clones: {', '.join(r['clones'])}")
+        return rc
+    if a == "unregister":
+        return control(args, "vm-unregister", name=args.name)[0]
+    rc, r = control(args, "vm-untag", name=args.name, tags=args.tags)
+    if rc == 0 and not args.json:
+        print(f"{r['vm']}: tags now {','.join(r['tags']) or '-'}")
+    return rc
+
+
+
+def run_policy(args: argparse.Namespace) -> int:
+    a = args.policy_command
+    if a == "set":
+        settings = {}
+        for item in args.settings:
+            key, eq, value = item.partition("=")
+            if not eq:
+                print(f"offscan: expected KEY=VALUE, got {item!r}", file=sys.stderr)
+                return EXIT_ERROR
+            settings[key] = value
+        rc, r = control(args, "policy-set", vm=args.vm, settings=settings)
+    elif a == "unset":
+        rc, r = control(args, "policy-unset", vm=args.vm, keys=args.keys)
+    else:
+        rc, r = control(args, "vm-show", name=args.vm)
+    if rc == 0 and not args.json:
+        print(f"{args.vm}: {json.dumps(r['policy'])}")
+    return rc
+
+
+
+def run_quarantine(args: argparse.Namespace) -> int:
+    a = args.quarantine_command
+    if a == "list":
+        rc, r = control(args, "quarantine-list")
+        if rc == 0 and not args.json:
+            for e in r["entries"]:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+                print(f"{e['id']}  {when}  {e['vm']}:{e['path']}  {','.join(e['signatures'])}  {e['digest'][:16]}")
+        return rc
+    if a == "restore":
+        rc, r = control(args, "quarantine-restore", id=args.id, overwrite=args.overwrite)
+        if rc == 0 and not args.json:
+            print(f"restored {r['qid']} to {r['restored']}")
+        return rc
+    return control(args, "quarantine-delete", id=args.id)[0]
+
+
+
+def run_reload(args: argparse.Namespace) -> int:
+    rc, r = control(args, "reload")
+    if rc == 0 and not args.json:
+        print(f"pattern version {r['pattern_version']}" + (f" (update error: {r['error']})" if r.get("error") else ""))
+    return rc
