@@ -14,6 +14,7 @@ they are not skipped: a benchmark without its peers is not the benchmark the iss
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -421,7 +422,7 @@ def _run(benchmark, record, tmp_path: Path, group: str, engine: str) -> Record: 
         clam = _ClamScan(sigs, tmp_path)
         assert clam.run(clam.empty) == set()  # database load + a 1-byte file = "build"
         build_s = time.perf_counter() - t0
-        scanner: Callable[[], set[str]] = lambda: clam.run(clam.target)
+        scanner: Callable[[], set[str]] = functools.partial(clam.run, clam.target)
     else:
         scanner = ENGINES[engine](sigs)
         build_s = time.perf_counter() - t0

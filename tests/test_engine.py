@@ -32,7 +32,7 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
     def run() -> None:
         try:
             box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:
             box["error"] = exc
 
     t = threading.Thread(target=run, name="call_with_timeout", daemon=True)
@@ -614,7 +614,7 @@ def _scan_as_nobody(m: Matcher, path: str) -> ScanResult:
             os.setuid(65534)
             r = m.scan_path(path)
             os.write(wfd, json.dumps(r.to_json()).encode())
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:
             os.write(wfd, json.dumps({"child_error": repr(exc)}).encode())
             code = 1
         finally:

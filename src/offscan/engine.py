@@ -13,8 +13,9 @@ import os
 import stat
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -81,7 +82,7 @@ class _Chain:
 
     __slots__ = ("m", "size", "ranges", "feasible", "matched", "done")
 
-    def __init__(self, m: "Matcher", size: int, done: np.ndarray) -> None:
+    def __init__(self, m: Matcher, size: int, done: np.ndarray) -> None:
         self.m = m
         self.size = size
         # start ranges are computed on a signature's first hit: building them all up front
@@ -241,7 +242,7 @@ class Matcher:
         if size > self.max_file_size:
             return self._limit(path, size)
         buf = np.empty(self.overlap + self.window_size, dtype=np.uint8)
-        mv = memoryview(buf)
+        mv = buf.data  # a memoryview of the array's buffer
         state: dict[str, Any] = {"read": 0, "error": None, "eof_at": None}
 
         def windows() -> Iterator[tuple[memoryview, int, int]]:
@@ -296,7 +297,7 @@ class Matcher:
         if size > self.max_file_size:
             return self._limit(path, size)
         buf = np.empty(self.overlap + self.window_size, dtype=np.uint8)
-        mv = memoryview(buf)
+        mv = buf.data  # a memoryview of the array's buffer
         state: dict[str, Any] = {"error": None, "total": 0}
 
         def windows() -> Iterator[tuple[memoryview, int, int]]:
@@ -373,9 +374,9 @@ class Matcher:
                 names.append(name)
         if not stopped_early and scanned == size:
             digests = {a: h.digest() for a, h in hashers.items()}
-            for h in hash_sigs:
-                if digests[h.algorithm] == h.digest and h.name not in names:
-                    names.append(h.name)
+            for hsig in hash_sigs:
+                if digests[hsig.algorithm] == hsig.digest and hsig.name not in names:
+                    names.append(hsig.name)
         if not allmatch:
             names = names[:1]
         sha = hashers["sha256"].hexdigest() if digest and not stopped_early else None

@@ -460,7 +460,7 @@ class MetricsServer:
                 await self._respond(writer, exc.status, b"bad request\n", head_only=False)
                 await _linger(reader, writer)
                 return
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return
             path = target.split("?", 1)[0]
             if path != "/metrics":

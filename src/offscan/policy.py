@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import fnmatch
 import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = ["DEFAULT_POLICY", "PolicyError", "excluded", "load_policy_file", "merge", "validate"]
 

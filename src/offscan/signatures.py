@@ -17,11 +17,13 @@ of at least two static bytes, the anchor the engine searches for. Weaker parts a
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 __all__ = [
     "Alt",
@@ -182,7 +184,7 @@ class PatternDB:
         return text
 
     @classmethod
-    def from_text(cls, files: Iterable[tuple[str, str]]) -> "PatternDB":
+    def from_text(cls, files: Iterable[tuple[str, str]]) -> PatternDB:
         """Build from ``(filename, content)`` pairs; the suffix of each name picks the format."""
         body: list[BodySignature] = []
         hashes: list[HashSignature] = []
@@ -203,6 +205,7 @@ class PatternDB:
                 if not line or line.startswith("#"):
                     continue
                 where = f"{os.path.basename(fname)}:{lineno}"
+                sig: BodySignature | HashSignature | NotApplied
                 if suffix == ".ndb":
                     sig = _parse_ndb_line(line, where)
                 else:
@@ -224,9 +227,8 @@ class PatternDB:
 
 def default_database_path() -> Path:
     """The shipped ``patterns/`` directory (installed as package data ``offscan.patterns``)."""
-    from . import patterns  # type: ignore[attr-defined]
-
-    return Path(patterns.__file__).resolve().parent
+    patterns = importlib.import_module(f"{__package__}.patterns")
+    return Path(str(patterns.__file__)).resolve().parent
 
 
 def load_database(*paths: str | os.PathLike[str]) -> PatternDB:

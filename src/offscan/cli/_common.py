@@ -7,7 +7,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2  # clamscan's: 1 means "virus found"
 DEFAULT_SOCKET = "/run/offscan/appliance.sock"

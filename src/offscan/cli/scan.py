@@ -8,7 +8,7 @@ import os
 import stat
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from .. import __version__
 from ..engine import (
