@@ -12,6 +12,7 @@ file is taken out of a root and when it is restored into one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -22,11 +23,12 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ._fsutil import atomic_write, fsync_dir, write_all
 from .confine import ConfinementError, check_relpath
 
 __all__ = ["QuarantineEntry", "QuarantineError", "Vault"]
@@ -91,17 +93,13 @@ class QuarantineEntry:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise QuarantineError(f"quarantine entry {id}: malformed metadata ({exc!r})") from None
+        strs = (entry.vm, entry.root, entry.path, entry.digest)
+        ints = (entry.size, entry.mode, entry.uid, entry.gid)
         checks = [
             (entry.id == id, "id does not match its file name"),
-            (
-                all(isinstance(v, str) for v in (entry.vm, entry.root, entry.path, entry.digest)),
-                "vm, root, path and digest must be strings",
-            ),
+            (all(isinstance(v, str) for v in strs), "vm, root, path and digest must be strings"),
             (all(isinstance(s, str) for s in entry.signatures), "signatures must be strings"),
-            (
-                all(type(v) is int for v in (entry.size, entry.mode, entry.uid, entry.gid)),
-                "size, mode, uid and gid must be integers",
-            ),
+            (all(type(v) is int for v in ints), "size, mode, uid and gid must be integers"),
         ]
         for ok, why in checks:
             if not ok:
@@ -173,9 +171,7 @@ class Vault:
         where = f"{vm}:{path}"
         try:
             parentfd = _walk(root, parts[:-1], path, create=False)
-        except ConfinementError as exc:
-            raise QuarantineError(f"quarantine of {where}: {exc}") from None
-        except OSError as exc:
+        except OSError as exc:  # ConfinementError too: _oserr gives its message
             raise QuarantineError(f"quarantine of {where}: {_oserr(exc)}") from None
         srcfd = -1
         try:
@@ -268,7 +264,12 @@ class Vault:
         return True
 
     def _copy_in(self, srcfd: int, st: os.stat_result, blob: str, where: str) -> None:
-        """Copy from the checked descriptor to a synced temporary file renamed over ``blob``."""
+        """Copy from the checked descriptor to a synced temporary file renamed over ``blob``.
+
+        Not ``atomic_write``: the copy streams from a descriptor and the source is re-checked
+        between the copy and the rename. Durable (fsync file and directory): the original is
+        unlinked right after, so the vault copy must survive a power loss.
+        """
         tmp = str(self.directory / f".{_new_id()}.tmp")
         tmpfd = os.open(tmp, _NEW_FLAGS, 0o600)
         try:
@@ -286,7 +287,7 @@ class Vault:
         except BaseException:
             _unlink_quiet(tmp)
             raise
-        _fsync_dir(str(self.directory))
+        fsync_dir(str(self.directory))
 
     def _settle(self, blob: str, srcfd: int, parentfd: int, renamed: bool) -> None:
         """After the move: owner-only, never executable, and durable; best effort (the file
@@ -294,7 +295,7 @@ class Vault:
         try:
             if renamed:  # the open descriptor is the blob's inode
                 os.fchmod(srcfd, 0o600)
-            _fsync_dir(str(self.directory))
+            fsync_dir(str(self.directory))
             os.fsync(parentfd)
         except OSError as exc:
             log.warning("quarantine blob %s: could not finish (%s)", blob, _oserr(exc))
@@ -344,31 +345,26 @@ class Vault:
         with self._claim(entry.id):
             target_root = os.path.abspath(root if root is not None else entry.root)
             where = f"{entry.vm}:{entry.path}"
+            failed = f"restore of {entry.id} to {where}"
             try:
                 parts = check_relpath(entry.path)
             except ConfinementError as exc:
-                raise QuarantineError(f"restore of {entry.id} to {where}: {exc}") from None
-            blob = self._blob(entry.id)
+                raise QuarantineError(f"{failed}: {exc}") from None
             try:
-                srcfd = os.open(blob, _SRC_FLAGS)
+                srcfd = os.open(self._blob(entry.id), _SRC_FLAGS)
             except FileNotFoundError:
-                raise QuarantineError(
-                    f"quarantine entry {entry.id}: its content is missing"
-                ) from None
+                raise QuarantineError(f"quarantine entry {entry.id}: its content is missing") from None
             except OSError as exc:
                 raise QuarantineError(f"quarantine entry {entry.id}: {_oserr(exc)}") from None
             try:
                 parentfd = _walk(target_root, parts[:-1], entry.path, create=True)
-            except ConfinementError as exc:
+            except OSError as exc:  # ConfinementError too: _oserr gives its message
                 os.close(srcfd)
-                raise QuarantineError(f"restore of {entry.id} to {where}: {exc}") from None
-            except OSError as exc:
-                os.close(srcfd)
-                raise QuarantineError(f"restore of {entry.id} to {where}: {_oserr(exc)}") from None
+                raise QuarantineError(f"{failed}: {_oserr(exc)}") from None
             try:
                 self._write_back(entry, srcfd, parentfd, parts[-1], overwrite, where)
             except OSError as exc:
-                raise QuarantineError(f"restore of {entry.id} to {where}: {_oserr(exc)}") from None
+                raise QuarantineError(f"{failed}: {_oserr(exc)}") from None
             finally:
                 os.close(srcfd)
                 os.close(parentfd)
@@ -385,17 +381,14 @@ class Vault:
         where: str,
     ) -> None:
         existing = _lstat_at(parentfd, name)
+        refused = f"restore of {entry.id} to {where}"
         if existing is not None:
             if stat.S_ISLNK(existing.st_mode):
-                raise QuarantineError(f"restore of {entry.id} to {where}: the target is a symlink")
+                raise QuarantineError(f"{refused}: the target is a symlink")
             if not stat.S_ISREG(existing.st_mode):
-                raise QuarantineError(
-                    f"restore of {entry.id} to {where}: the target exists and is not a file"
-                )
+                raise QuarantineError(f"{refused}: the target exists and is not a file")
             if not overwrite:
-                raise QuarantineError(
-                    f"restore of {entry.id} to {where}: the target exists (use overwrite)"
-                )
+                raise QuarantineError(f"{refused}: the target exists (use overwrite)")
         # Write a temporary file next to the target, then link (no overwrite) or rename it in.
         tmp = f".offscan-restore-{secrets.token_hex(8)}"
         tmpfd = os.open(tmp, _NEW_FLAGS, 0o600, dir_fd=parentfd)
@@ -432,10 +425,20 @@ class Vault:
             pass
         except OSError as exc:
             raise QuarantineError(f"quarantine entry {id}: {_oserr(exc)}") from None
-        _fsync_dir(str(self.directory))
+        fsync_dir(str(self.directory))
 
-    def _claim(self, id: str) -> _Claim:
-        return _Claim(self, id)
+    @contextlib.contextmanager
+    def _claim(self, id: str) -> Iterator[None]:
+        """Only one restore or delete of an id at a time (a second one is refused, not queued)."""
+        with self._lock:
+            if id in self._busy:
+                raise QuarantineError(f"quarantine entry {id} is being restored or deleted")
+            self._busy.add(id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy.discard(id)
 
     # -- storage ---------------------------------------------------------------------------
 
@@ -446,41 +449,14 @@ class Vault:
         return str(self.directory / f"{id}{META_SUFFIX}")
 
     def _write_meta(self, entry: QuarantineEntry) -> None:
-        tmp = str(self.directory / f".{entry.id}.json.tmp")
-        data = json.dumps(entry.to_json(), sort_keys=True, indent=1).encode()
-        fd = os.open(tmp, _NEW_FLAGS, 0o600)
-        try:
-            try:
-                os.write(fd, data)  # a small regular-file write is not short
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self._meta(entry.id))
-        except BaseException:
-            _unlink_quiet(tmp)
-            raise
-        _fsync_dir(str(self.directory))
+        # Durable (fsync): the metadata is what lists the entry, and the blob is already out of
+        # the VM, so after a power loss the entry must be there whole or not at all.
+        data = json.dumps(entry.to_json(), sort_keys=True, indent=1)
+        atomic_write(self._meta(entry.id), data, fsync=True, mode=0o600)
 
 
 class _KeptInVault(QuarantineError):
     """A failure after which the file stays in the vault (it must not be unlinked)."""
-
-
-class _Claim:
-    """Only one restore or delete of an id at a time (a second one is refused, not queued)."""
-
-    def __init__(self, vault: Vault, id: str) -> None:
-        self.vault, self.id = vault, id
-
-    def __enter__(self) -> None:
-        with self.vault._lock:
-            if self.id in self.vault._busy:
-                raise QuarantineError(f"quarantine entry {self.id} is being restored or deleted")
-            self.vault._busy.add(self.id)
-
-    def __exit__(self, *exc: object) -> None:
-        with self.vault._lock:
-            self.vault._busy.discard(self.id)
 
 
 def _new_id() -> str:
@@ -579,29 +555,24 @@ def _link_no_replace(
 ) -> None:
     """Put ``tmp`` in place as ``name`` unless ``name`` exists, atomically (link fails with
     EEXIST); on filesystems without hard links, check then rename."""
+    exists = f"restore of {entry.id} to {where}: the target exists (use overwrite)"
     try:
         os.link(tmp, name, src_dir_fd=parentfd, dst_dir_fd=parentfd, follow_symlinks=False)
         return
     except FileExistsError:
-        raise QuarantineError(
-            f"restore of {entry.id} to {where}: the target exists (use overwrite)"
-        ) from None
+        raise QuarantineError(exists) from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
             raise
     if _lstat_at(parentfd, name) is not None:
-        raise QuarantineError(
-            f"restore of {entry.id} to {where}: the target exists (use overwrite)"
-        )
+        raise QuarantineError(exists)
     os.rename(tmp, name, src_dir_fd=parentfd, dst_dir_fd=parentfd)
 
 
 def _copy_fd(src: int, dst: int) -> None:
     os.lseek(src, 0, os.SEEK_SET)
     while chunk := os.read(src, COPY_CHUNK):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view) :]
+        write_all(dst, chunk)
 
 
 def _sha256_file(path: str) -> tuple[str, int]:
@@ -617,14 +588,6 @@ def _sha256_file(path: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unlink_quiet(path: str, *, dir_fd: int | None = None) -> None:
     try:
         os.unlink(path, dir_fd=dir_fd)
@@ -633,4 +596,5 @@ def _unlink_quiet(path: str, *, dir_fd: int | None = None) -> None:
 
 
 def _oserr(exc: OSError) -> str:
+    """Why an OSError happened; a ConfinementError (no strerror) gives its whole message."""
     return exc.strerror or str(exc)

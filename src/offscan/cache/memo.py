@@ -1,0 +1,93 @@
+"""The identity memo: which content digest a file identity (inode, size, times) was seen with.
+
+Lets an unchanged file skip being read just to learn its digest. Pure memory: ``os.fstat`` of
+a descriptor it is given is the only system call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+DEFAULT_MAX_ENTRIES = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What identifies a file's content cheaply, without reading it.
+
+    ``source`` names where the file lives (VM or image), so equal inode numbers in different
+    sources never alias. Any write changes ``mtime_ns`` or ``ctime_ns``.
+    """
+
+    source: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def from_stat(cls, source: str, st: os.stat_result) -> Identity:
+        return cls(source, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    @classmethod
+    def from_fd(cls, source: str, fd: int) -> Identity:
+        """The identity of an open file; compare before and after reading to detect changes."""
+        return cls.from_stat(source, os.fstat(fd))
+
+
+
+class IdentityMemo:
+    """Bounded LRU: Identity -> digest (bytes). Thread-safe.
+
+    Lets an unchanged file skip being read just to learn its digest. The least recently used
+    identity is forgotten once ``max_entries`` is reached.
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, not {max_entries}")
+        self.max_entries = max_entries
+        self._map: OrderedDict[Identity, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, ident: Identity) -> bytes | None:
+        with self._lock:
+            digest = self._map.get(ident)
+            if digest is None:
+                self.misses += 1
+                return None
+            self._map.move_to_end(ident)
+            self.hits += 1
+            return digest
+
+    def put(self, ident: Identity, digest: bytes) -> None:
+        with self._lock:
+            self._map[ident] = digest
+            self._map.move_to_end(ident)
+            if len(self._map) > self.max_entries:
+                self._map.popitem(last=False)
+                self.evictions += 1
+
+    def discard(self, ident: Identity) -> None:
+        """Forget an identity (e.g. the file changed while it was read)."""
+        with self._lock:
+            self._map.pop(ident, None)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+                "entries": len(self._map),
+            }
+
+    def __len__(self) -> int:
+        return len(self._map)
