@@ -382,7 +382,7 @@ class Registry:
                         f"{list(existing.labelnames)}"
                     )
                 return existing
-            metric = cls(name, help, labelnames, **kw)  # type: ignore[call-arg]
+            metric = cls(name, help, labelnames, **kw)
             self._check_names_free(metric)
             self._metrics[name] = metric
             return metric
