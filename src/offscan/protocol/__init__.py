@@ -1,0 +1,162 @@
+"""The shim ⇄ appliance wire protocol: framing, validation, connections, servers and the client.
+
+Length-prefixed msgpack frames on one persistent stream connection (unix socket on the host,
+or TCP to a remote appliance), multiplexed by request id; file descriptors ride along as
+``SCM_RIGHTS`` on unix sockets. The rules (message types, fields, error codes) are in
+``docs/protocol.md``; this package is their executable form:
+
+- :mod:`.messages`: the contracts as types (a ``TypedDict`` per message, ``Literal`` enums,
+  the limits);
+- :mod:`.errors`: the exceptions;
+- :mod:`.validation` and :mod:`.framing`: checking messages, and the codec;
+- :mod:`.address`: ``unix:/path`` / ``host:port`` parsing;
+- :mod:`.connection`, :mod:`.server`, :mod:`.client`: the asyncio transport on both sides.
+
+This module only re-exports: every name that used to live in ``offscan/protocol.py`` is
+still importable from ``offscan.protocol``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .address import Address, parse_address
+from .client import STREAM_PREFETCH, ApplianceClient
+from .client import _Pending as _Pending
+from .client import _remaining as _remaining
+from .connection import MAX_PENDING_FD_BATCHES, RECV_SIZE, Connection, connect
+from .connection import _close_fds as _close_fds
+from .connection import _FdBatch as _FdBatch
+from .connection import _wake as _wake
+from .errors import ConnectionClosed, ProtocolError, RequestError
+from .framing import HEADER, pack, unpack
+from .messages import (
+    DEAD_AFTER_HEARTBEATS,
+    DEFAULT_HEARTBEAT,
+    ENVELOPE_FIELDS,
+    ERROR_CODES,
+    MAX_CHUNK,
+    MAX_FDS_PER_FRAME,
+    MAX_FRAME,
+    MESSAGES,
+    PRIORITIES,
+    PROTOCOL_VERSION,
+    SCAN_MODES,
+    SHIM_VERDICT_SOURCES,
+    VERDICT_ACTIONS,
+    VERDICT_SOURCES,
+    VERDICT_STATUSES,
+    ApplianceStatus,
+    ApplianceVerdictSource,
+    Bye,
+    Chunk,
+    Control,
+    ControlOp,
+    Counters,
+    Credit,
+    Detection,
+    ErrorCode,
+    ErrorMessage,
+    FdScanRequest,
+    Hello,
+    MessageType,
+    Ok,
+    PathScanRequest,
+    PatternsSource,
+    PatternSwap,
+    Ping,
+    Pong,
+    Priority,
+    Register,
+    ScanMode,
+    ScanRequest,
+    ShimVerdictSource,
+    StatusRequest,
+    StreamScanRequest,
+    Unregister,
+    Verdict,
+    VerdictAction,
+    VerdictSource,
+    VerdictStatus,
+    VMInfo,
+    Welcome,
+)
+from .server import Handler, Server, start_tcp_server, start_unix_server
+from .server import _remove_stale_socket as _remove_stale_socket
+from .validation import MESSAGE_TYPES, SCHEMAS, validate
+from .validation import _Schema as _Schema
+
+__all__ = [
+    "DEAD_AFTER_HEARTBEATS",
+    "DEFAULT_HEARTBEAT",
+    "ENVELOPE_FIELDS",
+    "ERROR_CODES",
+    "HEADER",
+    "MAX_CHUNK",
+    "MAX_FDS_PER_FRAME",
+    "MAX_FRAME",
+    "MAX_PENDING_FD_BATCHES",
+    "MESSAGES",
+    "MESSAGE_TYPES",
+    "PRIORITIES",
+    "PROTOCOL_VERSION",
+    "RECV_SIZE",
+    "SCAN_MODES",
+    "SCHEMAS",
+    "SHIM_VERDICT_SOURCES",
+    "STREAM_PREFETCH",
+    "VERDICT_ACTIONS",
+    "VERDICT_SOURCES",
+    "VERDICT_STATUSES",
+    "Address",
+    "ApplianceClient",
+    "ApplianceStatus",
+    "ApplianceVerdictSource",
+    "Bye",
+    "Chunk",
+    "Connection",
+    "ConnectionClosed",
+    "Control",
+    "ControlOp",
+    "Counters",
+    "Credit",
+    "Detection",
+    "ErrorCode",
+    "ErrorMessage",
+    "FdScanRequest",
+    "Handler",
+    "Hello",
+    "MessageType",
+    "Ok",
+    "PathScanRequest",
+    "PatternSwap",
+    "PatternsSource",
+    "Ping",
+    "Pong",
+    "Priority",
+    "ProtocolError",
+    "Register",
+    "RequestError",
+    "ScanMode",
+    "ScanRequest",
+    "Server",
+    "ShimVerdictSource",
+    "StatusRequest",
+    "StreamScanRequest",
+    "Unregister",
+    "VMInfo",
+    "Verdict",
+    "VerdictAction",
+    "VerdictSource",
+    "VerdictStatus",
+    "Welcome",
+    "connect",
+    "pack",
+    "parse_address",
+    "start_tcp_server",
+    "start_unix_server",
+    "unpack",
+    "validate",
+]
+
+log = logging.getLogger("offscan.protocol")

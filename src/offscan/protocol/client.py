@@ -1,0 +1,500 @@
+"""The client side: :class:`ApplianceClient`, what a shim (or any tool) talks to an appliance with.
+
+It owns one :class:`~.connection.Connection` at a time and the tasks that serve it (reader,
+heartbeat, pongs); it reads the files it is asked to stream, and nothing else. Message
+shapes are those of :mod:`.messages` (replies are returned as plain dicts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .connection import Connection, _close_fds, connect
+from .errors import ConnectionClosed, ProtocolError, RequestError
+from .messages import DEAD_AFTER_HEARTBEATS, DEFAULT_HEARTBEAT, MAX_CHUNK, PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from .messages import Priority
+
+__all__ = ["STREAM_PREFETCH", "ApplianceClient"]
+
+log = logging.getLogger("offscan.protocol")
+
+STREAM_PREFETCH = MAX_CHUNK  # bytes read ahead from a file object when streaming
+
+
+def _remaining(fileobj: Any) -> int:
+    """Bytes left to read in a seekable binary file object."""
+    if isinstance(fileobj, io.BytesIO):
+        return fileobj.getbuffer().nbytes - fileobj.tell()
+    try:
+        return os.fstat(fileobj.fileno()).st_size - fileobj.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    try:
+        here = fileobj.tell()
+        end = fileobj.seek(0, io.SEEK_END)
+        fileobj.seek(here)
+        return int(end - here)
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        raise ValueError("cannot tell the size of this stream; pass size=") from None
+
+
+def _chunk_reader(
+    content: bytes | bytearray | memoryview | io.IOBase | Any, size: int | None
+) -> tuple[int, Callable[[], Awaitable[bytes]]]:
+    """The content's size (at most ``size``) and a function that reads its next chunk, at
+    most :data:`MAX_CHUNK` bytes, ``b""`` at the end. A file object is read from its current
+    position, in a worker thread unless it is in memory."""
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        data = memoryview(content).cast("B")
+        if size is not None:
+            data = data[:size]
+        pieces = (bytes(data[i : i + MAX_CHUNK]) for i in range(0, len(data), MAX_CHUNK))
+
+        async def read_memory() -> bytes:
+            return next(pieces, b"")
+
+        return len(data), read_memory
+
+    fileobj = content
+    if size is None:
+        size = _remaining(fileobj)
+    left = size
+    in_memory = isinstance(fileobj, io.BytesIO)
+
+    async def read_file() -> bytes:
+        nonlocal left
+        want = min(MAX_CHUNK, left)
+        if want <= 0:
+            return b""
+        if in_memory:
+            piece = bytes(fileobj.read(want))
+        else:
+            piece = bytes(await asyncio.to_thread(fileobj.read, want))
+        left -= len(piece)
+        return piece
+
+    return size, read_file
+
+
+@dataclass
+class _Pending:
+    fut: asyncio.Future[dict[str, Any]] | None  # None: a heartbeat ping nobody awaits
+    scan: bool  # its reply returns a credit
+
+
+class ApplianceClient:
+    """What a shim (or any tool) uses to talk to the appliance.
+
+    Does the handshake, assigns request ids, routes replies (in any order) to the waiting
+    callers, holds ``scan`` requests back while no credit is left, pings every ``heartbeat``
+    seconds when idle and declares the appliance dead after 3 heartbeats of silence. On
+    connection loss every pending request raises :class:`ConnectionClosed` (a
+    ``ConnectionError``); ``connect()`` may be called again to reconnect.
+    """
+
+    def __init__(self, address: str, *, shim_id: str, secret: str | None = None) -> None:
+        self.address = address
+        self.shim_id = shim_id
+        self.secret = secret
+        self.welcome: dict[str, Any] | None = None
+        self.credits = 0
+        self.heartbeat = DEFAULT_HEARTBEAT
+        self.lost: ConnectionClosed | None = None  # why the last connection ended
+        self._conn: Connection | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._credit_event = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reader: asyncio.Task[Any] | None = None
+        self._closing = False
+        self._last_recv = 0.0
+        self._last_send = 0.0
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self.lost is None
+
+    @property
+    def peer(self) -> str | None:
+        return self._conn.peer if self._conn else None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def connect(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Connect and shake hands; returns the ``welcome`` message (a :class:`~.messages.Welcome`).
+
+        Raises :class:`RequestError` if the appliance refuses (``auth``, ``version``...),
+        :class:`ProtocolError` on a nonsensical answer, ``OSError``/``TimeoutError`` if the
+        appliance cannot be reached.
+        """
+        if self.connected:
+            raise RuntimeError(f"already connected to {self.address}")
+        await self._stop_tasks()
+        conn = await connect(self.address, timeout=timeout)
+        try:
+            hello: dict[str, Any] = {"t": "hello", "v": PROTOCOL_VERSION, "shim": self.shim_id}
+            if self.secret is not None:
+                hello["secret"] = self.secret
+            await asyncio.wait_for(conn.send(hello), timeout)
+            try:
+                msg, fds = await asyncio.wait_for(conn.recv(), timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no welcome from {self.address} within {timeout:g} s") from None
+            _close_fds(fds)
+            if msg["t"] == "error":
+                raise RequestError(msg["code"], msg["message"], reply=msg)
+            if msg["t"] != "welcome":
+                raise ProtocolError("sequence", f"expected welcome, got {msg['t']!r}")
+            if msg["v"] != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    "version", f"appliance speaks protocol {msg['v']}, we speak {PROTOCOL_VERSION}"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self.lost = None
+        self.welcome = msg
+        self.credits = msg["credits"]
+        self.heartbeat = float(msg["heartbeat"])
+        self._pending = {}
+        self._last_recv = self._last_send = time.monotonic()
+        self._reader = self._spawn(self._read_loop(conn), "reader")
+        self._spawn(self._heartbeat_loop(conn), "heartbeat")
+        return msg
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Say ``bye``, give outstanding replies up to ``timeout`` seconds to arrive, close."""
+        conn = self._conn
+        if conn is not None and self.lost is None:
+            self._closing = True  # the appliance closing after our bye is no news
+            try:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.send({"t": "bye"}), timeout)
+                if self._reader is not None and not self._reader.done():
+                    # It ends when the appliance closes, after its outstanding replies.
+                    await asyncio.wait([self._reader], timeout=timeout)
+                self._lose(conn, ConnectionClosed("closed by the client"), quiet=True)
+            finally:
+                self._closing = False
+        await self._stop_tasks()
+
+    async def __aenter__(self) -> Self:
+        if not self.connected:
+            await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _spawn(self, coro: Awaitable[Any], what: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"offscan-client {self.shim_id} {what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _stop_tasks(self) -> None:
+        me = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not me]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _lose(self, conn: Connection, exc: ConnectionClosed, *, quiet: bool = False) -> None:
+        """The connection is over: close it, fail every pending request, wake credit waiters."""
+        if conn is not self._conn or self.lost is not None:
+            return
+        self.lost = exc
+        conn.close()
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if p.fut is not None and not p.fut.done():
+                p.fut.set_exception(ConnectionClosed(str(exc), code=exc.code))
+        self._credit_event.set()
+        me = asyncio.current_task()
+        for t in list(self._tasks):
+            if t is not me:
+                t.cancel()
+        if not quiet:
+            log.warning("%s", exc)
+
+    def _require(self) -> Connection:
+        if self._conn is None:
+            raise ConnectionClosed(f"not connected to {self.address}")
+        if self.lost is not None:
+            raise ConnectionClosed(str(self.lost), code=self.lost.code)
+        return self._conn
+
+    async def _send(self, conn: Connection, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        try:
+            await conn.send(msg, fds)
+        except ConnectionError as exc:
+            lost = ConnectionClosed(f"connection to appliance {conn.peer} lost: {exc}")
+            self._lose(conn, lost)
+            raise lost from exc
+        self._last_send = time.monotonic()
+
+    # -- background tasks -----------------------------------------------------------------
+
+    async def _read_loop(self, conn: Connection) -> None:
+        try:
+            while True:
+                msg, fds = await conn.recv()
+                _close_fds(fds)
+                self._last_recv = time.monotonic()
+                self._dispatch(conn, msg)
+        except ConnectionClosed as exc:
+            message = str(exc) if exc.code else f"lost the appliance: {exc}"
+            self._lose(conn, ConnectionClosed(message, code=exc.code), quiet=self._closing)
+        except ProtocolError as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    conn.send({"t": "error", "code": exc.code, "message": str(exc)}), 1.0
+                )
+            self._lose(
+                conn,
+                ConnectionClosed(f"appliance {conn.peer} broke the protocol ({exc.code}): {exc}"),
+            )
+
+    def _dispatch(self, conn: Connection, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "ping":
+            self._spawn(self._pong(conn, msg["id"]), "pong")
+        elif t == "credit":
+            self.credits += msg["n"]
+            self._credit_event.set()
+        elif t == "error" and msg.get("id") is None:
+            raise ConnectionClosed(
+                f"closed by the appliance ({msg['code']}): {msg['message']}", code=msg["code"]
+            )
+        elif t in ("pong", "verdict", "ok", "status", "error"):
+            p = self._pending.pop(msg["id"], None)
+            if p is None:
+                log.warning(
+                    "appliance %s: reply %r for unknown request id %s ignored",
+                    conn.peer,
+                    t,
+                    msg["id"],
+                )
+                return
+            if p.scan:
+                self.credits += 1
+                self._credit_event.set()
+            if p.fut is not None and not p.fut.done():  # done: the caller timed out or gave up
+                p.fut.set_result(msg)
+        else:
+            raise ProtocolError("sequence", f"unexpected {t!r} frame from the appliance")
+
+    async def _pong(self, conn: Connection, rid: int) -> None:
+        with contextlib.suppress(ConnectionError):  # the reader reports the loss
+            await self._send(conn, {"t": "pong", "id": rid})
+
+    async def _heartbeat_loop(self, conn: Connection) -> None:
+        beat = self.heartbeat
+        dead_after = DEAD_AFTER_HEARTBEATS * beat
+        last_ping = 0.0
+        while True:
+            await asyncio.sleep(beat / 2)
+            now = time.monotonic()
+            if now - self._last_recv >= dead_after:
+                self._lose(
+                    conn,
+                    ConnectionClosed(
+                        f"appliance {conn.peer} silent for {dead_after:g} s; declaring it dead"
+                    ),
+                )
+                return
+            # Ping when we said nothing (the appliance drops connections silent for 3 H) or
+            # heard nothing (a long upload must not look like a dead appliance) for H seconds.
+            idle = now - self._last_send >= beat or now - self._last_recv >= beat
+            if idle and now - last_ping >= beat:
+                last_ping = now
+                rid = next(self._ids)
+                self._pending[rid] = _Pending(None, scan=False)
+                try:
+                    # A peer that stopped reading must not stall the silence check above.
+                    await asyncio.wait_for(self._send(conn, {"t": "ping", "id": rid}), beat)
+                except (TimeoutError, ConnectionError, ProtocolError):
+                    self._pending.pop(rid, None)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def _take_credit(self) -> None:
+        while True:
+            self._require()
+            if self.credits > 0:
+                self.credits -= 1
+                return
+            self._credit_event.clear()
+            await self._credit_event.wait()
+
+    def _return_credit(self) -> None:
+        self.credits += 1
+        self._credit_event.set()
+
+    async def _begin(
+        self, msg: dict[str, Any], fds: Sequence[int] = ()
+    ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        """Send a request; returns its id and the future its reply will complete."""
+        conn = self._require()
+        msg = dict(msg)
+        if msg.get("t") in ("hello", "bye", "chunk", "pong"):
+            raise ValueError(f"{msg.get('t')!r} is not a request with a reply")
+        scan = msg.get("t") == "scan"
+        if scan:
+            await self._take_credit()
+        conn = self._require()
+        rid = next(self._ids)
+        msg["id"] = rid
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = _Pending(fut, scan)
+        try:
+            await self._send(conn, msg, fds)
+        except BaseException:
+            # Not (fully) sent: no reply will come. A half-sent frame already closed the
+            # connection, which reset the pending table and the credits.
+            if self._pending.pop(rid, None) is not None and scan:
+                self._return_credit()
+            raise
+        return rid, fut
+
+    @staticmethod
+    async def _finish(fut: asyncio.Future[dict[str, Any]], timeout: float | None) -> dict[str, Any]:
+        if timeout is None:
+            reply = await fut
+        else:
+            try:
+                reply = await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no reply within {timeout:g} s") from None
+        if reply["t"] == "error":
+            raise RequestError(reply["code"], reply["message"], reply=reply)
+        return reply
+
+    async def request(
+        self, msg: dict[str, Any], fds: Sequence[int] = (), timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Send a request (an ``"id"`` is assigned) and return its reply.
+
+        Raises :class:`RequestError` for an ``error`` reply, :class:`ConnectionClosed` if the
+        connection is lost first, ``TimeoutError`` after ``timeout`` seconds (a late reply is
+        then discarded, but still returns its credit).
+        """
+        _, fut = await self._begin(msg, fds)
+        return await self._finish(fut, timeout)
+
+    async def register(
+        self,
+        vm: str,
+        root: str,
+        *,
+        policy: dict[str, Any] | None = None,
+        clone_of: str | None = None,
+    ) -> dict[str, Any]:
+        msg: dict[str, Any] = {"t": "register", "vm": vm, "root": root}
+        if policy is not None:
+            msg["policy"] = policy
+        if clone_of is not None:
+            msg["clone_of"] = clone_of
+        return await self.request(msg)
+
+    async def unregister(self, vm: str) -> dict[str, Any]:
+        return await self.request({"t": "unregister", "vm": vm})
+
+    async def scan_path(self, vm: str, path: str, *, prio: Priority = "access") -> dict[str, Any]:
+        """Ask for a verdict on ``path`` (relative to the VM root), opened by the appliance.
+
+        Returns the ``verdict`` reply, shaped as :class:`~.messages.Verdict`.
+        """
+        return await self.request(
+            {"t": "scan", "vm": vm, "path": path, "mode": "path", "prio": prio}
+        )
+
+    async def scan_fd(
+        self, vm: str, path: str, fd: int, *, prio: Priority = "access"
+    ) -> dict[str, Any]:
+        """Pass an open descriptor for the appliance to read; ``fd`` stays open (ours).
+
+        Returns the ``verdict`` reply, shaped as :class:`~.messages.Verdict`.
+        """
+        return await self.request(
+            {"t": "scan", "vm": vm, "path": path, "mode": "fd", "prio": prio}, fds=[fd]
+        )
+
+    async def scan_stream(
+        self,
+        vm: str,
+        path: str,
+        content: bytes | bytearray | memoryview | io.IOBase | Any,
+        *,
+        prio: Priority = "access",
+        size: int | None = None,
+    ) -> dict[str, Any]:
+        """Send the content itself in ``chunk`` frames of at most :data:`MAX_CHUNK` bytes.
+
+        ``content`` is bytes-like or a binary file object, read from its current position
+        (in a worker thread unless it is in memory). ``size`` defaults to the bytes left in it
+        and is required for an unseekable file; at most ``size`` bytes are sent. If the
+        appliance fails the scan early, the stream is cut short with an empty ``end`` chunk
+        and the error is raised. Returns the ``verdict`` reply (a :class:`~.messages.Verdict`).
+        """
+        size, read = _chunk_reader(content, size)
+        msg = {"t": "scan", "vm": vm, "path": path, "mode": "stream", "prio": prio, "size": size}
+
+        rid, fut = await self._begin(msg)
+        conn = self._require()
+        try:
+            piece = await read()
+            while not fut.done():
+                following = await read() if piece else b""
+                end = not following
+                await self._send(conn, {"t": "chunk", "id": rid, "data": piece, "end": end})
+                if end:
+                    break
+                piece = following
+            else:
+                if not fut.cancelled() and fut.exception() is None:
+                    # Answered before the end (an error): tell the appliance the stream is over.
+                    await self._send(conn, {"t": "chunk", "id": rid, "data": b"", "end": True})
+        except BaseException:
+            if fut.done():
+                if not fut.cancelled():
+                    fut.exception()  # the caller gets the exception being raised instead
+            else:
+                fut.cancel()  # abandoned; a late reply still returns its credit
+                if self.lost is None:  # end the stream so the appliance can let go
+                    with contextlib.suppress(Exception):
+                        await self._send(conn, {"t": "chunk", "id": rid, "data": b"", "end": True})
+            raise
+        return await self._finish(fut, None)
+
+    async def status(self) -> dict[str, Any]:
+        """The appliance's ``status`` reply (counters, VMs, pattern version...), shaped as
+        :class:`~.messages.ApplianceStatus`."""
+        return await self.request({"t": "status"})
+
+    async def control(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        """An operator command (a ``ControlOp``: ``vm-clone``, ``vm-list``, ``policy-set``,
+        ``quarantine-list``...); returns its ``ok`` reply."""
+        return await self.request({"t": "control", "op": op, "args": args}, timeout=timeout)
+
+    async def ping(self) -> float:
+        """Round trip time to the appliance, in seconds."""
+        t0 = time.perf_counter()
+        await self.request({"t": "ping"})
+        return time.perf_counter() - t0

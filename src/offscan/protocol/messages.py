@@ -1,0 +1,437 @@
+"""The wire contracts as types: every message's fields, the enumerations and the limits.
+
+Messages are msgpack maps on the wire and plain dicts in Python; the ``TypedDict``\\ s here
+name their shapes so callers can be annotated with no behaviour change (a TypedDict is a
+dict at run time). This is the one place the shapes are written down in code: the validation
+tables (:mod:`.validation`) and the tables in ``docs/protocol.md`` must agree with these
+types, and ``tests/test_messages.py`` checks that they do, field by field, value by value.
+This module imports nothing from the package and touches nothing: it is data.
+
+It deliberately does not use ``from __future__ import annotations``: on Python 3.11 a
+``TypedDict`` only sees ``NotRequired`` in evaluated annotations, and the required/optional
+split (``__required_keys__``) is part of the contract the tests compare.
+"""
+
+from typing import Any, Literal, NotRequired, TypedDict, get_args
+
+__all__ = [
+    "DEAD_AFTER_HEARTBEATS",
+    "DEFAULT_HEARTBEAT",
+    "ENVELOPE_FIELDS",
+    "ERROR_CODES",
+    "MAX_CHUNK",
+    "MAX_FDS_PER_FRAME",
+    "MAX_FRAME",
+    "MESSAGES",
+    "PRIORITIES",
+    "PROTOCOL_VERSION",
+    "SCAN_MODES",
+    "SHIM_VERDICT_SOURCES",
+    "VERDICT_ACTIONS",
+    "VERDICT_SOURCES",
+    "VERDICT_STATUSES",
+    "ApplianceStatus",
+    "ApplianceVerdictSource",
+    "Bye",
+    "Chunk",
+    "Control",
+    "ControlOp",
+    "Counters",
+    "Credit",
+    "Detection",
+    "ErrorCode",
+    "ErrorMessage",
+    "FdScanRequest",
+    "Hello",
+    "MessageType",
+    "Ok",
+    "PathScanRequest",
+    "PatternSwap",
+    "PatternsSource",
+    "Ping",
+    "Pong",
+    "Priority",
+    "Register",
+    "ScanMode",
+    "ScanRequest",
+    "StatusRequest",
+    "StreamScanRequest",
+    "Unregister",
+    "VMInfo",
+    "Verdict",
+    "VerdictAction",
+    "VerdictSource",
+    "VerdictStatus",
+    "Welcome",
+]
+
+# -- limits ---------------------------------------------------------------------------------
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 4 << 20  # bytes of msgpack payload in one frame
+MAX_CHUNK = 256 << 10  # bytes of content per chunk frame
+DEFAULT_HEARTBEAT = 5.0  # seconds
+MAX_FDS_PER_FRAME = 8  # descriptors one frame may carry (a scan carries exactly one)
+DEAD_AFTER_HEARTBEATS = 3  # silence of this many heartbeats means the peer is gone
+
+# -- enumerations ---------------------------------------------------------------------------
+
+MessageType = Literal[
+    "hello",
+    "welcome",
+    "ping",
+    "pong",
+    "error",
+    "register",
+    "unregister",
+    "scan",
+    "chunk",
+    "status",
+    "bye",
+    "control",
+    "credit",
+    "ok",
+    "verdict",
+]
+
+# What an ``error`` frame's ``code`` says. Senders use these; receivers accept any string, so
+# a newer peer's code does not break an older one.
+ErrorCode = Literal[
+    "malformed",  # bad frame or field (also a request the appliance finds nonsensical)
+    "oversized",  # frame over MAX_FRAME, chunk over MAX_CHUNK
+    "sequence",  # out-of-order frame: no hello first, chunk for an unknown stream, duplicate id
+    "version",  # protocol version not spoken
+    "auth",  # bad or missing shared secret on a TCP listener
+    "backpressure",  # more scans outstanding than credits granted
+    "unknown-vm",  # no such VM, or it belongs to another shim
+    "conflict",  # the VM (or clone name) belongs to another shim / already exists
+    "confined",  # the path escapes the VM root
+    "refused",  # an operator command declined, state unchanged (bad reload, vault refusal)
+    "unsupported",  # a mode, message type or command this appliance does not do
+    "internal",  # the appliance failed; the connection stays up
+]
+ScanMode = Literal["path", "fd", "stream"]
+Priority = Literal["access", "demand"]
+VerdictStatus = Literal["clean", "infected", "error"]
+VerdictAction = Literal["allow", "deny"]
+# How the appliance reached a verdict: matched now, or served without matching.
+ApplianceVerdictSource = Literal["scan", "identity", "digest", "clone", "excluded", "revalidated"]
+# A verdict the shim made up itself when a request failed (never on the wire).
+ShimVerdictSource = Literal["shim"]
+VerdictSource = Literal[ApplianceVerdictSource, ShimVerdictSource]
+# ``control`` operations (``offscan vm|policy|quarantine|reload``).
+ControlOp = Literal[
+    "reload",
+    "vm-list",
+    "vm-show",
+    "vm-unregister",
+    "vm-untag",
+    "vm-clone",
+    "policy-set",
+    "policy-unset",
+    "quarantine-list",
+    "quarantine-restore",
+    "quarantine-delete",
+]
+
+ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
+SCAN_MODES: tuple[ScanMode, ...] = get_args(ScanMode)
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)
+VERDICT_STATUSES: tuple[VerdictStatus, ...] = get_args(VerdictStatus)
+VERDICT_ACTIONS: tuple[VerdictAction, ...] = get_args(VerdictAction)
+# Sources an appliance may send (what validation accepts); the shim's own come on top.
+VERDICT_SOURCES: tuple[ApplianceVerdictSource, ...] = get_args(ApplianceVerdictSource)
+SHIM_VERDICT_SOURCES: tuple[ShimVerdictSource, ...] = get_args(ShimVerdictSource)
+
+# Fields any frame may carry, checked by ``validate`` itself rather than a per-type table:
+# the type, and how many descriptors ride along (only a scan in fd mode carries one).
+ENVELOPE_FIELDS = frozenset({"t", "fds"})
+
+# -- handshake and either direction ---------------------------------------------------------
+
+
+class Hello(TypedDict):
+    """Client → appliance, first frame."""
+
+    t: Literal["hello"]
+    v: int
+    shim: str
+    secret: NotRequired[str | None]  # required on TCP listeners, ignored on the unix socket
+
+
+class Welcome(TypedDict):
+    """Appliance → client, the answer to ``hello``."""
+
+    t: Literal["welcome"]
+    v: int
+    appliance: str
+    credits: int
+    heartbeat: float
+    pattern_version: NotRequired[str | None]
+
+
+class Ping(TypedDict):
+    t: Literal["ping"]
+    id: int
+
+
+class Pong(TypedDict):
+    t: Literal["pong"]
+    id: int
+
+
+class ErrorMessage(TypedDict):
+    """With an ``id`` it fails that request only; without, it is fatal."""
+
+    t: Literal["error"]
+    code: str  # an ErrorCode from us; any string from a peer
+    message: str
+    id: NotRequired[int | None]
+
+
+class Bye(TypedDict):
+    t: Literal["bye"]
+    id: NotRequired[int | None]
+
+
+# -- client → appliance ---------------------------------------------------------------------
+
+
+class Register(TypedDict):
+    t: Literal["register"]
+    id: int
+    vm: str
+    root: str
+    policy: NotRequired[dict[str, Any] | None]
+    clone_of: NotRequired[str | None]
+
+
+class Unregister(TypedDict):
+    t: Literal["unregister"]
+    id: int
+    vm: str
+
+
+class PathScanRequest(TypedDict):
+    """The appliance opens ``root/path`` itself, confined to the VM root."""
+
+    t: Literal["scan"]
+    id: int
+    vm: str
+    path: str
+    mode: Literal["path"]
+    prio: NotRequired[Priority]
+    size: NotRequired[int | None]
+
+
+class FdScanRequest(TypedDict):
+    """The shim passes an open descriptor (unix socket only)."""
+
+    t: Literal["scan"]
+    id: int
+    vm: str
+    path: str
+    mode: Literal["fd"]
+    prio: NotRequired[Priority]
+    size: NotRequired[int | None]
+    fds: NotRequired[Literal[1]]  # set by Connection.send when the descriptor is attached
+
+
+class StreamScanRequest(TypedDict):
+    """The content follows in ``chunk`` frames; ``size`` is its length."""
+
+    t: Literal["scan"]
+    id: int
+    vm: str
+    path: str
+    mode: Literal["stream"]
+    prio: NotRequired[Priority]
+    size: int
+
+
+ScanRequest = PathScanRequest | FdScanRequest | StreamScanRequest
+
+
+class Chunk(TypedDict):
+    t: Literal["chunk"]
+    id: int
+    data: bytes  # at most MAX_CHUNK
+    end: bool
+
+
+class StatusRequest(TypedDict):
+    t: Literal["status"]
+    id: int
+
+
+class Control(TypedDict):
+    """An operator command; answered by ``ok`` with the command's own keys, or ``error``."""
+
+    t: Literal["control"]
+    id: int
+    op: str  # a ControlOp; an unknown one is answered with ``unsupported``
+    args: NotRequired[dict[str, Any] | None]
+
+
+# -- appliance → client ---------------------------------------------------------------------
+
+
+class Credit(TypedDict):
+    t: Literal["credit"]
+    n: int
+
+
+class Ok(TypedDict):
+    """Plus whatever the request reports (``register``: ``vm``, ``root``, ``policy``)."""
+
+    t: Literal["ok"]
+    id: int
+
+
+class Verdict(TypedDict):
+    """The answer to a ``scan``. The appliance always sends every field but the last two,
+    which it adds after acting on a detection."""
+
+    t: Literal["verdict"]
+    id: int
+    vm: str
+    path: str
+    status: VerdictStatus
+    action: VerdictAction
+    matches: NotRequired[list[str]]
+    reason: NotRequired[str | None]
+    source: NotRequired[VerdictSource]
+    digest: NotRequired[str | None]  # hex SHA-256 of the content
+    pattern_version: NotRequired[str | None]
+    quarantine_id: NotRequired[str]  # the file was moved into the quarantine vault
+    action_errors: NotRequired[list[str]]  # actions that failed before the one taken
+
+
+class Counters(TypedDict):
+    """The appliance's counters since it started, flat in the ``status`` reply."""
+
+    verdicts: int
+    contents_matched: int
+    served_identity: int
+    served_digest: int
+    served_clone: int
+    excluded: int
+    quarantined: int
+    action_failures: int
+    hook_runs: int
+    revalidations: int
+    revalidation_bytes: int
+    revalidation_seconds: float
+    revalidation_rescans: int
+    swaps: int
+    joined_in_flight: int
+    detections: int
+    errors: int
+    refused: int
+    bytes_read: int
+    bytes_matched: int
+    protocol_errors: int
+
+
+class VMInfo(TypedDict):
+    """A registered VM, as ``status.vms``, ``vm-list`` and ``vm-show`` report it."""
+
+    name: str
+    root: str
+    owner: str | None  # the shim that registered it; None: unclaimed (a fresh clone)
+    policy: dict[str, Any]  # the effective policy
+    clone_of: str | None
+    tags: list[str]
+    registered_at: float
+    clones: NotRequired[list[str]]  # vm-list and vm-show only
+
+
+class Detection(TypedDict):
+    """One of ``status.recent_detections``."""
+
+    time: float
+    vm: str
+    path: str
+    matches: list[str]
+    action: VerdictAction
+    quarantine_id: NotRequired[str]
+    action_errors: NotRequired[list[str]]
+
+
+class PatternsSource(TypedDict, total=False):
+    """Where the patterns come from: ``databases`` (files given with ``-d``), or the signed
+    pattern store's state (every other key)."""
+
+    databases: list[str]
+    version: int | None
+    kind: str | None  # "full" or "delta"
+    files: dict[str, int]
+    signatures: int
+    created: str | None  # ISO 8601, UTC
+    fetched_from: str | None
+    fetched_at: float | None
+    signer: str | None
+
+
+# The last pattern database swap, as ``status.last_swap`` reports it. "from" is a keyword:
+# the functional syntax is the only way to spell this one.
+PatternSwap = TypedDict(
+    "PatternSwap",
+    {
+        "from": str,
+        "to": str,
+        "time": float,
+        "compile_seconds": float,
+        "rss_before": int,
+        "rss_peak_during": int,
+        "added": int | None,
+        "removed": int,
+    },
+)
+
+
+class ApplianceStatus(Counters):
+    """The ``status`` reply: what ``offscan status`` prints (informational, not validated
+    beyond ``id``)."""
+
+    t: Literal["status"]
+    id: int
+    appliance: str
+    version: str  # the offscan package version (the protocol's is welcome.v)
+    uptime: float
+    pattern_version: str
+    patterns: str  # a one-line summary of the database
+    native: bool  # the native matcher is in use
+    patterns_source: PatternsSource
+    update_error: str | None
+    last_swap: PatternSwap | None
+    locations: int
+    vms: list[VMInfo]
+    queue_depth: int
+    in_flight: int
+    connections: int
+    served_from_cache: int
+    hit_ratio: float
+    cache_entries: int
+    recent_detections: list[Detection]
+
+
+# Every message type and the TypedDicts it may take (a scan has three modes; ``status`` is
+# both the request and its reply). Nested shapes (Counters, VMInfo...) are reached from these.
+MESSAGES: dict[MessageType, tuple[type, ...]] = {
+    "hello": (Hello,),
+    "welcome": (Welcome,),
+    "ping": (Ping,),
+    "pong": (Pong,),
+    "error": (ErrorMessage,),
+    "register": (Register,),
+    "unregister": (Unregister,),
+    "scan": (PathScanRequest, FdScanRequest, StreamScanRequest),
+    "chunk": (Chunk,),
+    "status": (StatusRequest, ApplianceStatus),
+    "bye": (Bye,),
+    "control": (Control,),
+    "credit": (Credit,),
+    "ok": (Ok,),
+    "verdict": (Verdict,),
+}
