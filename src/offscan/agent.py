@@ -5,22 +5,26 @@ its own compiled database, its own verdict cache and its own update client. Noth
 with other agents, which is exactly what the agentless setup is measured against. It reuses
 :class:`offscan.appliance.Appliance` and :class:`offscan.shim.Shim` unchanged (same engine,
 limits and events), talking over a private unix socket in the agent's state directory.
+The command line (``offscan.cli.agent``) builds an :class:`AgentConfig` for :func:`run_agent`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import os
 import signal
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from ._fsutil import atomic_write
 from .appliance import Appliance
 from .shim import Shim, VMSpec
+from .shim.sender import VerdictCallback
 
 log = logging.getLogger("offscan.agent")
 
@@ -30,10 +34,14 @@ class Agent:
 
     def __init__(self, vm: VMSpec, *, databases: Sequence[str] = (), state_dir: str | None = None,
                  updates: str | None = None, trust: str | None = None, poll: float = 60.0,
-                 concurrency: int = 1, on_verdict: Any = None) -> None:
+                 concurrency: int = 1, on_verdict: VerdictCallback | None = None) -> None:
         self.vm = vm
-        self._tmp = None if state_dir else tempfile.TemporaryDirectory(prefix=f"offscan-agent-{vm.name}-")
-        self.state_dir = Path(state_dir or self._tmp.name)  # type: ignore[union-attr]
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if state_dir:
+            self.state_dir = Path(state_dir)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"offscan-agent-{vm.name}-")
+            self.state_dir = Path(self._tmp.name)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.socket_path = str(self.state_dir / "agent.sock")
         self.appliance = Appliance(
@@ -58,33 +66,45 @@ class Agent:
         return {"vm": self.vm.name, "shim": self.shim.stats(), "appliance": self.appliance.status()}
 
 
-def add_agent_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vm", required=True, metavar="NAME=DIR", type=VMSpec.parse, help="the VM this agent protects")
-    p.add_argument("-d", "--database", action="append", default=[], metavar="DB")
-    p.add_argument("--state", metavar="DIR", help="the agent's own state (default: a temp dir)")
-    p.add_argument("--updates", metavar="URL", help="pattern update server")
-    p.add_argument("--trust", metavar="PUB", help="public key that signs pattern bundles")
-    p.add_argument("--poll", type=float, default=60.0, metavar="SECONDS")
-    p.add_argument("--ready-file", help=argparse.SUPPRESS)
-    p.add_argument("--status-file", help="write the agent's counters here (JSON) on exit")
+@dataclass(frozen=True)
+class AgentConfig:
+    """What ``offscan agent`` was asked to do: the VM, the agent's :class:`Agent` options, and
+    the files it reports through (``ready_file`` once its socket listens, ``status_file`` with
+    its counters on exit)."""
+
+    vm: VMSpec
+    databases: tuple[str, ...] = ()
+    state_dir: str | None = None
+    updates: str | None = None
+    trust: str | None = None
+    poll: float = 60.0
+    ready_file: str | None = None
+    status_file: str | None = None
 
 
-async def run_agent_cli(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    agent = Agent(args.vm, databases=args.database, state_dir=args.state, updates=args.updates,
-                  trust=args.trust, poll=args.poll)
+async def run_agent(config: AgentConfig) -> int:
+    """Run one agent until SIGINT/SIGTERM; returns the exit status."""
+    agent = Agent(config.vm, databases=config.databases, state_dir=config.state_dir,
+                  updates=config.updates, trust=config.trust, poll=config.poll)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     runner = asyncio.create_task(agent.run(stop))
-    if args.ready_file:
+    if config.ready_file:
         while not os.path.exists(agent.socket_path) and not runner.done():
             await asyncio.sleep(0.01)
-        Path(args.ready_file).write_text(json.dumps({"pid": os.getpid(), "socket": agent.socket_path}))
+        # Atomic so a reader polling for the file never sees it half written; not synced: it
+        # only means something to whoever started this process, not after a crash.
+        atomic_write(
+            config.ready_file,
+            json.dumps({"pid": os.getpid(), "socket": agent.socket_path}),
+            fsync=False,
+        )
     try:
         await runner
     finally:
-        if args.status_file:
-            Path(args.status_file).write_text(json.dumps(agent.status(), default=str))
+        if config.status_file:
+            # Read once this process exited; a lost status after a power cut is a lost run.
+            atomic_write(config.status_file, json.dumps(agent.status(), default=str), fsync=False)
     return 0

@@ -1,0 +1,209 @@
+"""Delivery: the shim's sender tasks take ready backlog entries and get their verdicts.
+
+A :class:`Sender` is shared by a fixed pool of tasks (each runs :meth:`Sender.run`). For each
+entry it checks the file (``lstat``; FIFOs, devices and symlinks are never opened), hands the
+content to the appliance the configured way (the path, an open descriptor or the bytes, opened
+confined to the VM root), and turns the answer, or the failure, into a counted verdict. A lost
+connection puts the entry back for replay. It touches the VM files (read only), the appliance
+client of the :class:`~offscan.shim.connection.Connection` and the backlog, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .backlog import Backlog, Prio, _Entry
+from .connection import Connection, ShimClient
+from .watch import _VM, Skips, _skip_reason
+
+log = logging.getLogger("offscan.shim")
+
+DEFAULT_MAX_IN_FLIGHT = 32  # sender tasks; the appliance's credits may cap in-flight scans lower
+MAX_REMOTE_RETRIES = 3  # unknown-vm answers tolerated per path (re-registering in between)
+CONTENT_MODES = ("auto", "path", "fd", "stream")
+
+VerdictCallback = Callable[[str, str, dict[str, Any]], None]  # (vm, relpath, verdict)
+
+
+class _Skip(Exception):
+    """The file is not scanned (vanished, symlink, special file); the message is the reason."""
+
+
+class Sender:
+    """Gets verdicts for ready entries over the shim's :class:`Connection`.
+
+    ``ready`` is set whenever entries may be waiting to be taken (the scheduler promoted some,
+    a connection came up); idle senders wait on it. ``content`` is one of
+    :data:`CONTENT_MODES` (see :class:`~offscan.shim.shim.Shim`).
+    """
+
+    def __init__(
+        self,
+        *,
+        backlog: Backlog,
+        vms: Mapping[str, _VM],
+        link: Connection,
+        skips: Skips,
+        ready: asyncio.Event,
+        content: str,
+        on_verdict: VerdictCallback | None,
+    ) -> None:
+        self._backlog = backlog
+        self._vms = vms
+        self._link = link
+        self._skips = skips
+        self._ready = ready
+        self.content = content
+        self.on_verdict = on_verdict
+        self.counts = {"sent": 0, "verdicts": 0, "clean": 0, "infected": 0, "errors": 0,
+                       "replayed": 0}
+
+    async def run(self) -> None:
+        """One of a fixed pool of tasks: takes ready entries and gets their verdicts."""
+        backlog = self._backlog
+        link = self._link
+        while True:
+            if not link.online:
+                await link.online_evt.wait()
+                continue
+            entry = backlog.take()
+            if entry is None:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            await self._deliver(entry)
+
+    async def _deliver(self, entry: _Entry) -> None:
+        backlog = self._backlog
+        vm = self._vms.get(entry.vm)
+        client = self._link.client
+        if vm is None:
+            backlog.done(entry)
+            return
+        if client is None or not self._link.online:
+            backlog.requeue(entry)
+            return
+        relpath = entry.relpath
+        full = os.path.join(vm.root, relpath)
+        try:
+            reason = _skip_reason(os.lstat(full).st_mode)
+        except FileNotFoundError:
+            reason = "vanished"
+        except OSError as exc:
+            reason = f"unreadable: {exc.strerror or exc}"
+        if reason is not None:
+            # Never opened, never sent: FIFOs would block a reader, devices are not file content.
+            self._skips.note(vm.name, relpath, reason)
+            backlog.done(entry)
+            return
+        if entry.replay:
+            entry.replay = False
+            self.counts["replayed"] += 1
+        self.counts["sent"] += 1
+        try:
+            verdict = await self._scan(client, vm, relpath, entry.prio)
+        except asyncio.CancelledError:
+            backlog.requeue(entry)
+            raise
+        except _Skip as skip:
+            self._skips.note(vm.name, relpath, str(skip))
+            backlog.done(entry)
+            return
+        except ConnectionError as exc:
+            backlog.requeue(entry)
+            self._link.lost(client, exc)
+            return
+        except Exception as exc:  # any failure of one request becomes its verdict
+            if await self._retry_unknown_vm(client, vm, entry, exc):
+                return
+            verdict = _error_verdict(vm.name, relpath, exc)
+        backlog.done(entry)
+        self._count_verdict(vm.name, relpath, verdict)
+
+    async def _retry_unknown_vm(
+        self, client: ShimClient, vm: _VM, entry: _Entry, exc: Exception
+    ) -> bool:
+        """The appliance forgot the VM (its inventory was reset): register it again and put
+        the entry back, up to :data:`MAX_REMOTE_RETRIES` times. False for any other failure."""
+        if getattr(exc, "code", None) != "unknown-vm" or entry.retries >= MAX_REMOTE_RETRIES:
+            return False
+        entry.retries += 1
+        log.warning("VM %s: appliance does not know it; registering it again", vm.name)
+        self._link.registered.discard(vm.name)
+        try:
+            await self._link.register(client, vm)
+        except ConnectionError as lost:
+            self._link.lost(client, lost)
+        self._backlog.requeue(entry)
+        self._ready.set()
+        return True
+
+    async def _scan(self, client: ShimClient, vm: _VM, relpath: str, prio: Prio) -> dict[str, Any]:
+        mode = self._content_mode()
+        if mode == "path":
+            return await client.scan_path(vm.name, relpath, prio=prio)
+        from ..confine import ConfinementError, open_confined
+
+        try:
+            fd = open_confined(vm.root, relpath)
+        except FileNotFoundError:
+            raise _Skip("vanished") from None
+        except ConfinementError as exc:
+            raise _Skip(str(exc)) from None
+        except OSError as exc:
+            raise _Skip(f"unreadable: {exc.strerror or exc}") from None
+        if mode == "fd":
+            try:
+                return await client.scan_fd(vm.name, relpath, fd, prio=prio)
+            finally:
+                os.close(fd)
+        with os.fdopen(fd, "rb") as f:
+            return await client.scan_stream(vm.name, relpath, f, prio=prio)
+
+    def _content_mode(self) -> str:
+        if self.content != "auto":
+            return self.content
+        from ..protocol import parse_address
+
+        kind, _ = parse_address(self._link.address)
+        return "path" if kind == "unix" else "stream"
+
+    def _count_verdict(self, vm: str, relpath: str, verdict: dict[str, Any]) -> None:
+        counts = self.counts
+        counts["verdicts"] += 1
+        status = verdict.get("status")
+        if status == "clean":
+            counts["clean"] += 1
+        elif status == "infected":
+            counts["infected"] += 1
+            log.warning(
+                "VM %s: %s: %s FOUND", vm, relpath, ", ".join(verdict.get("matches") or ["?"])
+            )
+        else:
+            counts["errors"] += 1
+            log.info("VM %s: %s: scan error: %s", vm, relpath, verdict.get("reason"))
+        if self.on_verdict is not None:
+            try:
+                self.on_verdict(vm, relpath, verdict)
+            except Exception:
+                log.exception("on_verdict callback failed for %s:%s", vm, relpath)
+
+
+def _error_verdict(vm: str, relpath: str, exc: Exception) -> dict[str, Any]:
+    """The verdict a failed request stands for: an error, the file allowed."""
+    code = getattr(exc, "code", None)
+    return {
+        "t": "verdict",
+        "vm": vm,
+        "path": relpath,
+        "status": "error",
+        "matches": [],
+        "reason": f"{code or type(exc).__name__}: {exc}",
+        "action": "allow",
+        "source": "shim",
+        "digest": None,
+    }
