@@ -38,18 +38,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from ..appliance import Appliance, serve
+    from ..appliance import Appliance, ApplianceConfig, serve
 
     setup_logging(args.verbose)
     if not args.socket and not args.listen:
         print("offscan: serve needs --socket PATH and/or --listen HOST:PORT", file=sys.stderr)
         return EXIT_ERROR
     try:
-        appliance = Appliance(
+        config = ApplianceConfig(
             socket_path=args.socket,
             listen=parse_host_port(args.listen) if args.listen else None,
             secret=args.secret,
-            databases=args.database,
+            databases=tuple(args.database),
             state_dir=args.state,
             concurrency=args.concurrency,
             socket_mode=args.socket_mode,
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
             trust=args.trust,
             poll=args.poll,
         )
+        appliance = Appliance.from_config(config)
     except (SignatureError, ValueError, OSError, RuntimeError) as exc:
         print(f"offscan: {exc}", file=sys.stderr)
         return EXIT_ERROR

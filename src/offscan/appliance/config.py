@@ -1,0 +1,97 @@
+"""The appliance's serve options as one frozen value (``offscan serve`` builds it).
+
+:class:`ApplianceConfig` holds what the operator chose and checks that the choices fit together;
+it derives the state file locations but creates nothing: the facade acts on it. This module
+touches no file and no socket. :class:`ApplianceOptions` names the same options as keyword
+arguments, for the ``Appliance(socket_path=..., ...)`` form.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypedDict
+
+from .. import protocol
+
+DEFAULT_CONCURRENCY = 4  # concurrent reads+scans; DSVA's recommended value, degrading above 8
+DEFAULT_CREDITS = 256  # outstanding scan requests per connection
+DEFAULT_CACHE_ENTRIES = 1_000_000
+
+
+@dataclass(frozen=True)
+class ApplianceConfig:
+    """How to run one appliance. ``state_dir`` holds the inventory, verdict cache, event log,
+    quarantine vault (unless ``quarantine_dir``) and the signed pattern store; without it the
+    appliance keeps nothing across restarts. Raises ValueError for options that do not fit
+    together (a TCP listener without a secret, updates without a trusted key, ...)."""
+
+    socket_path: str | None = None
+    listen: tuple[str, int] | None = None
+    secret: str | None = None
+    databases: Sequence[str] = ()
+    state_dir: str | os.PathLike[str] | None = None
+    concurrency: int = DEFAULT_CONCURRENCY
+    credits: int = DEFAULT_CREDITS
+    heartbeat: float = protocol.DEFAULT_HEARTBEAT
+    socket_mode: int = 0o600
+    cache_entries: int = DEFAULT_CACHE_ENTRIES
+    impl: str = "auto"
+    policy_file: str | None = None
+    isolation_hook: str | None = None
+    hook_timeout: float = 10.0
+    quarantine_dir: str | None = None
+    metrics: tuple[str, int] | None = None
+    updates: str | None = None
+    trust: str | None = None
+    poll: float = 60.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "databases", tuple(self.databases))  # frozen all the way down
+        if self.listen and not self.secret:
+            raise ValueError("a TCP listener needs a shared secret (--secret or OFFSCAN_SECRET)")
+        if self.updates and not self.trust:
+            raise ValueError("--updates needs --trust PUB: bundles are verified before use")
+        if self.trust and not self.state_path:
+            raise ValueError("signed pattern updates need a --state directory")
+
+    @property
+    def state_path(self) -> Path | None:
+        """The state directory as a Path (None when the appliance keeps no state)."""
+        return Path(self.state_dir) if self.state_dir else None
+
+    def state_file(self, name: str) -> Path | None:
+        """``STATE/name``, or None without a state directory."""
+        state = self.state_path
+        return state / name if state else None
+
+    @property
+    def vault_path(self) -> str | Path | None:
+        """The quarantine vault: ``quarantine_dir``, else ``STATE/quarantine``, else none."""
+        return self.quarantine_dir or self.state_file("quarantine")
+
+
+class ApplianceOptions(TypedDict, total=False):
+    """:class:`ApplianceConfig`'s fields as keyword arguments of ``Appliance(...)``."""
+
+    socket_path: str | None
+    listen: tuple[str, int] | None
+    secret: str | None
+    databases: Sequence[str]
+    state_dir: str | os.PathLike[str] | None
+    concurrency: int
+    credits: int
+    heartbeat: float
+    socket_mode: int
+    cache_entries: int
+    impl: str
+    policy_file: str | None
+    isolation_hook: str | None
+    hook_timeout: float
+    quarantine_dir: str | None
+    metrics: tuple[str, int] | None
+    updates: str | None
+    trust: str | None
+    poll: float

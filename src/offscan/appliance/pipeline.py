@@ -1,0 +1,329 @@
+"""The scan pipeline: how one request for one file's content becomes a verdict. Admission
+(on-access before on-demand, bounded concurrency) → identity memo (stat only) → content digest
+(SHA-256) → verdict cache keyed by (digest, size, pattern version), or revalidation of the
+previous version's verdict by the added signatures only → single-flight → the matcher in a
+thread pool → :meth:`Verdicts.finish <.verdicts.Verdicts.finish>`; nothing blocking runs on the
+event loop. An in-process seam: :class:`Pipeline` gets every collaborator from its constructor
+(the current engine as a callable, the cache, the memos, the registry, the verdict recorder with
+its actions and vault, the pools and the clock), so it can be driven without sockets or
+subprocesses. It reads VM files only through descriptors (opened confined to the VM root, or
+passed by the shim) and writes only through the verdict cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import heapq
+import itertools
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any
+
+from .. import policy as policies
+from .. import protocol
+from ..cache import CachedVerdict, Identity, IdentityMemo, SingleFlight, VerdictCache, digest_fd
+from ..confine import ConfinementError, check_relpath, open_confined
+from ..engine import ScanResult
+from .common import SYSTEM_CLOCK, Clock, RequestFailed, close_fds
+from .inventory import LocationIndex, VMRecord
+from .registry import Registry
+from .status import Counters
+from .verdicts import Judged, Verdicts
+
+if TYPE_CHECKING:
+    from .patterns import Engine
+
+PRIORITIES = {"access": 0, "demand": 1}
+
+
+class PriorityGate:
+    """At most ``limit`` holders; waiters are admitted by priority, then arrival order."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, prio: int) -> AsyncIterator[None]:
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiters, (prio, next(self._seq), fut))
+            try:
+                await fut  # the releaser hands its slot over (active stays counted)
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._release()
+                else:
+                    self._waiters = [w for w in self._waiters if w[2] is not fut]
+                    heapq.heapify(self._waiters)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.active -= 1
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "file vanished before it could be read"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return f"{exc.strerror or exc}"
+
+
+class Pipeline:
+    """Scan requests to verdicts. ``engine()`` returns the current :class:`~.patterns.Engine`;
+    a request takes it once and keeps it to the end, so a swap never splits a request."""
+
+    def __init__(
+        self,
+        engine: Callable[[], Engine],
+        *,
+        cache: VerdictCache,
+        memo: IdentityMemo,
+        registry: Registry,
+        verdicts: Verdicts,
+        gate: PriorityGate,
+        pool: Executor,
+        stream_pool: Executor,
+        counters: Counters,
+        inherited: IdentityMemo | None = None,
+        locations: LocationIndex | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        chunk_timeout: float = 3 * protocol.DEFAULT_HEARTBEAT,
+    ) -> None:
+        self._engine = engine
+        self.cache = cache
+        self.memo = memo
+        # clone file identity -> master digest (see clones.py)
+        self.inherited = inherited if inherited is not None else IdentityMemo()
+        self.locations = locations if locations is not None else LocationIndex()
+        self.registry = registry
+        self.verdicts = verdicts
+        self.gate = gate
+        self.pool = pool
+        self.stream_pool = stream_pool
+        self.counters = counters
+        self.clock = clock
+        self.chunk_timeout = chunk_timeout  # seconds a stream may wait for its next chunk
+        self.flights = SingleFlight()
+        self.request_kinds: dict[str, int] = {"access": 0, "demand": 0, "stream": 0}
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine()
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def scan_request(self, shim: str, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """A ``scan`` frame in ``path`` or ``fd`` mode; the descriptors in ``fds`` are closed."""
+        t0 = self.clock.monotonic()
+        vm = self.registry.owned(shim, msg["vm"])
+        path = msg["path"]
+        mode = msg.get("mode", "path")
+        try:
+            check_relpath(path)  # refuse escapes before anything, exclusions included
+        except ConfinementError as exc:
+            self.verdicts.refused(vm, shim, path, exc)
+        policy = self.registry.effective_policy(vm)
+        why = policies.excluded(policy, path)
+        if why:
+            return await self._excluded(vm, path, why, t0)
+        prio = PRIORITIES.get(msg.get("prio", "access"), 1)
+        self.request_kinds["access" if prio == 0 else "demand"] += 1
+        fd = -1
+        try:
+            if mode == "fd":
+                if len(fds) != 1:
+                    raise RequestFailed("malformed", "fd mode needs exactly one descriptor")
+                fd = fds.pop()
+            elif mode == "path":
+                try:
+                    fd = await asyncio.get_running_loop().run_in_executor(
+                        self.pool, open_confined, vm.root, path)
+                except ConfinementError as exc:
+                    self.verdicts.refused(vm, shim, path, exc)
+                except OSError as exc:
+                    res = ScanResult(path, "error", reason=_reason(exc))
+                    return await self._finish(vm, path, res, "scan", None, t0, self.engine)
+            else:
+                raise RequestFailed("unsupported", f"content mode {mode!r} is not supported")
+            why = policies.excluded(policy, path, os.fstat(fd).st_size)
+            if why:
+                return await self._excluded(vm, path, why, t0)
+            return await self.judge(vm, path, fd, prio, t0)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            close_fds(fds)
+
+    async def scan_stream(self, shim: str, msg: dict[str, Any],
+                          chunks: asyncio.Queue[bytes | None]) -> dict[str, Any]:
+        """Content streamed in chunk frames (remote shims): matched and hashed as it arrives in
+        one pass, never spooled. It runs on a thread of its own rather than behind the
+        admission gate, so a stream waiting for its chunks cannot starve the others."""
+        t0 = self.clock.monotonic()
+        vm = self.registry.owned(shim, msg["vm"])
+        self.request_kinds["stream"] += 1
+        size = msg.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise RequestFailed("malformed", "stream mode needs a non-negative integer size")
+        loop = asyncio.get_running_loop()
+        timeout = self.chunk_timeout
+        eng = self.engine
+
+        def pieces() -> Iterator[bytes]:
+            while True:
+                item = asyncio.run_coroutine_threadsafe(chunks.get(), loop).result(timeout)
+                if item is None:
+                    return
+                yield item
+
+        res: ScanResult = await loop.run_in_executor(
+            self.stream_pool,
+            lambda: eng.matcher.scan_chunks(pieces(), size, path=msg["path"], allmatch=True,
+                                            digest=True),
+        )
+        self.counters.contents_matched += 1
+        self.counters.bytes_matched += res.bytes_scanned
+        digest = bytes.fromhex(res.digest) if res.digest else None
+        if res.status != "error" and digest is not None:
+            self.cache.put(CachedVerdict(res.status, res.matches, eng.version, digest, size,
+                                         self.clock.time()))
+        return await self._finish(vm, msg["path"], res, "scan", digest, t0, eng)
+
+    # -- one open file --------------------------------------------------------------------
+
+    async def judge(self, vm: VMRecord, path: str, fd: int, prio: int, t0: float) -> dict[str, Any]:
+        """The verdict for the open file ``fd`` (``path`` in ``vm``), admitted at ``prio``:
+        from the memo and cache when the content is known, else matched once however many
+        requests ask for it at the same time."""
+        eng = self.engine  # scans that started keep their engine across a swap
+        async with self.gate.slot(prio):
+            st = os.fstat(fd)
+            ident = Identity.from_stat("local", st)
+            digest, source = await self._digest(fd, st, ident)
+            size = st.st_size
+            self.locations.add(digest, vm.name, path, ident)
+            cached = self.cache.get(digest, size, eng.version)
+            if cached is None and eng.revalidation is not None:
+                cached = await self.revalidate(eng, digest, size, fd, ident)
+                if cached is not None:
+                    return await self._finish(vm, path, cached, "revalidated", digest, t0, eng,
+                                              ino=st.st_ino)
+            if cached is not None:
+                if source == "identity":
+                    self.counters.served_identity += 1
+                elif source == "clone":
+                    self.counters.served_clone += 1
+                else:
+                    self.counters.served_digest += 1
+                return await self._finish(vm, path, cached, source, digest, t0, eng, ino=st.st_ino)
+            res = await self._match(eng, path, fd, ident, digest, size)
+            return await self._finish(vm, path, res, "scan", digest, t0, eng, ino=st.st_ino)
+
+    async def _digest(self, fd: int, st: os.stat_result, ident: Identity) -> tuple[bytes, str]:
+        """The content digest and where it came from: the identity memo, a clone's inherited
+        identity, or reading the file (remembered only if the file did not change meanwhile)."""
+        known = self.memo.get(ident)
+        if known is not None:
+            return known, "identity"
+        known = self.inherited.get(ident)
+        if known is not None:
+            return known, "clone"
+        digest, nread = await asyncio.get_running_loop().run_in_executor(
+            self.pool, digest_fd, fd, st.st_size)
+        self.counters.bytes_read += nread
+        if Identity.from_stat("local", os.fstat(fd)) == ident:
+            self.memo.put(ident, digest)
+        return digest, "digest"
+
+    async def _match(self, eng: Engine, path: str, fd: int, ident: Identity, digest: bytes,
+                     size: int) -> ScanResult:
+        """Match the content once for every request asking for it now (single-flight); the
+        verdict is cached unless the file changed while it was read."""
+        led = False
+        key = (digest, size, eng.version)
+
+        async def match() -> ScanResult:
+            nonlocal led
+            led = True
+            self.counters.contents_matched += 1
+            res: ScanResult = await asyncio.get_running_loop().run_in_executor(
+                self.pool, lambda: eng.matcher.scan_fd(fd, path=path, allmatch=True))
+            self.counters.bytes_read += res.bytes_scanned
+            self.counters.bytes_matched += res.bytes_scanned
+            unchanged = not res.changed and Identity.from_stat("local", os.fstat(fd)) == ident
+            if res.status != "error" and unchanged:
+                self.cache.put(CachedVerdict(res.status, res.matches, eng.version, digest, size,
+                                             self.clock.time()))
+            return res
+
+        res = await self.flights.run(key, match)
+        if not led:  # an identical content was being matched for another request
+            self.counters.joined_in_flight += 1
+        return res
+
+    async def revalidate(self, eng: Engine, digest: bytes, size: int, fd: int,
+                         ident: Identity) -> CachedVerdict | None:
+        """Make the previous version's cached verdict for this content current, reading it
+        through the small delta matcher only; None when it must be matched in full."""
+        rv = eng.revalidation
+        assert rv is not None
+        old = self.cache.get(digest, size, rv.old_version)
+        if old is None or set(old.matches) & rv.removed:
+            if old is not None:
+                self.counters.revalidation_rescans += 1
+            return None
+        t = self.clock.monotonic()
+        status, matches = old.status, tuple(old.matches)
+        delta = rv.delta
+        if delta is not None:
+            res: ScanResult = await asyncio.get_running_loop().run_in_executor(
+                self.pool, lambda: delta.scan_fd(fd, allmatch=True))
+            if res.status == "error":
+                return None
+            self.counters.revalidation_bytes += res.bytes_scanned
+            self.counters.bytes_read += res.bytes_scanned
+            if res.matches:
+                status = "infected"
+                matches = matches + tuple(m for m in res.matches if m not in matches)
+            if res.changed or Identity.from_stat("local", os.fstat(fd)) != ident:
+                return None
+        new = CachedVerdict(status, matches, eng.version, digest, size, self.clock.time())
+        self.cache.put(new)
+        self.counters.revalidations += 1
+        self.counters.revalidation_seconds += self.clock.monotonic() - t
+        return new
+
+    # -- endings --------------------------------------------------------------------------
+
+    async def _excluded(self, vm: VMRecord, path: str, why: str, t0: float) -> dict[str, Any]:
+        self.counters.excluded += 1
+        res = ScanResult(path, "clean", reason=f"not scanned: {why}")
+        return await self._finish(vm, path, res, "excluded", None, t0, self.engine)
+
+    async def _finish(self, vm: VMRecord, path: str, res: Judged, source: str,
+                      digest: bytes | None, t0: float, eng: Engine, *,
+                      ino: int | None = None) -> dict[str, Any]:
+        return await self.verdicts.finish(vm, path, res, source, digest, t0, version=eng.version,
+                                          ino=ino)

@@ -1,0 +1,111 @@
+"""The rules of VM registration: who may register, scan and unregister a VM, and the policy
+each VM runs under.
+
+:class:`Registry` wraps the :class:`~.inventory.Inventory` (which it saves after every change)
+and the policy file's layers; it reads the quarantine vault's location to refuse VM roots that
+overlap it, and touches no other file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from .. import policy as policies
+from .common import RequestFailed, log
+from .inventory import Inventory, VMRecord
+
+if TYPE_CHECKING:
+    from ..quarantine import Vault
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+class Registry:
+    """Registered VMs, their owners and their effective policies."""
+
+    def __init__(
+        self,
+        inventory: Inventory,
+        *,
+        default_policy: Mapping[str, Any] | None = None,
+        vm_policies: Mapping[str, dict[str, Any]] | None = None,
+        vault: Vault | None = None,
+    ) -> None:
+        self.inventory = inventory
+        self.default_policy: dict[str, Any] = dict(default_policy or {})
+        self.vm_policies: dict[str, dict[str, Any]] = dict(vm_policies or {})
+        self.vault = vault
+
+    @property
+    def vms(self) -> dict[str, VMRecord]:
+        return self.inventory.vms
+
+    def register(self, shim: str, vm: str, root: str, policy: dict[str, Any],
+                 clone_of: str | None) -> dict[str, Any]:
+        if not os.path.isabs(root):
+            raise RequestFailed("malformed", f"VM root {root!r} must be an absolute path")
+        old = self.vms.get(vm)
+        if old and old.owner not in (None, shim):
+            raise RequestFailed("conflict", f"VM {vm!r} is registered by another shim ({old.owner})")
+        if clone_of is not None and clone_of not in self.vms:
+            raise RequestFailed("unknown-vm", f"clone_of: no VM named {clone_of!r}")
+        if clone_of == vm:
+            raise RequestFailed("malformed", "a VM cannot be a clone of itself")
+        try:
+            policy = policies.validate(policy or (old.policy if old else {}))
+        except policies.PolicyError as exc:
+            raise RequestFailed("malformed", str(exc)) from None
+        real = os.path.realpath(root)
+        if self.vault and (self.vault.inside(real) or _is_within(str(self.vault.directory), real)):
+            raise RequestFailed("malformed", "a VM root must not overlap the quarantine vault")
+        rec = VMRecord(vm, real, shim, policy, clone_of or (old.clone_of if old else None),
+                       old.tags if old else [], old.registered_at if old else time.time())
+        self.vms[vm] = rec
+        self.inventory.save()
+        log.info("VM %s registered by %s: root %s%s", vm, shim, rec.root,
+                 f", clone of {clone_of}" if clone_of else "")
+        return {"vm": vm, "root": rec.root, "policy": self.effective_policy(rec)}
+
+    def unregister(self, shim: str, vm: str) -> dict[str, Any]:
+        rec = self.owned(shim, vm)
+        del self.vms[rec.name]
+        self.inventory.save()
+        log.info("VM %s unregistered", vm)
+        return {"vm": vm}
+
+    def owned(self, shim: str, vm: str) -> VMRecord:
+        """The VM ``vm`` if ``shim`` registered it; RequestFailed("unknown-vm") otherwise."""
+        rec = self.vms.get(vm)
+        if rec is None:
+            raise RequestFailed("unknown-vm", f"no VM named {vm!r}; register it first")
+        if rec.owner != shim:
+            raise RequestFailed("unknown-vm", f"VM {vm!r} belongs to another shim")
+        return rec
+
+    def named(self, name: str) -> VMRecord:
+        """The VM ``name`` whoever owns it (operator commands)."""
+        rec = self.vms.get(name)
+        if rec is None:
+            raise RequestFailed("unknown-vm", f"no VM named {name!r}")
+        return rec
+
+    def effective_policy(self, rec: VMRecord, _seen: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Defaults < policy file [default] < base VM's effective policy < the VM's own."""
+        base: dict[str, Any] = {}
+        if rec.clone_of and rec.clone_of not in _seen and rec.clone_of in self.vms:
+            base = self.effective_policy(self.vms[rec.clone_of], _seen | {rec.name})
+        return policies.merge(self.default_policy, base, self.vm_policies.get(rec.name), rec.policy)
+
+    def describe(self, rec: VMRecord, *, clones: bool = False) -> dict[str, Any]:
+        """A VM as status and ``vm-show`` report it: its record with the effective policy
+        (and, with ``clones``, the names of the VMs cloned from it)."""
+        out = {**asdict(rec), "policy": self.effective_policy(rec)}
+        if clones:
+            out["clones"] = sorted(v.name for v in self.vms.values() if v.clone_of == rec.name)
+        return out

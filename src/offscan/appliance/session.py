@@ -1,0 +1,197 @@
+"""One client connection (a shim or an operator): handshake, then frames until ``bye``.
+
+:class:`Session` checks the ``hello`` (protocol version, shared secret on TCP), then reads
+frames: scans run concurrently up to the connection's credits, streamed content is queued per
+request, registrations, status and operator commands are answered in order (operator commands
+in the background, since a clone may take minutes). It touches nothing but its connection and
+the descriptors the client passes; the work is done by the appliance's parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from typing import TYPE_CHECKING, Any
+
+from .. import protocol
+from .common import RequestFailed, close_fds, log
+
+if TYPE_CHECKING:
+    from .facade import Appliance
+
+HANDSHAKE_TIMEOUT = 5.0  # seconds
+STREAM_QUEUE_CHUNKS = 8  # chunk frames buffered per stream (at most 2 MiB)
+
+
+class Session:
+    """The per-connection handler; :meth:`run` returns when the connection is done."""
+
+    def __init__(self, app: Appliance, conn: protocol.Connection) -> None:
+        self.app = app
+        self.conn = conn
+        self.inflight: dict[int, asyncio.Task[None]] = {}
+        self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
+        self.draining: set[int] = set()  # streams answered before their end chunk arrived
+        self.controls: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        conn = self.conn
+        try:
+            shim = await self._handshake()
+            if shim is not None:
+                await self._serve(shim)
+        except protocol.ProtocolError as exc:
+            self.app.counters.protocol_errors += 1
+            log.warning("%s: protocol error (%s): %s; closing connection", conn.peer, exc.code, exc)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    conn.send({"t": "error", "code": exc.code, "message": str(exc)}), 1.0
+                )
+        except (ConnectionError, EOFError, OSError):
+            pass
+        except Exception:  # never let one client take the appliance down
+            log.exception("%s: internal error; closing connection", conn.peer)
+        finally:
+            for st in [*self.inflight.values(), *self.controls]:
+                st.cancel()
+            conn.close()
+
+    async def _handshake(self) -> str | None:
+        """The shim id from a valid ``hello`` (answered with ``welcome``); None on timeout."""
+        conn, app = self.conn, self.app
+        try:
+            msg, fds = await asyncio.wait_for(conn.recv(), timeout=HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            log.warning("%s: no hello within %.0f s", conn.peer, HANDSHAKE_TIMEOUT)
+            return None
+        close_fds(fds)
+        if msg["t"] != "hello":
+            raise protocol.ProtocolError("sequence", f"expected hello, got {msg['t']}")
+        if msg.get("v") != protocol.PROTOCOL_VERSION:
+            raise protocol.ProtocolError(
+                "version",
+                f"protocol version {msg.get('v')} not supported (want {protocol.PROTOCOL_VERSION})",
+            )
+        if not conn.is_unix:
+            given = msg.get("secret") or ""
+            secret = app.config.secret
+            if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
+                raise protocol.ProtocolError("auth", "bad or missing shared secret")
+        await conn.send(
+            {
+                "t": "welcome",
+                "v": protocol.PROTOCOL_VERSION,
+                "appliance": app.appliance_id,
+                "credits": app.config.credits,
+                "heartbeat": app.config.heartbeat,
+                "pattern_version": app.pattern_version,
+            }
+        )
+        return str(msg["shim"])
+
+    async def _serve(self, shim: str) -> None:
+        """Frames until ``bye``, or until the client is silent for three heartbeats."""
+        silence = 3 * self.app.config.heartbeat
+        while True:
+            try:
+                msg, fds = await asyncio.wait_for(self.conn.recv(), timeout=silence)
+            except TimeoutError:
+                log.warning("%s: no frame for %.0f s, closing", self.conn.peer, silence)
+                return
+            t = msg["t"]
+            if t != "scan" or msg.get("mode") != "fd":
+                close_fds(fds)  # only an fd-mode scan may pass descriptors
+            if t == "ping":
+                await self.conn.send({"t": "pong", "id": msg.get("id")})
+            elif t == "scan":
+                self._start_scan(shim, msg, fds)
+            elif t == "chunk":
+                await self._chunk(msg)
+            elif t == "bye":
+                await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+                return
+            elif t == "control":  # may run for minutes (clones): keep reading frames
+                ct = asyncio.create_task(self._serve_control(shim, msg))
+                self.controls.add(ct)
+                ct.add_done_callback(self.controls.discard)
+            else:
+                await self._serve_control(shim, msg)
+
+    def _start_scan(self, shim: str, msg: dict[str, Any], fds: list[int]) -> None:
+        rid = msg["id"]
+        credits = self.app.config.credits
+        if rid in self.inflight:
+            close_fds(fds)
+            raise protocol.ProtocolError("sequence", f"duplicate request id {rid}")
+        if len(self.inflight) >= credits:
+            close_fds(fds)
+            raise protocol.ProtocolError("backpressure", f"more than {credits} outstanding scans")
+        if msg.get("mode") == "stream":
+            self.streams[rid] = asyncio.Queue(maxsize=STREAM_QUEUE_CHUNKS)
+        st = asyncio.create_task(self._serve_scan(shim, msg, fds, self.streams.get(rid)))
+        self.inflight[rid] = st
+        st.add_done_callback(lambda _task: self._finished(rid))
+
+    def _finished(self, rid: int) -> None:
+        self.inflight.pop(rid, None)
+        if self.streams.pop(rid, None) is not None:
+            self.draining.add(rid)
+
+    async def _chunk(self, msg: dict[str, Any]) -> None:
+        rid = msg["id"]
+        if rid in self.draining:  # answered early (e.g. an error): drop the rest
+            if msg.get("end"):
+                self.draining.discard(rid)
+            return
+        q = self.streams.get(rid)
+        if q is None:
+            raise protocol.ProtocolError("sequence", f"chunk for unknown stream {rid}")
+        await q.put(bytes(msg["data"]))  # full queue: TCP backpressure on this client
+        if msg.get("end"):
+            await q.put(None)
+            self.streams.pop(rid, None)
+
+    async def _serve_control(self, shim: str, msg: dict[str, Any]) -> None:
+        conn, app = self.conn, self.app
+        rid = msg.get("id")
+        try:
+            t = msg["t"]
+            if t == "register":
+                reply = app.registry.register(shim, msg["vm"], msg["root"], msg.get("policy") or {},
+                                              msg.get("clone_of"))
+            elif t == "unregister":
+                reply = app.registry.unregister(shim, msg["vm"])
+            elif t == "status":
+                reply = app.status()
+            elif t == "control":
+                reply = await app.control(msg["op"], msg.get("args") or {})
+            else:
+                raise RequestFailed("unsupported", f"message type {t!r} not supported here")
+            await conn.send({**reply, "t": "status" if t == "status" else "ok", "id": rid})
+        except RequestFailed as exc:
+            await conn.send({"t": "error", "id": rid, "code": exc.code, "message": str(exc)})
+        except (ConnectionError, OSError):
+            pass
+        except Exception as exc:  # a failed command must not end the connection
+            log.exception("%s %s failed", msg.get("t"), msg.get("op", ""))
+            with contextlib.suppress(Exception):
+                await conn.send({"t": "error", "id": rid, "code": "internal", "message": str(exc)})
+
+    async def _serve_scan(self, shim: str, msg: dict[str, Any], fds: list[int],
+                          stream: asyncio.Queue[bytes | None] | None) -> None:
+        rid = msg["id"]
+        pipeline = self.app.pipeline
+        try:
+            if stream is not None:
+                verdict = await pipeline.scan_stream(shim, msg, stream)
+            else:
+                verdict = await pipeline.scan_request(shim, msg, fds)
+            reply = {"t": "verdict", "id": rid, **verdict}
+        except RequestFailed as exc:
+            reply = {"t": "error", "id": rid, "code": exc.code, "message": str(exc)}
+        except Exception as exc:  # one bad request must not end the connection
+            log.exception("scan %r failed", msg.get("path"))
+            reply = {"t": "error", "id": rid, "code": "internal", "message": str(exc)}
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.conn.send(reply)

@@ -1,0 +1,122 @@
+"""How a request ends: the verdict record, the JSON event log, and the detection bookkeeping.
+
+:class:`EventLog` appends one JSON line per verdict or refusal to ``STATE/events.jsonl`` (the only
+file this module writes). :class:`Verdicts` finishes a request: it has the actions run on a
+detection (:mod:`.actions`), then builds the verdict, counts it, logs the event and keeps the
+recent detections for ``status``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .._fsutil import write_all
+from ..cache import CachedVerdict
+from ..engine import ScanResult
+from .common import SYSTEM_CLOCK, Clock, RequestFailed, log
+from .inventory import VMRecord
+from .status import Counters
+
+if TYPE_CHECKING:
+    from ..confine import ConfinementError
+    from ..metrics import Histogram
+    from .actions import Actions
+
+RECENT_DETECTIONS = 50
+
+Judged = ScanResult | CachedVerdict  # what a verdict is built from: a scan now, or the cache
+
+
+class EventLog:
+    """One JSON line per verdict (and per refused request), written straight to the OS."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._fd = (os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+                    if path else None)
+
+    def write(self, event: dict[str, Any]) -> None:
+        # Not fsynced, by design: one write per verdict reaches the OS (it survives the
+        # appliance being killed); syncing every line would cost a disk flush per scan.
+        if self._fd is not None:
+            write_all(self._fd, (json.dumps(event, separators=(",", ":")) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Verdicts:
+    """Finishes requests: actions on a detection, then the verdict record and its event."""
+
+    def __init__(self, events: EventLog, counters: Counters, actions: Actions,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        self.events = events
+        self.counters = counters
+        self.actions = actions
+        self.clock = clock
+        self.latency: Histogram | None = None  # set when metrics are on
+        self.detections: list[dict[str, Any]] = []
+
+    async def finish(self, vm: VMRecord, path: str, res: Judged, source: str,
+                     digest: bytes | None, t0: float, *, version: str,
+                     ino: int | None = None) -> dict[str, Any]:
+        """Record the verdict; on a detection run the VM's actions and tag it. ``version`` is
+        that of the engine the request ran on; a cached verdict carries its own."""
+        extra: dict[str, Any] = {}
+        action = "allow"
+        if res.status == "infected":
+            action, extra = await self.actions.act(vm, path, res.matches, ino)
+        # the version that judged it: a cached verdict's own, else the engine the scan ran on
+        judged_by = getattr(res, "pattern_version", None) or version
+        return self.record(vm, path, res, source, digest, t0, action, extra, judged_by)
+
+    def record(self, vm: VMRecord, path: str, res: Judged, source: str, digest: bytes | None,
+               t0: float, action: str, extra: dict[str, Any], version: str) -> dict[str, Any]:
+        """The verdict sent to the shim; also counted, timed and written to the event log."""
+        verdict = {
+            "vm": vm.name,
+            "path": path,
+            "status": res.status,
+            "matches": list(res.matches),
+            "reason": getattr(res, "reason", None),
+            "action": action,
+            "source": source,
+            "digest": digest.hex() if digest else None,
+            "pattern_version": version,
+            **extra,
+        }
+        self.counters.verdicts += 1
+        if res.status == "error":
+            self.counters.errors += 1
+        now = self.clock.time()
+        latency = self.clock.monotonic() - t0
+        if self.latency is not None:
+            self.latency.observe(latency)
+        event = {"time": now, "event": "verdict", **verdict, "latency_ms": round(latency * 1000, 3)}
+        self.events.write(event)
+        if res.status == "infected":
+            self._detected(vm, path, res.matches, action, extra, now)
+        return verdict
+
+    def _detected(self, vm: VMRecord, path: str, matches: tuple[str, ...], action: str,
+                  extra: dict[str, Any], now: float) -> None:
+        self.counters.detections += 1
+        det = {"time": now, "vm": vm.name, "path": path, "matches": list(matches),
+               "action": action, **extra}
+        self.detections.append(det)
+        del self.detections[:-RECENT_DETECTIONS]
+        log.warning("DETECTION: VM %s: %s: %s (%s)", vm.name, path, ", ".join(matches), action)
+
+    def refused(self, vm: VMRecord, shim: str, path: str, exc: ConfinementError) -> NoReturn:
+        """A request that tried to leave its VM's root: counted, logged, and answered with
+        RequestFailed("confined")."""
+        self.counters.refused += 1
+        log.warning("refused: VM %s (shim %s): %s", vm.name, shim, exc)
+        self.events.write({"time": self.clock.time(), "event": "refused", "vm": vm.name,
+                           "path": path, "reason": str(exc)})
+        raise RequestFailed("confined", str(exc)) from None
