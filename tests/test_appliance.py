@@ -260,7 +260,10 @@ def test_kill9_during_5000_writes_every_file_gets_a_verdict(tmp_path):
                 return out
 
             again = asyncio.run(ask_again())
-            assert all(v["status"] == "clean" and v["source"] == "digest" for v in again)
+            # Served from the persisted cache ("digest"), or from the identity memo when the
+            # second appliance already re-read that file during the replay ("identity"): either
+            # way, not matched again (the invariant below).
+            assert all(v["status"] == "clean" and v["source"] in ("digest", "identity") for v in again)
             assert status(b.sock)["contents_matched"] == matched_after_replay
         finally:
             b.stop()
