@@ -18,12 +18,12 @@ import pytest
 from conftest import EICAR, make_db
 
 from offscan import Matcher, load_database
+from offscan.cli.images import add_scan_image_arguments
+from offscan.cli.images import run as cmd_scan_image
 from offscan.images import (
     BlobDigestError,
     ImageError,
     LayerCache,
-    add_scan_image_arguments,
-    cmd_scan_image,
     open_image,
     scan_image,
 )

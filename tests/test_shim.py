@@ -23,6 +23,7 @@ import pytest
 from conftest import EICAR
 
 from offscan import protocol
+from offscan.cli.shim import add_shim_arguments, run_shim_cli
 from offscan.shim import (
     ACCESS,
     DEMAND,
@@ -30,8 +31,6 @@ from offscan.shim import (
     Backlog,
     Shim,
     VMSpec,
-    add_shim_arguments,
-    run_shim_cli,
 )
 
 TEST_TIMEOUT = 20.0  # seconds for one asyncio scenario

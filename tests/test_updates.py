@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 
 from offscan import load_database, updates
+from offscan.cli.patterns import add_patterns_arguments
+from offscan.cli.patterns import run as cmd_patterns
 from offscan.signatures import SignatureError
 from offscan.updates import (
     STEP_DELAY_ENV,
@@ -35,10 +37,8 @@ from offscan.updates import (
     UpdateClient,
     UpdateError,
     UpdateServer,
-    add_patterns_arguments,
     build_delta,
     build_full,
-    cmd_patterns,
     load_private_key,
     plan_updates,
     read_bundle,
@@ -663,7 +663,7 @@ def _fork_apply(
                     os.write(w, b"stopped\n")
                     time.sleep(60)
 
-            updates._checkpoint = park
+            updates.store._checkpoint = park
             PatternStore(store_dir, world["pub"]).apply(bundle)
             code = 0
         finally:
@@ -737,7 +737,7 @@ def test_sigkill_of_a_real_process_at_random_moments_of_apply(
 
 
 SERVE_SCRIPT = (
-    "import argparse, sys; from offscan.updates import add_patterns_arguments, cmd_patterns; "
+    "import argparse, sys; from offscan.cli.patterns import add_patterns_arguments, run as cmd_patterns; "
     "p = argparse.ArgumentParser(); add_patterns_arguments(p); "
     "sys.exit(cmd_patterns(p.parse_args(sys.argv[1:])))"
 )

@@ -83,4 +83,3 @@ def run(args: argparse.Namespace) -> int:
     )
 
 
-cmd_scan_image = run  # its name when it lived in offscan.images (still re-exported there)

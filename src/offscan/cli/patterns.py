@@ -125,4 +125,3 @@ def run(args: argparse.Namespace) -> int:
     return commands.run_action(action, actions[action])
 
 
-cmd_patterns = run  # the name offscan.updates exported before the parser moved here

@@ -27,9 +27,6 @@ the layer cache), :mod:`.merge` (the merged view and :func:`scan_image`), :mod:`
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 # Names that were module-level in offscan.images before the split; __all__ stays the public API
 # it was (plus run_scan_image), the other names are re-exported explicitly (``as``).
 from .command import run_scan_image
@@ -56,9 +53,6 @@ from .sources import DirectoryLayer as DirectoryLayer
 from .sources import Layer, Member
 from .sources import MemberKind as MemberKind
 
-if TYPE_CHECKING:
-    from ..cli.images import add_scan_image_arguments, cmd_scan_image
-
 __all__ = [
     "DEFAULT_LAYER_CACHE_ENTRIES",
     "BlobDigestError",
@@ -72,20 +66,8 @@ __all__ = [
     "LayerRecord",
     "Member",
     "Skipped",
-    "add_scan_image_arguments",
-    "cmd_scan_image",
     "open_image",
     "run_scan_image",
     "scan_image",
     "scan_layer",
 ]
-
-# The scan-image argparse code lives in offscan.cli.images; these two names were importable
-# from here before the split (the tests use them), so they are fetched from there on first use.
-_FROM_CLI = ("add_scan_image_arguments", "cmd_scan_image")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_CLI:
-        return getattr(importlib.import_module("..cli.images", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,16 +13,12 @@ after reconnecting and re-registering the VMs.
 This package only re-exports its modules' names (the public ones and the private ones tests
 use): :mod:`.backlog`, :mod:`.spec`, :mod:`.watch`, :mod:`.walk`, :mod:`.connection`,
 :mod:`.sender`, :mod:`.isolation`, :mod:`.shim` and the command-line runner :mod:`.cli`.
-``add_shim_arguments`` and ``run_shim_cli`` (argparse) live in :mod:`offscan.cli.shim` and are
-reachable here, imported on first use, for older callers.
+The argparse side (``add_shim_arguments``, ``run_shim_cli``) lives in :mod:`offscan.cli.shim`.
 """
 
 # ruff: noqa: F401 - this module re-exports its submodules' names; __all__ lists the public API
 
 from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
 
 from .backlog import (
     ACCESS,
@@ -90,9 +86,6 @@ from .watch import (
     _stop_observer,
 )
 
-if TYPE_CHECKING:
-    from ..cli.shim import add_shim_arguments, run_shim_cli
-
 _clone_of = parse_clone_of  # its name before the split
 
 __all__ = [
@@ -100,17 +93,5 @@ __all__ = [
     "Shim",
     "ShimConfig",
     "VMSpec",
-    "add_shim_arguments",
     "run_shim",
-    "run_shim_cli",
 ]
-
-# Defined by the command line (argparse lives in offscan.cli), imported on first use: importing
-# offscan.cli.shim here would import the whole command line with every shim.
-_FROM_CLI = ("add_shim_arguments", "run_shim_cli")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_CLI:
-        return getattr(importlib.import_module("offscan.cli.shim"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,11 +21,6 @@ re-exports them.
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import TYPE_CHECKING, Any
-
-from . import store as _store
 from ._common import UpdateError
 from .bundle import (
     BUNDLE_SUFFIX,
@@ -67,10 +62,6 @@ from .store import (
     AppliedUpdate,
     PatternStore,
 )
-from .store import _checkpoint as _checkpoint  # the apply-step test hook; see _Package
-
-if TYPE_CHECKING:
-    from ..cli.patterns import add_patterns_arguments, cmd_patterns
 
 __all__ = [
     "AppliedUpdate",
@@ -82,11 +73,9 @@ __all__ = [
     "UpdateClient",
     "UpdateError",
     "UpdateServer",
-    "add_patterns_arguments",
     "build_delta",
     "build_full",
     "canonical_lines",
-    "cmd_patterns",
     "generate_key",
     "key_id",
     "load_private_key",
@@ -121,33 +110,3 @@ __all__ = [
     "Kind",
     "TrustSpec",
 ]
-
-# The argparse side of ``offscan patterns`` lives in offscan.cli.patterns; these two names are
-# still importable from here (tests drive the subcommands through them) but are loaded on first
-# use, so that importing offscan.updates never imports the command line.
-_FROM_CLI = ("add_patterns_arguments", "cmd_patterns")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_CLI:
-        from ..cli import patterns as cli_patterns
-
-        return getattr(cli_patterns, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """Forwards an assignment of the apply-step hook ``_checkpoint`` to the store module.
-
-    Tests replace ``offscan.updates._checkpoint`` (in a forked child) to park
-    :meth:`PatternStore.apply` at a given step; the function it calls is
-    ``offscan.updates.store._checkpoint``, so the assignment has to land there too.
-    """
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name == "_checkpoint":
-            setattr(_store, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
