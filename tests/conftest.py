@@ -21,7 +21,8 @@ with warnings.catch_warnings():
     except ImportError:  # pragma: no cover - older or newer Hypothesis
         pass
 
-EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+from helpers import EICAR  # noqa: F401 - re-exported: tests import it from conftest
+
 LEAK_GRACE = 2.0  # seconds a thread or child may take to finish after its test
 
 

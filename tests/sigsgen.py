@@ -651,7 +651,7 @@ def generate(seed: int, dbdir: Path, corpus: Path, *, n_body: int = 60) -> Gener
         rng.shuffle(order)
         used: set[str] = set()
         positives, wanted = 0, rng.randint(1, 2)
-        for attempt in range(20):
+        for _attempt in range(20):
             for f in order:  # one or two positive instances, each in its own file
                 if planter.plant(f, sig, "pos"):
                     used.add(f.name)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from helpers import EICAR, ApplianceProc, Proc, status, wait_for
 
 from offscan import protocol
 from offscan.protocol import ApplianceClient
-
-from agentless import EICAR, ApplianceProc, Proc, status, wait_for
 
 
 @pytest.fixture

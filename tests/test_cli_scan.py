@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EICAR
+from helpers import EICAR
 
 TIMEOUT = 60  # seconds; a scan that blocks (FIFO) fails the test instead of hanging the suite
 

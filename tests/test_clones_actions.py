@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from agentless import EICAR, ApplianceProc, status, wait_for
+from helpers import EICAR, ApplianceProc, status, wait_for
 
 from offscan import protocol
 from offscan.protocol import ApplianceClient

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import pytest
-from agentless import EICAR, ApplianceProc
+from helpers import EICAR, ApplianceProc
 
 from offscan import protocol as P
 from offscan.protocol import messages as M

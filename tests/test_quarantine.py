@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EICAR
+from helpers import EICAR
 
 from offscan.quarantine import QuarantineEntry, QuarantineError, Vault
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EICAR
+from helpers import EICAR
 
 from offscan import protocol
 from offscan.cli.shim import add_shim_arguments, run_shim_cli
