@@ -35,11 +35,26 @@ def appliance():
     sock, ready = work / "a.sock", work / "ready"
     log = open(work / "appliance.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "offscan", "serve", "--socket", str(sock), "--state", str(work / "state"),
-         "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "offscan",
+            "serve",
+            "--socket",
+            str(sock),
+            "--state",
+            str(work / "state"),
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 60
     while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (work / "appliance.log").read_text()
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            work / "appliance.log"
+        ).read_text()
         time.sleep(0.05)
     root = work / "vm"
     root.mkdir()
@@ -73,12 +88,14 @@ def _batch(env, names: list[str]) -> list[float]:
 
 def _record(benchmark, latencies: list[float], n: int) -> None:
     lat = sorted(latencies)
-    benchmark.extra_info.update({
-        "requests_per_round": n,
-        "events_per_s": round(n / benchmark.stats.stats.min, 1) if benchmark.stats else None,
-        "latency_p50_ms": round(lat[len(lat) // 2] * 1000, 3),
-        "latency_p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 3),
-    })
+    benchmark.extra_info.update(
+        {
+            "requests_per_round": n,
+            "events_per_s": round(n / benchmark.stats.stats.min, 1) if benchmark.stats else None,
+            "latency_p50_ms": round(lat[len(lat) // 2] * 1000, 3),
+            "latency_p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 3),
+        }
+    )
     if os.environ.get("OFFSCAN_BENCH_JSON"):
         with open(os.environ["OFFSCAN_BENCH_JSON"] + ".appliance", "a") as f:
             f.write(json.dumps({"name": benchmark.name, **benchmark.extra_info}) + "\n")
@@ -92,7 +109,9 @@ def test_event_path_cache_hit(benchmark, appliance):
         (appliance["root"] / n).write_bytes(body + i.to_bytes(4, "little"))
     _batch(appliance, names)  # first time: matched; from now on: identity memo hits
     latencies: list[float] = []
-    benchmark.pedantic(lambda: latencies.extend(_batch(appliance, names)), rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(
+        lambda: latencies.extend(_batch(appliance, names)), rounds=ROUNDS, iterations=1
+    )
     _record(benchmark, latencies, BATCH)
 
 
@@ -108,8 +127,12 @@ def test_event_path_new_content(benchmark, appliance):
         return (names,), {}
 
     latencies: list[float] = []
-    benchmark.pedantic(lambda names: latencies.extend(_batch(appliance, names)), setup=fresh,
-                       rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(
+        lambda names: latencies.extend(_batch(appliance, names)),
+        setup=fresh,
+        rounds=ROUNDS,
+        iterations=1,
+    )
     _record(benchmark, latencies, BATCH)
 
 

@@ -140,9 +140,7 @@ async def async_wait_for(
         await asyncio.sleep(interval)
 
 
-def run_async(
-    main: Awaitable[T] | Callable[[], Awaitable[T]], timeout: float = ASYNC_TIMEOUT
-) -> T:
+def run_async(main: Awaitable[T] | Callable[[], Awaitable[T]], timeout: float = ASYNC_TIMEOUT) -> T:
     """Run a coroutine (or a function returning one) in a fresh event loop, failing with
     TimeoutError after ``timeout`` seconds instead of hanging."""
 
@@ -163,7 +161,9 @@ class Proc:
         self.log = log
         with open(log, "ab") as f:
             self.p = subprocess.Popen(
-                offscan_argv(*args), stdout=f, stderr=subprocess.STDOUT,
+                offscan_argv(*args),
+                stdout=f,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
             )
 
@@ -198,13 +198,24 @@ class ApplianceProc(Proc):
         if self.ready.exists():
             self.ready.unlink()
         super().__init__(
-            ["serve", "--socket", str(self.sock), "--state", str(self.state),
-             "--ready-file", str(self.ready), *extra],
+            [
+                "serve",
+                "--socket",
+                str(self.sock),
+                "--state",
+                str(self.state),
+                "--ready-file",
+                str(self.ready),
+                *extra,
+            ],
             work / f"{name}.log",
         )
         try:
-            wait_for(lambda: self.ready.exists() or self.p.poll() is not None, START_TIMEOUT,
-                     "appliance start")
+            wait_for(
+                lambda: self.ready.exists() or self.p.poll() is not None,
+                START_TIMEOUT,
+                "appliance start",
+            )
         except AssertionError:
             self.kill9()  # never leave a half-started appliance behind
             raise AssertionError(f"appliance did not start:\n{self.output()}") from None
@@ -296,8 +307,16 @@ class StandIn:
             os.close(fd)
         if msg["t"] != "hello":
             return
-        await conn.send({"t": "welcome", "v": 1, "appliance": "stand-in", "credits": self.credits,
-                         "heartbeat": 2.0, "pattern_version": "test-1"})
+        await conn.send(
+            {
+                "t": "welcome",
+                "v": 1,
+                "appliance": "stand-in",
+                "credits": self.credits,
+                "heartbeat": 2.0,
+                "pattern_version": "test-1",
+            }
+        )
         streams: dict[int, tuple[dict[str, Any], bytearray]] = {}
         tasks: set[asyncio.Task[None]] = set()
         try:
@@ -332,8 +351,14 @@ class StandIn:
             return False
         elif t == "scan":
             if msg["vm"] not in self.roots:
-                await conn.send({"t": "error", "id": msg["id"], "code": "unknown-vm",
-                                 "message": f"no VM {msg['vm']}"})
+                await conn.send(
+                    {
+                        "t": "error",
+                        "id": msg["id"],
+                        "code": "unknown-vm",
+                        "message": f"no VM {msg['vm']}",
+                    }
+                )
                 return True
             self.modes[msg["mode"]] += 1
             if msg["mode"] == "stream":
@@ -364,13 +389,21 @@ class StandIn:
         self.scans[key] += 1
         self.contents[key] = data
         infected = EICAR in data
-        await conn.send({
-            "t": "verdict", "id": msg["id"], "vm": msg["vm"], "path": msg["path"],
-            "status": "infected" if infected else "clean",
-            "matches": [EICAR_NAME] if infected else [], "reason": None,
-            "action": "deny" if infected else "allow", "source": "scan", "digest": None,
-            "pattern_version": "test-1",
-        })
+        await conn.send(
+            {
+                "t": "verdict",
+                "id": msg["id"],
+                "vm": msg["vm"],
+                "path": msg["path"],
+                "status": "infected" if infected else "clean",
+                "matches": [EICAR_NAME] if infected else [],
+                "reason": None,
+                "action": "deny" if infected else "allow",
+                "source": "scan",
+                "digest": None,
+                "pattern_version": "test-1",
+            }
+        )
 
 
 class FakeAppliance:
@@ -401,10 +434,20 @@ class FakeAppliance:
         hello, _ = await conn.recv()
         self.hello = hello
         if not conn.is_unix and hello.get("secret") != self.secret:
-            await conn.send({"t": "error", "code": "auth", "message": "bad or missing shared secret"})
+            await conn.send(
+                {"t": "error", "code": "auth", "message": "bad or missing shared secret"}
+            )
             return
-        await conn.send({"t": "welcome", "v": 1, "appliance": "fake", "credits": self.credits,
-                         "heartbeat": self.heartbeat, "pattern_version": "test:1"})
+        await conn.send(
+            {
+                "t": "welcome",
+                "v": 1,
+                "appliance": "fake",
+                "credits": self.credits,
+                "heartbeat": self.heartbeat,
+                "pattern_version": "test:1",
+            }
+        )
         self.conn = conn
         self.ready.set()
         while True:
@@ -431,10 +474,17 @@ class FakeAppliance:
     def verdict(self, req: dict[str, Any], status: str = "clean") -> dict[str, Any]:
         """A verdict answering scan request ``req``."""
         return {
-            "t": "verdict", "id": req["id"], "vm": req["vm"], "path": req["path"],
-            "status": status, "matches": [], "reason": None,
-            "action": "deny" if status == "infected" else "allow", "source": "scan",
-            "digest": None, "pattern_version": "test:1",
+            "t": "verdict",
+            "id": req["id"],
+            "vm": req["vm"],
+            "path": req["path"],
+            "status": status,
+            "matches": [],
+            "reason": None,
+            "action": "deny" if status == "infected" else "allow",
+            "source": "scan",
+            "digest": None,
+            "pattern_version": "test:1",
         }
 
 

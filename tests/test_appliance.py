@@ -65,7 +65,9 @@ def test_50_vms_same_files_matched_once_and_eicar_in_vm17(appliance, tmp_path):
             (r / "new-own.bin").write_bytes(os.urandom(3000) + bytes([i]))
         (roots[17] / "eicar.com").write_bytes(EICAR)
         expected |= {(r.name, n) for r in roots for n in ("new-shared.bin", "new-own.bin")}
-        got = wait_for(lambda: appliance.verdict_paths().get(("vm17", "eicar.com")), 60, "EICAR verdict")
+        got = wait_for(
+            lambda: appliance.verdict_paths().get(("vm17", "eicar.com")), 60, "EICAR verdict"
+        )
         assert got["status"] == "infected" and got["matches"] == ["Eicar-Test-Signature"]
         assert got["action"] == "deny"
         wait_for(lambda: expected <= appliance.verdict_paths().keys(), 60, "write verdicts")
@@ -99,8 +101,14 @@ def test_path_confinement(appliance, tmp_path):
         ok = await c.scan_path("vm", "ok.txt")
         assert ok["status"] == "clean"
         refused = []
-        for bad in ("../outside/secret.com", str(outside / "secret.com"), "link.com",
-                    "sub/dirlink/secret.com", "sub/rel.com", "sub/../../outside/secret.com"):
+        for bad in (
+            "../outside/secret.com",
+            str(outside / "secret.com"),
+            "link.com",
+            "sub/dirlink/secret.com",
+            "sub/rel.com",
+            "sub/../../outside/secret.com",
+        ):
             with pytest.raises(protocol.RequestError) as ei:
                 await c.scan_path("vm", bad)
             assert ei.value.code == "confined", bad
@@ -170,7 +178,9 @@ def _read_frame(s: socket.socket) -> dict | None:
         b"\x00\x00\x00\x05garbage",
         struct.pack(">I", 1 << 30) + b"x" * 100,  # oversized announced length
         struct.pack(">I", 3) + msgpack.packb([1, 2]),  # not a map
-        protocol.pack({"t": "scan", "id": 1, "vm": "x", "path": "a", "mode": "path", "prio": "access"}),  # no hello
+        protocol.pack(
+            {"t": "scan", "id": 1, "vm": "x", "path": "a", "mode": "path", "prio": "access"}
+        ),  # no hello
         os.urandom(4096),
     ],
     ids=["garbage", "oversized", "list", "no-hello", "random"],
@@ -229,8 +239,13 @@ def test_kill9_during_5000_writes_every_file_gets_a_verdict(tmp_path):
     a = ApplianceProc(tmp_path)
     shim = _shim(tmp_path, a.sock, [root])
     try:
-        wait_for(lambda: any(e.get("event") == "verdict" for e in a.events()) or
-                 "registered" in a.output(), 20, "shim registered")
+        wait_for(
+            lambda: (
+                any(e.get("event") == "verdict" for e in a.events()) or "registered" in a.output()
+            ),
+            20,
+            "shim registered",
+        )
         names = [f"w{i:05d}.txt" for i in range(5000)]
         for i, name in enumerate(names[:2500]):
             (root / name).write_text(f"write {i}\n" * 3)
@@ -254,7 +269,9 @@ def test_kill9_during_5000_writes_every_file_gets_a_verdict(tmp_path):
                 c = ApplianceClient(str(b.sock), shim_id="probe")
                 await c.connect()
                 await c.register("probe", str(root))
-                out = await asyncio.gather(*(c.scan_path("probe", p, prio="demand") for _, p in before))
+                out = await asyncio.gather(
+                    *(c.scan_path("probe", p, prio="demand") for _, p in before)
+                )
                 await c.close()
                 return out
 
@@ -262,7 +279,9 @@ def test_kill9_during_5000_writes_every_file_gets_a_verdict(tmp_path):
             # Served from the persisted cache ("digest"), or from the identity memo when the
             # second appliance already re-read that file during the replay ("identity"): either
             # way, not matched again (the invariant below).
-            assert all(v["status"] == "clean" and v["source"] in ("digest", "identity") for v in again)
+            assert all(
+                v["status"] == "clean" and v["source"] in ("digest", "identity") for v in again
+            )
             assert status(b.sock)["contents_matched"] == matched_after_replay
         finally:
             b.stop()
@@ -309,10 +328,18 @@ def test_status_command_text(appliance):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "offscan", "status", "--appliance", str(appliance.sock)],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "offscan", "status", "--appliance", str(appliance.sock)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0
     assert "patterns" in out.stdout and "hit ratio" in out.stdout
-    gone = subprocess.run([sys.executable, "-m", "offscan", "status", "--appliance", str(appliance.sock) + ".nope"],
-                          capture_output=True, text=True, timeout=30)
+    gone = subprocess.run(
+        [sys.executable, "-m", "offscan", "status", "--appliance", str(appliance.sock) + ".nope"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert gone.returncode == 2 and "cannot get status" in gone.stderr

@@ -19,13 +19,18 @@ ONE_BENCH = "bench/test_bench_cache.py -k digest_bytes_1mib"
 
 def make(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHON": sys.executable}
-    return subprocess.run(["make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        ["make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def machine_id() -> str:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/bench-machine-id")],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench-machine-id")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 

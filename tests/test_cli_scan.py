@@ -17,7 +17,11 @@ TIMEOUT = 60  # seconds; a scan that blocks (FIFO) fails the test instead of han
 def offscan(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "offscan", "scan", *map(str, args)],
-        capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL, check=False,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        check=False,
     )
 
 
@@ -125,7 +129,9 @@ def test_custom_database_file_and_directory(tmp_path: Path) -> None:
     p = offscan("-d", dbdir, f1, f2, f3)
     assert p.returncode == 1, p.stderr
     assert lines(p.stdout) == [
-        f"{f1}: Custom.Body FOUND", f"{f2}: Custom.Hash FOUND", f"{f3}: OK"
+        f"{f1}: Custom.Body FOUND",
+        f"{f2}: Custom.Hash FOUND",
+        f"{f3}: OK",
     ]  # -d replaces the default database
     p = offscan("-d", dbdir / "a.ndb", f1, f2)
     assert lines(p.stdout) == [f"{f1}: Custom.Body FOUND", f"{f2}: OK"]

@@ -167,7 +167,8 @@ def test_the_copy_never_reads_content_into_user_space(
     clone(str(master), str(tmp_path / "c1"), IdentityMemo(), IdentityMemo())
     monkeypatch.undo()
     assert digest(tmp_path / "c1" / "usr" / "lib" / "deep" / "huge.bin") == digest(
-        master / "usr" / "lib" / "deep" / "huge.bin")
+        master / "usr" / "lib" / "deep" / "huge.bin"
+    )
 
 
 def test_a_clone_is_independent_of_its_master(master: Path, tmp_path: Path) -> None:

@@ -56,13 +56,21 @@ def test_100_clones_inherit_verdicts_unread(tmp_path):
         sources[(vm, path)] = v.get("source")
 
     async def run():
-        shim = Shim(str(a.sock), [VMSpec("master", str(master))], shim_id="host", on_verdict=on_verdict)
+        shim = Shim(
+            str(a.sock), [VMSpec("master", str(master))], shim_id="host", on_verdict=on_verdict
+        )
         task = asyncio.create_task(shim.run())
         try:
             assert await shim.wait_idle(120)
             base = status(a.sock)
-            made = await _control(a.sock, "vm-clone", base="master", count=100,
-                                  into=str(tmp_path / "clones"), prefix="clone-")
+            made = await _control(
+                a.sock,
+                "vm-clone",
+                base="master",
+                count=100,
+                into=str(tmp_path / "clones"),
+                prefix="clone-",
+            )
             assert made["inherited"] == 100 * 1000
             registered = {}
             for c in made["clones"]:
@@ -86,21 +94,32 @@ def test_100_clones_inherit_verdicts_unread(tmp_path):
     try:
         base, made, registered, after, final = asyncio.run(run())
         clones = [c["name"] for c in made["clones"]]
-        assert all(sources[(n, f"dir{i % 10}/file{i:04d}.bin")] == "clone" for n in clones for i in range(0, 1000, 97))
+        assert all(
+            sources[(n, f"dir{i % 10}/file{i:04d}.bin")] == "clone"
+            for n in clones
+            for i in range(0, 1000, 97)
+        )
         # bytes read for 100 fresh clones beyond the master: none
-        assert after["bytes_read"] - base["bytes_read"] == 0, after["bytes_read"] - base["bytes_read"]
+        assert after["bytes_read"] - base["bytes_read"] == 0, (
+            after["bytes_read"] - base["bytes_read"]
+        )
         assert after["contents_matched"] == base["contents_matched"]
         assert after["served_clone"] >= 100 * 1000
         # every clone got verdicts after its registration (time to first verdict: bench/ and lab)
         assert all(first[n] >= registered[n] for n in clones)
         assert final["contents_matched"] == after["contents_matched"] + 1
         assert sources[("clone-42", "dir3/file0003.bin")] == "scan"
-        assert not any(e["path"] == "dir3/file0003.bin" and e["vm"] != "clone-42"
-                       for e in a.events()[-50:] if e.get("event") == "verdict")
+        assert not any(
+            e["path"] == "dir3/file0003.bin" and e["vm"] != "clone-42"
+            for e in a.events()[-50:]
+            if e.get("event") == "verdict"
+        )
         delays = sorted(first[n] - registered[n] for n in clones)  # reported, not asserted
-        print(f"\n100 clones x 1000 files: clone time {made['seconds']:.2f} s, first verdict p50 "
-              f"{delays[50] * 1000:.0f} ms max {delays[-1] * 1000:.0f} ms, bytes read beyond master "
-              f"{after['bytes_read'] - base['bytes_read']}")
+        print(
+            f"\n100 clones x 1000 files: clone time {made['seconds']:.2f} s, first verdict p50 "
+            f"{delays[50] * 1000:.0f} ms max {delays[-1] * 1000:.0f} ms, bytes read beyond master "
+            f"{after['bytes_read'] - base['bytes_read']}"
+        )
     finally:
         a.stop()
 
@@ -111,17 +130,24 @@ def test_eicar_in_clone_17_quarantined_tagged_hooked_restored(tmp_path):
     hook, hook_log = _hook(tmp_path)
     policy = tmp_path / "policy.toml"
     policy.write_text('[default]\nactions = ["quarantine", "deny"]\n')
-    a = ApplianceProc(tmp_path, "--policies", str(policy), "--isolation-hook", hook,
-                      "--metrics", "127.0.0.1:0")
+    a = ApplianceProc(
+        tmp_path, "--policies", str(policy), "--isolation-hook", hook, "--metrics", "127.0.0.1:0"
+    )
     verdicts = {}
 
     async def run():
-        shim = Shim(str(a.sock), [VMSpec("master", str(master))], shim_id="host",
-                    on_verdict=lambda vm, p, v: verdicts.__setitem__((vm, p), v))
+        shim = Shim(
+            str(a.sock),
+            [VMSpec("master", str(master))],
+            shim_id="host",
+            on_verdict=lambda vm, p, v: verdicts.__setitem__((vm, p), v),
+        )
         task = asyncio.create_task(shim.run())
         try:
             assert await shim.wait_idle(60)
-            made = await _control(a.sock, "vm-clone", base="master", count=20, into=str(tmp_path / "c"), prefix="vm")
+            made = await _control(
+                a.sock, "vm-clone", base="master", count=20, into=str(tmp_path / "c"), prefix="vm"
+            )
             for c in made["clones"]:
                 await shim.add_vm(VMSpec(c["name"], c["root"], clone_of="master"))
             assert await shim.wait_idle(60)
@@ -147,7 +173,9 @@ def test_eicar_in_clone_17_quarantined_tagged_hooked_restored(tmp_path):
         assert first_line.split() == ["vm017", "virus_found", "threat=low"]
         assert json.loads(payload.strip().splitlines()[0])["detection"]["path"] == "eicar.com"
         entries = asyncio.run(_control(a.sock, "quarantine-list"))["entries"]
-        assert [(e["vm"], e["path"], e["signatures"]) for e in entries] == [("vm017", "eicar.com", ["Eicar-Test-Signature"])]
+        assert [(e["vm"], e["path"], e["signatures"]) for e in entries] == [
+            ("vm017", "eicar.com", ["Eicar-Test-Signature"])
+        ]
         qid = entries[0]["id"]
         # a restore aimed outside the VM root is refused: tamper the vault metadata
         meta = next((a.state / "quarantine").glob(f"{qid}.json"))
@@ -156,22 +184,37 @@ def test_eicar_in_clone_17_quarantined_tagged_hooked_restored(tmp_path):
         with pytest.raises(protocol.RequestError) as ei:
             asyncio.run(_control(a.sock, "quarantine-restore", id=qid))
         assert ei.value.code == "refused"
-        assert not (tmp_path / "escaped.com").exists() and not (root17.parent / "escaped.com").exists()
+        assert (
+            not (tmp_path / "escaped.com").exists() and not (root17.parent / "escaped.com").exists()
+        )
         meta.write_text(original)
         restored = asyncio.run(_control(a.sock, "quarantine-restore", id=qid))
-        assert Path(restored["restored"]) == root17 / "eicar.com" and (root17 / "eicar.com").read_bytes() == EICAR
+        assert (
+            Path(restored["restored"]) == root17 / "eicar.com"
+            and (root17 / "eicar.com").read_bytes() == EICAR
+        )
         untag = asyncio.run(_control(a.sock, "vm-untag", name="vm017"))
         assert untag["tags"] == []
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{_metrics_port(a)}/metrics", timeout=5).read().decode()
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{_metrics_port(a)}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
         assert 'offscan_contents_total{reason="clone"}' in metrics
         assert 'offscan_actions_total{action="quarantine"} 1' in metrics
-        assert "offscan_detections_total 1" in metrics and "offscan_verdict_seconds_count" in metrics
+        assert (
+            "offscan_detections_total 1" in metrics and "offscan_verdict_seconds_count" in metrics
+        )
     finally:
         a.stop()
 
 
 def _metrics_port(a: ApplianceProc) -> int:
-    line = wait_for(lambda: next((ln for ln in a.output().splitlines() if "metrics on http" in ln), None), 10, "metrics")
+    line = wait_for(
+        lambda: next((ln for ln in a.output().splitlines() if "metrics on http" in ln), None),
+        10,
+        "metrics",
+    )
     return int(line.rsplit(":", 1)[1].split("/")[0])
 
 
@@ -183,7 +226,9 @@ def test_policy_exclusions_inherited_and_changed_at_run_time(tmp_path):
     (master / "big.com").write_bytes(EICAR + b"\0" * 5000)
     (master / "small.com").write_bytes(EICAR)
     policy = tmp_path / "policy.toml"
-    policy.write_text('[vm.master]\nexclude_globs = ["cache/*"]\nexclude_ext = ["iso"]\nmax_size = 1000\n')
+    policy.write_text(
+        '[vm.master]\nexclude_globs = ["cache/*"]\nexclude_ext = ["iso"]\nmax_size = 1000\n'
+    )
     a = ApplianceProc(tmp_path, "--policies", str(policy))
 
     async def run():
@@ -231,8 +276,13 @@ def test_fail_modes(tmp_path, mode):
     seen = set()
 
     async def run():
-        shim = Shim(str(a.sock), [VMSpec("vm", str(root), policy={"fail_mode": mode})], shim_id="host",
-                    isolation_hook=hook, on_verdict=lambda vm, p, v: seen.add(p))
+        shim = Shim(
+            str(a.sock),
+            [VMSpec("vm", str(root), policy={"fail_mode": mode})],
+            shim_id="host",
+            isolation_hook=hook,
+            on_verdict=lambda vm, p, v: seen.add(p),
+        )
         task = asyncio.create_task(shim.run())
         try:
             assert await shim.wait_idle(30)
@@ -275,15 +325,21 @@ def test_vm_cli_commands(tmp_path):
     a = ApplianceProc(tmp_path)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "offscan", *args, "--appliance", str(a.sock)],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "offscan", *args, "--appliance", str(a.sock)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     try:
+
         async def reg():
             c = ApplianceClient(str(a.sock), shim_id="host")
             await c.connect()
             await c.register("master", str(master))
             await c.close()
+
         asyncio.run(reg())
         r = cli("vm", "clone", "master", "--count", "3", "--into", str(tmp_path / "cl"))
         assert r.returncode == 0, r.stderr

@@ -118,8 +118,16 @@ def test_names_that_look_like_parents_are_ordinary_files(vm: Path) -> None:
 
 @pytest.mark.parametrize(
     "relpath",
-    ["..", "../outside/top.txt", "a/../../outside/top.txt", "a/..", "./../outside/top.txt",
-     "a//..//..//outside/top.txt", "a/b/../b/c/file.txt", "a/b/c/../../../top.txt"],
+    [
+        "..",
+        "../outside/top.txt",
+        "a/../../outside/top.txt",
+        "a/..",
+        "./../outside/top.txt",
+        "a//..//..//outside/top.txt",
+        "a/b/../b/c/file.txt",
+        "a/b/c/../../../top.txt",
+    ],
 )
 def test_dotdot_is_refused_anywhere_even_when_it_stays_inside(vm: Path, relpath: str) -> None:
     with pytest.raises(ConfinementError, match=r"'\.\.'"):
@@ -128,8 +136,12 @@ def test_dotdot_is_refused_anywhere_even_when_it_stays_inside(vm: Path, relpath:
 
 
 def test_absolute_paths_are_refused_even_when_they_point_inside(vm: Path) -> None:
-    for relpath in ("/etc/passwd", "//etc/passwd", str(vm / "top.txt"), str(vm.parent / "outside"
-                                                                              / "top.txt")):
+    for relpath in (
+        "/etc/passwd",
+        "//etc/passwd",
+        str(vm / "top.txt"),
+        str(vm.parent / "outside" / "top.txt"),
+    ):
         with pytest.raises(ConfinementError, match="absolute"):
             check_relpath(relpath)
         refused(vm, relpath, "absolute")
@@ -350,12 +362,14 @@ def test_a_directory_swapped_for_a_symlink_during_the_walk(
 def test_a_path_renamed_away_during_the_open_is_file_not_found(
     vm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fired = _on_call(monkeypatch, "stat", "file.txt",
-                     lambda: os.rename(vm / DEEP, vm / "top-moved.txt"))
+    fired = _on_call(
+        monkeypatch, "stat", "file.txt", lambda: os.rename(vm / DEEP, vm / "top-moved.txt")
+    )
     with pytest.raises(FileNotFoundError):
         open_confined(str(vm), DEEP)
-    fired2 = _on_call(monkeypatch, "open", "c",
-                      lambda: os.rename(vm / "a" / "b" / "c", vm / "c-moved"))
+    fired2 = _on_call(
+        monkeypatch, "open", "c", lambda: os.rename(vm / "a" / "b" / "c", vm / "c-moved")
+    )
     with pytest.raises(FileNotFoundError):
         open_confined(str(vm), DEEP)
     monkeypatch.undo()

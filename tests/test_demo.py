@@ -61,11 +61,24 @@ def demo() -> Iterator[DemoRun]:
     # command line names it, so a process left running is found.
     tmpdir = Path(tempfile.mkdtemp(prefix="ofs-demo-", dir="/tmp"))
     try:
-        p = run("demo", "--clones", CLONES, "--files", FILES, timeout=DEMO_TIMEOUT,
-                env={"TMPDIR": str(tmpdir), "COLUMNS": "220", "NO_COLOR": "1"})
+        p = run(
+            "demo",
+            "--clones",
+            CLONES,
+            "--files",
+            FILES,
+            timeout=DEMO_TIMEOUT,
+            env={"TMPDIR": str(tmpdir), "COLUMNS": "220", "NO_COLOR": "1"},
+        )
         out = p.stdout + p.stderr
-        yield DemoRun(p.returncode, out, parse_rows(p.stdout), tmpdir,
-                      sorted(x.name for x in tmpdir.iterdir()), processes_mentioning(str(tmpdir)))
+        yield DemoRun(
+            p.returncode,
+            out,
+            parse_rows(p.stdout),
+            tmpdir,
+            sorted(x.name for x in tmpdir.iterdir()),
+            processes_mentioning(str(tmpdir)),
+        )
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -73,8 +86,14 @@ def demo() -> Iterator[DemoRun]:
 def test_demo_exits_zero_and_prints_its_summary(demo: DemoRun) -> None:
     assert demo.returncode == 0, demo.out
     assert f"master image: {FILES} files" in demo.out
-    for label in ("VMs protected", "files seen (verdicts)", "contents matched",
-                  "served from cache", "clone dedup", "dedup ratio"):
+    for label in (
+        "VMs protected",
+        "files seen (verdicts)",
+        "contents matched",
+        "served from cache",
+        "clone dedup",
+        "dedup ratio",
+    ):
         demo.row(label)
 
 
@@ -82,7 +101,8 @@ def test_demo_detects_eicar_quarantines_it_and_tags_the_vm(demo: DemoRun) -> Non
     vm = f"vm-{min(17, CLONES)}"  # the clone the demo drops EICAR into
     assert f"VM {vm}: home/user/Downloads/eicar.com: {EICAR_NAME} FOUND" in demo.out
     assert demo.rows.get("detection") == [
-        f"VM {vm}: home/user/Downloads/eicar.com: {EICAR_NAME} (deny)"], demo.out
+        f"VM {vm}: home/user/Downloads/eicar.com: {EICAR_NAME} (deny)"
+    ], demo.out
     qid = demo.row("quarantine id")
     assert qid not in ("", "None"), demo.out
     tags = demo.row(f"tags of {vm}").split(", ")
@@ -94,8 +114,9 @@ def test_every_file_got_a_verdict_and_the_numbers_add_up(demo: DemoRun) -> None:
     verdicts = demo.number("files seen (verdicts)")
     matched = demo.number("contents matched")
     served_row = demo.row("served from cache")
-    m = re.fullmatch(r"(\d+) \((\d+) by clone inheritance, (\d+) by identity, (\d+) by digest\)",
-                     served_row)
+    m = re.fullmatch(
+        r"(\d+) \((\d+) by clone inheritance, (\d+) by identity, (\d+) by digest\)", served_row
+    )
     assert m, served_row
     served, by_clone, by_identity, by_digest = map(int, m.groups())
     # every file of the master, of each clone and of the burst (rescans may add verdicts)
@@ -109,8 +130,11 @@ def test_every_file_got_a_verdict_and_the_numbers_add_up(demo: DemoRun) -> None:
 
 
 def test_clones_were_protected_without_reading_a_byte(demo: DemoRun) -> None:
-    m = re.fullmatch(r"(\d+) clone files protected unread: (\d+) bytes read, (\d+) contents "
-                     r"matched for the clones", demo.row("clone dedup"))
+    m = re.fullmatch(
+        r"(\d+) clone files protected unread: (\d+) bytes read, (\d+) contents "
+        r"matched for the clones",
+        demo.row("clone dedup"),
+    )
     assert m, demo.row("clone dedup")
     inherited, bytes_read, matched = map(int, m.groups())
     assert (inherited, bytes_read, matched) == (FILES * CLONES, 0, 0), demo.out

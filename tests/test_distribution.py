@@ -21,12 +21,21 @@ EICAR_NDB = (
     "Eicar-Test-Signature:0:0:58354f2150254041505b345c505a58353428505e2937434329377d2445494341"
     "522d5354414e444152442d414e544956495255532d544553542d46494c452124482b482a"
 )
-TOOL = b"MZ\x90\x00" + b"harmless-looking admin tool; v2 knows it: offscan-dist-v2-marker" + b"\x00" * 3000
+TOOL = (
+    b"MZ\x90\x00"
+    + b"harmless-looking admin tool; v2 knows it: offscan-dist-v2-marker"
+    + b"\x00" * 3000
+)
 V2_NDB = "Offscan.Test.DistTool:0:*:" + b"offscan-dist-v2-marker".hex()
-FILLER = [f"{hashlib.md5(str(i).encode()).hexdigest()}:{2000 + i}:Offscan.Filler-{i}" for i in range(300)]
+FILLER = [
+    f"{hashlib.md5(str(i).encode()).hexdigest()}:{2000 + i}:Offscan.Filler-{i}" for i in range(300)
+]
 V1 = {"main.ndb": [EICAR_NDB], "main.hdb": FILLER}
 V2 = {"main.ndb": [EICAR_NDB, V2_NDB], "main.hdb": FILLER}
-V3 = {"main.ndb": [EICAR_NDB, V2_NDB, "Offscan.Test.V3:0:*:" + b"only-in-v3".hex()], "main.hdb": FILLER}
+V3 = {
+    "main.ndb": [EICAR_NDB, V2_NDB, "Offscan.Test.V3:0:*:" + b"only-in-v3".hex()],
+    "main.hdb": FILLER,
+}
 
 
 @pytest.fixture
@@ -52,8 +61,12 @@ def publisher(tmp_path):
 
 
 def _wait_version(sock: Path, version: str, timeout: float = 30) -> dict:
-    return wait_for(lambda: s if (s := status(sock))["pattern_version"] == version else None, timeout,
-                    f"pattern version {version}", interval=0.1)
+    return wait_for(
+        lambda: s if (s := status(sock))["pattern_version"] == version else None,
+        timeout,
+        f"pattern version {version}",
+        interval=0.1,
+    )
 
 
 def test_v2_revalidates_100_clones_by_delta_content_matched_once(tmp_path, publisher):
@@ -63,7 +76,9 @@ def test_v2_revalidates_100_clones_by_delta_content_matched_once(tmp_path, publi
     (master / "opt" / "tool.exe").write_bytes(TOOL)
     for i in range(20):
         (master / "opt" / f"lib{i}.so").write_bytes(os.urandom(2000))
-    a = ApplianceProc(tmp_path, "--updates", publisher["url"], "--trust", str(publisher["pub"]), "--poll", "0.2")
+    a = ApplianceProc(
+        tmp_path, "--updates", publisher["url"], "--trust", str(publisher["pub"]), "--poll", "0.2"
+    )
     try:
         _wait_version(a.sock, "1")
 
@@ -74,8 +89,14 @@ def test_v2_revalidates_100_clones_by_delta_content_matched_once(tmp_path, publi
                 assert await shim.wait_idle(60)
                 c = ApplianceClient(str(a.sock), shim_id="operator")
                 await c.connect()
-                made = await c.control("vm-clone", timeout=300, base="master", count=100,
-                                       into=str(tmp_path / "clones"), prefix="vm")
+                made = await c.control(
+                    "vm-clone",
+                    timeout=300,
+                    base="master",
+                    count=100,
+                    into=str(tmp_path / "clones"),
+                    prefix="vm",
+                )
                 await c.close()
                 for cl in made["clones"]:
                     await shim.add_vm(VMSpec(cl["name"], cl["root"], clone_of="master"))
@@ -87,7 +108,9 @@ def test_v2_revalidates_100_clones_by_delta_content_matched_once(tmp_path, publi
         asyncio.run(protect())
         before = status(a.sock)
         tool_verdicts = [e for e in a.events() if e.get("path") == "opt/tool.exe"]
-        assert len({e["vm"] for e in tool_verdicts}) == 101 and all(e["status"] == "clean" for e in tool_verdicts)
+        assert len({e["vm"] for e in tool_verdicts}) == 101 and all(
+            e["status"] == "clean" for e in tool_verdicts
+        )
         matched_before = before["contents_matched"]
 
         sent_before = publisher["server"].stats["bytes_sent"]
@@ -97,22 +120,43 @@ def test_v2_revalidates_100_clones_by_delta_content_matched_once(tmp_path, publi
         _wait_version(a.sock, "2")
         took = time.monotonic() - t0
         reported = wait_for(
-            lambda: r if len(r := {e["vm"] for e in a.events() if e.get("path") == "opt/tool.exe"
-                                   and e.get("status") == "infected"}) == 101 else None,
-            60, "every copy reported infected")
+            lambda: (
+                r
+                if len(
+                    r := {
+                        e["vm"]
+                        for e in a.events()
+                        if e.get("path") == "opt/tool.exe" and e.get("status") == "infected"
+                    }
+                )
+                == 101
+                else None
+            ),
+            60,
+            "every copy reported infected",
+        )
         assert len(reported) == 101
         final = status(a.sock)
         assert final["contents_matched"] == matched_before  # no full re-match of anything
         assert final["revalidations"] >= 1
         # the tool content was read once by the delta matcher, not once per VM
         assert final["revalidation_bytes"] <= len(TOOL) * 2 + 21 * 2000
-        infected = [e for e in a.events() if e.get("path") == "opt/tool.exe" and e.get("status") == "infected"]
-        assert all(e["matches"] == ["Offscan.Test.DistTool"] and e["source"] == "revalidated" for e in infected)
+        infected = [
+            e
+            for e in a.events()
+            if e.get("path") == "opt/tool.exe" and e.get("status") == "infected"
+        ]
+        assert all(
+            e["matches"] == ["Offscan.Test.DistTool"] and e["source"] == "revalidated"
+            for e in infected
+        )
         assert final["patterns_source"]["fetched_from"].startswith(publisher["url"])
         sent = publisher["server"].stats["bytes_sent"] - sent_before
-        print(f"\nappliance took v2 in {took:.2f} s, {sent} bytes from the update server; "
-              f"revalidated {final['revalidations']} cached verdicts reading {final['revalidation_bytes']} bytes "
-              f"in {final['revalidation_seconds']:.3f} s")
+        print(
+            f"\nappliance took v2 in {took:.2f} s, {sent} bytes from the update server; "
+            f"revalidated {final['revalidations']} cached verdicts reading {final['revalidation_bytes']} bytes "
+            f"in {final['revalidation_seconds']:.3f} s"
+        )
     finally:
         a.stop()
 
@@ -122,14 +166,18 @@ def test_bad_bundles_rejected_old_version_keeps_serving(tmp_path, publisher):
     root = tmp_path / "vm"
     root.mkdir()
     (root / "eicar.com").write_bytes(EICAR)
-    a = ApplianceProc(tmp_path, "--updates", publisher["url"], "--trust", str(publisher["pub"]), "--poll", "0.2")
+    a = ApplianceProc(
+        tmp_path, "--updates", publisher["url"], "--trust", str(publisher["pub"]), "--poll", "0.2"
+    )
     try:
         _wait_version(a.sock, "1")
         good = build_full(V2, 2).signed(load_private_key(tmp_path / "publisher.key")).to_bytes()
         other_key, _, _ = generate_key(tmp_path / "intruder")
         bad = {
             "truncated": good[: len(good) // 2],
-            "corrupted": good[: len(good) // 3] + bytes([good[len(good) // 3] ^ 0xFF]) + good[len(good) // 3 + 1:],
+            "corrupted": good[: len(good) // 3]
+            + bytes([good[len(good) // 3] ^ 0xFF])
+            + good[len(good) // 3 + 1 :],
             "unsigned": build_full(V2, 2).to_bytes(),
             "wrong-key": build_full(V2, 2).signed(load_private_key(other_key)).to_bytes(),
         }
@@ -166,12 +214,16 @@ def test_bad_bundles_rejected_old_version_keeps_serving(tmp_path, publisher):
 
 def test_kill9_while_applying_runs_old_or_new_never_a_mix(tmp_path, publisher):
     publisher["publish"]("v1-full.osb", build_full(V1, 1))
-    a = ApplianceProc(tmp_path, "--updates", publisher["url"], "--trust", str(publisher["pub"]), "--poll", "0.05")
+    a = ApplianceProc(
+        tmp_path, "--updates", publisher["url"], "--trust", str(publisher["pub"]), "--poll", "0.05"
+    )
     _wait_version(a.sock, "1")
     publisher["publish"]("v3-full.osb", build_full(V3, 3))
     time.sleep(0.08)  # somewhere in fetching, verifying, test-loading or switching
     a.kill9()
-    b = ApplianceProc(tmp_path, "--trust", str(publisher["pub"]), name="restarted")  # no server: what is on disk
+    b = ApplianceProc(
+        tmp_path, "--trust", str(publisher["pub"]), name="restarted"
+    )  # no server: what is on disk
     try:
         st = status(b.sock)
         assert st["pattern_version"] in ("1", "3")
@@ -204,9 +256,22 @@ def test_one_appliance_vs_n_agents_update_distribution(tmp_path, publisher):
         (r / "f.txt").write_text("x")
         roots.append(r)
     trust = ["--trust", str(publisher["pub"]), "--poll", "3600"]
-    agents = [Proc(["agent", "--vm", f"vm{i}={r}", "--state", str(tmp_path / f"agent{i}"),
-                    "--updates", agent_server.url, *trust], tmp_path / f"agent{i}.log")
-              for i, r in enumerate(roots)]
+    agents = [
+        Proc(
+            [
+                "agent",
+                "--vm",
+                f"vm{i}={r}",
+                "--state",
+                str(tmp_path / f"agent{i}"),
+                "--updates",
+                agent_server.url,
+                *trust,
+            ],
+            tmp_path / f"agent{i}.log",
+        )
+        for i, r in enumerate(roots)
+    ]
     a = ApplianceProc(tmp_path, "--updates", publisher["url"], *trust)
     socks = [tmp_path / f"agent{i}" / "agent.sock" for i in range(n)]
 
@@ -218,6 +283,7 @@ def test_one_appliance_vs_n_agents_update_distribution(tmp_path, publisher):
                 return await c.control("reload", timeout=60)
             finally:
                 await c.close()
+
         return await asyncio.gather(*(one(s) for s in points))
 
     try:
@@ -239,10 +305,21 @@ def test_one_appliance_vs_n_agents_update_distribution(tmp_path, publisher):
         b_agents = agent_server.stats["bytes_sent"] - g0
         assert 0 < b_app < len(build_full(V2, 2).to_bytes())  # the delta, not the full bundle
         assert b_agents == pytest.approx(n * b_app, rel=0.05)
-        print(f"\nupdate v1->v2: 1 appliance {b_app} B in {t_app:.2f} s; {n} agents {b_agents} B, "
-              f"all on v2 after {t_agents:.2f} s")
-        (tmp_path / "distribution.json").write_text(json.dumps(
-            {"n": n, "bytes_appliance": b_app, "bytes_agents": b_agents, "t_app": t_app, "t_agents": t_agents}))
+        print(
+            f"\nupdate v1->v2: 1 appliance {b_app} B in {t_app:.2f} s; {n} agents {b_agents} B, "
+            f"all on v2 after {t_agents:.2f} s"
+        )
+        (tmp_path / "distribution.json").write_text(
+            json.dumps(
+                {
+                    "n": n,
+                    "bytes_appliance": b_app,
+                    "bytes_agents": b_agents,
+                    "t_app": t_app,
+                    "t_agents": t_agents,
+                }
+            )
+        )
     finally:
         for p in agents:
             p.stop()
@@ -254,7 +331,9 @@ def test_swap_under_a_steady_stream_drops_nothing(tmp_path, publisher):
     publisher["publish"]("v1-full.osb", build_full(V1, 1))
     root = tmp_path / "vm"
     root.mkdir()
-    a = ApplianceProc(tmp_path, "--updates", publisher["url"], "--trust", str(publisher["pub"]), "--poll", "3600")
+    a = ApplianceProc(
+        tmp_path, "--updates", publisher["url"], "--trust", str(publisher["pub"]), "--poll", "3600"
+    )
     try:
         _wait_version(a.sock, "1")
 

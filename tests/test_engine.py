@@ -134,24 +134,42 @@ H = bytes.fromhex
         ("aabba?", ["aabba0", "aabbaf"], ["aabbb0", "aabb9f", "aabb"]),
         ("aabb?a", ["aabb0a", "aabbfa"], ["aabb0b", "aabba0", "aabb"]),
         ("a?aabb", ["a0aabb", "afaabb"], ["b0aabb", "aabb"]),
-        ("aabb*ccdd", ["aabbccdd", "aabb0000ccdd", "aabb" + "00" * 300 + "ccdd"],
-         ["ccddaabb", "aabbccd0", "aabbcc"]),
+        (
+            "aabb*ccdd",
+            ["aabbccdd", "aabb0000ccdd", "aabb" + "00" * 300 + "ccdd"],
+            ["ccddaabb", "aabbccd0", "aabbcc"],
+        ),
         ("aabb*bbcc", ["aabbbbcc", "aabb00bbcc"], ["aabbcc"]),  # parts never overlap
-        ("aabb{3}ccdd", ["aabb000000ccdd", "aabbaabb000000ccdd"],
-         ["aabb0000ccdd", "aabb00000000ccdd", "aabbccdd"]),
+        (
+            "aabb{3}ccdd",
+            ["aabb000000ccdd", "aabbaabb000000ccdd"],
+            ["aabb0000ccdd", "aabb00000000ccdd", "aabbccdd"],
+        ),
         ("aabb{0}ccdd", ["aabbccdd"], ["aabb00ccdd"]),
         ("aabb{-2}ccdd", ["aabbccdd", "aabb00ccdd", "aabb0000ccdd"], ["aabb000000ccdd"]),
-        ("aabb{2-}ccdd", ["aabb0000ccdd", "aabb" + "00" * 500 + "ccdd"],
-         ["aabbccdd", "aabb00ccdd"]),
-        ("aabb{2-3}ccdd", ["aabb0000ccdd", "aabb000000ccdd"],
-         ["aabb00ccdd", "aabb00000000ccdd", "aabbccdd"]),
+        (
+            "aabb{2-}ccdd",
+            ["aabb0000ccdd", "aabb" + "00" * 500 + "ccdd"],
+            ["aabbccdd", "aabb00ccdd"],
+        ),
+        (
+            "aabb{2-3}ccdd",
+            ["aabb0000ccdd", "aabb000000ccdd"],
+            ["aabb00ccdd", "aabb00000000ccdd", "aabbccdd"],
+        ),
         ("aabb[2-3]ccdd", ["aabb0000ccdd", "aabb000000ccdd"], ["aabb00ccdd", "aabb00000000ccdd"]),
         # a later instance of the first part must still be tried when an earlier one is too far
         ("aabb{2-3}ccdd", ["aabb" + "11" * 10 + "aabb0000ccdd"], ["aabb" + "11" * 10 + "ccdd"]),
-        ("aabb{2-3}ccdd{1}eeff", ["aabb0000ccdd00eeff", "aabbaabb0000ccdd00eeff"],
-         ["aabb0000ccddeeff", "aabb0000ccdd0000eeff"]),
-        ("aabb*ccdd{2}eeff", ["aabbccdd0000eeff", "aabb00ccdd11ccdd0000eeff"],
-         ["aabbccdd00eeff", "ccdd0000eeffaabb"]),
+        (
+            "aabb{2-3}ccdd{1}eeff",
+            ["aabb0000ccdd00eeff", "aabbaabb0000ccdd00eeff"],
+            ["aabb0000ccddeeff", "aabb0000ccdd0000eeff"],
+        ),
+        (
+            "aabb*ccdd{2}eeff",
+            ["aabbccdd0000eeff", "aabb00ccdd11ccdd0000eeff"],
+            ["aabbccdd00eeff", "ccdd0000eeffaabb"],
+        ),
         ("aabb(cc|dd|ee)", ["aabbcc", "aabbdd", "aabbee"], ["aabbff", "aabb"]),
         ("(1122|3344)aabb", ["1122aabb", "3344aabb"], ["1144aabb", "3322aabb", "aabb"]),
         ("aabb!(cc|dd)ee", ["aabb00ee", "aabbffee"], ["aabbccee", "aabbddee", "aabbee"]),
@@ -353,9 +371,14 @@ def test_hash_signatures(impl: str) -> None:
     data = b"some content\n"
     text = [
         ("h.hdb", f"{hashlib.md5(data).hexdigest()}:{len(data)}:Md5.Sig\n"),
-        ("h.hsb", (f"{hashlib.sha1(data).hexdigest()}:{len(data)}:Sha1.Sig\n"
-                   f"{hashlib.sha256(data).hexdigest()}:*:Sha256.Any\n"
-                   f"{hashlib.sha256(data).hexdigest()}:{len(data) + 1}:Sha256.WrongSize\n")),
+        (
+            "h.hsb",
+            (
+                f"{hashlib.sha1(data).hexdigest()}:{len(data)}:Sha1.Sig\n"
+                f"{hashlib.sha256(data).hexdigest()}:*:Sha256.Any\n"
+                f"{hashlib.sha256(data).hexdigest()}:{len(data) + 1}:Sha256.WrongSize\n"
+            ),
+        ),
         ("b.ndb", "Body:0:*:636f6e74656e74\n"),
     ]
     from offscan import PatternDB
@@ -390,8 +413,9 @@ def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def test_digest_only_when_a_hash_signature_has_that_size(impl: str, hash_calls: list[str],
-                                                         tmp_path: Path) -> None:
+def test_digest_only_when_a_hash_signature_has_that_size(
+    impl: str, hash_calls: list[str], tmp_path: Path
+) -> None:
     data = b"x" * 100
     db = make_db(
         f"{hashlib.md5(data).hexdigest()}:100:Md5.100\n{hashlib.md5(b'y').hexdigest()}:1:Md5.1",
@@ -551,8 +575,9 @@ def test_symlinks_followed_or_not(impl: str, tmp_path: Path) -> None:
     assert r.status == "error" and r.reason == "not a regular file (symbolic link)"
 
 
-def test_vanishing_file_between_stat_and_open(impl: str, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vanishing_file_between_stat_and_open(
+    impl: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     f = tmp_path / "f"
     f.write_bytes(b"data")
     real_open = os.open
@@ -567,8 +592,9 @@ def test_vanishing_file_between_stat_and_open(impl: str, tmp_path: Path,
     assert r.status == "error" and r.reason == "no such file (vanished?)"
 
 
-def test_permission_denied_reason(impl: str, tmp_path: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_permission_denied_reason(
+    impl: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     f = tmp_path / "f"
     f.write_bytes(b"data")
 

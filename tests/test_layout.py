@@ -39,12 +39,17 @@ def test_function_size(path: Path) -> None:
     assert not long, f"{_rel(path)}: {', '.join(long)} without a reason in the docstring"
 
 
-@pytest.mark.parametrize("path", [p for p in MODULES if "cli" not in p.relative_to(PACKAGE).parts[:1]],
-                         ids=_rel)
+@pytest.mark.parametrize(
+    "path", [p for p in MODULES if "cli" not in p.relative_to(PACKAGE).parts[:1]], ids=_rel
+)
 def test_argparse_only_in_cli(path: Path) -> None:
     tree = ast.parse(path.read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "argparse" not in imported, f"{_rel(path)} imports argparse: it belongs in offscan/cli/"
 
@@ -52,6 +57,12 @@ def test_argparse_only_in_cli(path: Path) -> None:
 def test_every_package_is_shipped() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     listed = set(config["tool"]["setuptools"]["packages"])
-    found = {"offscan." + ".".join(p.parent.relative_to(PACKAGE).parts) if p.parent != PACKAGE
-             else "offscan" for p in PACKAGE.rglob("__init__.py")}
-    assert found <= listed, f"not in pyproject's packages (pip install . would drop them): {found - listed}"
+    found = {
+        "offscan." + ".".join(p.parent.relative_to(PACKAGE).parts)
+        if p.parent != PACKAGE
+        else "offscan"
+        for p in PACKAGE.rglob("__init__.py")
+    }
+    assert found <= listed, (
+        f"not in pyproject's packages (pip install . would drop them): {found - listed}"
+    )

@@ -175,11 +175,7 @@ def test_enumerated_values_are_listed_in_the_type_column() -> None:
     for name, variants, f, row in _documented_rows():
         if f in ENVELOPE:
             continue
-        values = {
-            v
-            for td in variants
-            for v in literal_values(typing.get_type_hints(td).get(f))
-        }
+        values = {v for td in variants for v in literal_values(typing.get_type_hints(td).get(f))}
         listed = set(CODE.findall(row["type"]))
         assert {str(v) for v in values} <= listed, f"{name}.{f}: {values - listed} not listed"
         checked += bool(values)
@@ -211,8 +207,15 @@ def test_enumeration_tuples_follow_their_literals() -> None:
 
 
 def _verdict(**extra: Any) -> dict[str, Any]:
-    return {"t": "verdict", "id": 1, "vm": "v", "path": "a", "status": "clean",
-            "action": "allow", **extra}
+    return {
+        "t": "verdict",
+        "id": 1,
+        "vm": "v",
+        "path": "a",
+        "status": "clean",
+        "action": "allow",
+        **extra,
+    }
 
 
 def test_validation_follows_the_verdict_type() -> None:

@@ -99,12 +99,24 @@ class Rig:
         self.events = EventLog(self.events_path)
         self.verdicts = Verdicts(self.events, self.counters, actions, self.clock)
         self.pipeline = Pipeline(
-            lambda: self.patterns.engine, cache=self.cache, memo=self.memo,
-            registry=self.registry, verdicts=self.verdicts, gate=PriorityGate(2), pool=self.pool,
-            stream_pool=self.stream_pool, counters=self.counters, clock=self.clock)
+            lambda: self.patterns.engine,
+            cache=self.cache,
+            memo=self.memo,
+            registry=self.registry,
+            verdicts=self.verdicts,
+            gate=PriorityGate(2),
+            pool=self.pool,
+            stream_pool=self.stream_pool,
+            counters=self.counters,
+            clock=self.clock,
+        )
         self.spawned: list[Coroutine[Any, Any, None]] = []
-        self.patterns = Patterns(Engine(matcher, version, matcher.db), pipeline=self.pipeline,
-                                 inventory=self.registry.inventory, spawn=self.spawned.append)
+        self.patterns = Patterns(
+            Engine(matcher, version, matcher.db),
+            pipeline=self.pipeline,
+            inventory=self.registry.inventory,
+            spawn=self.spawned.append,
+        )
         self.registry.register(SHIM, VM, str(self.root), {}, None)
         self._closed = False
 
@@ -188,7 +200,9 @@ def test_cached_verdict_is_served_without_matching(tmp_path: Path, rigs: list[Ri
     # a verdict cached under another pattern version is not served: the content is matched
     other = b"other harmless content " * 50
     rig.write("g.bin", other)
-    rig.cache.put(CachedVerdict("infected", ("Stale",), "v0", digest_bytes(other), len(other), 42.0))
+    rig.cache.put(
+        CachedVerdict("infected", ("Stale",), "v0", digest_bytes(other), len(other), 42.0)
+    )
     w = asyncio.run(rig.scan("g.bin"))
     assert w["status"] == "clean" and w["source"] == "scan"
     assert len(matcher.read_inodes) == 1
@@ -277,8 +291,9 @@ def test_cached_verdict_naming_a_removed_signature_is_rescanned(
     assert asyncio.run(rig.scan("old.bin"))["matches"] == ["Old.Sig"]
     full = CountingMatcher(make_db(NEW_SIG))  # Old.Sig was withdrawn
     delta = CountingMatcher(make_db(NEW_SIG))
-    rig.patterns.engine = Engine(full, "v2", full.db,
-                                 Revalidation("v1", delta, frozenset({"Old.Sig"})))
+    rig.patterns.engine = Engine(
+        full, "v2", full.db, Revalidation("v1", delta, frozenset({"Old.Sig"}))
+    )
     v = asyncio.run(rig.scan("old.bin"))
     assert v["status"] == "clean" and v["source"] == "scan"
     assert len(full.read_inodes) == 1 and delta.read_inodes == []
@@ -309,10 +324,12 @@ def test_background_revalidation_after_a_swap_reports_the_new_detection(
     assert rig.counters.revalidations == 2
     assert rig.counters.contents_matched == 2  # no full rescan after the swap
     assert rig.counters.revalidation_bytes == sum(
-        (rig.root / n).stat().st_size for n in ("carrier.bin", "plain.bin"))
+        (rig.root / n).stat().st_size for n in ("carrier.bin", "plain.bin")
+    )
     reported = [e for e in rig.logged() if e["event"] == "verdict" and e["source"] == "revalidated"]
     assert [(e["path"], e["matches"], e["pattern_version"]) for e in reported] == [
-        ("carrier.bin", ["New.Sig"], "v2")]
+        ("carrier.bin", ["New.Sig"], "v2")
+    ]
     for name, status in (("carrier.bin", "infected"), ("plain.bin", "clean")):
         cached = rig.cached(name, "v2")
         assert cached is not None and cached.status == status

@@ -49,7 +49,10 @@ def effective(
 
 def test_defaults_deny_and_fail_open_with_no_exclusions() -> None:
     assert DEFAULT_POLICY == {
-        "exclude_globs": [], "exclude_ext": [], "max_size": None, "actions": ["deny"],
+        "exclude_globs": [],
+        "exclude_ext": [],
+        "max_size": None,
+        "actions": ["deny"],
         "fail_mode": "open",
     }
     assert merge() == DEFAULT_POLICY
@@ -67,10 +70,18 @@ def test_merge_returns_a_new_dict_and_never_changes_the_defaults() -> None:
 
 
 def test_later_layers_win_key_by_key() -> None:
-    out = merge({"actions": ["quarantine", "deny"], "max_size": 10}, None,
-                {"max_size": 20}, {"fail_mode": "closed"})
-    assert out == {**DEFAULT_POLICY, "actions": ["quarantine", "deny"], "max_size": 20,
-                   "fail_mode": "closed"}
+    out = merge(
+        {"actions": ["quarantine", "deny"], "max_size": 10},
+        None,
+        {"max_size": 20},
+        {"fail_mode": "closed"},
+    )
+    assert out == {
+        **DEFAULT_POLICY,
+        "actions": ["quarantine", "deny"],
+        "max_size": 20,
+        "fail_mode": "closed",
+    }
 
 
 # -- loading TOML ------------------------------------------------------------------------------
@@ -79,8 +90,13 @@ def test_later_layers_win_key_by_key() -> None:
 def test_the_documented_example_loads(tmp_path: Path) -> None:
     default, per_vm = load_policy_file(write(tmp_path, DOC_EXAMPLE))
     assert default == {"actions": ["quarantine", "deny"], "fail_mode": "open"}
-    assert per_vm == {"master": {"exclude_globs": ["var/cache/*", "*.iso"],
-                                 "exclude_ext": ["vmdk"], "max_size": 104857600}}
+    assert per_vm == {
+        "master": {
+            "exclude_globs": ["var/cache/*", "*.iso"],
+            "exclude_ext": ["vmdk"],
+            "max_size": 104857600,
+        }
+    }
 
 
 def test_an_empty_file_means_defaults(tmp_path: Path) -> None:
@@ -89,17 +105,25 @@ def test_an_empty_file_means_defaults(tmp_path: Path) -> None:
 
 
 def test_per_vm_tables_are_separate(tmp_path: Path) -> None:
-    default, per_vm = load_policy_file(write(tmp_path, """
+    default, per_vm = load_policy_file(
+        write(
+            tmp_path,
+            """
         [vm.web1]
         fail_mode = "closed"
         [vm.web2]
         actions = ["pass"]
         [vm."name with.dots"]
         max_size = 1
-    """))
+    """,
+        )
+    )
     assert default == {}
-    assert per_vm == {"web1": {"fail_mode": "closed"}, "web2": {"actions": ["pass"]},
-                      "name with.dots": {"max_size": 1}}
+    assert per_vm == {
+        "web1": {"fail_mode": "closed"},
+        "web2": {"actions": ["pass"]},
+        "name with.dots": {"max_size": 1},
+    }
 
 
 def test_a_path_object_or_string_both_load(tmp_path: Path) -> None:
@@ -141,10 +165,20 @@ def test_a_missing_file_is_a_policy_error_naming_it(tmp_path: Path) -> None:
 
 def test_validate_normalises_run_time_strings() -> None:
     # ``offscan policy set VM actions=quarantine,deny`` hands over strings
-    assert validate({"actions": "quarantine,deny", "exclude_globs": "tmp/*,*.log",
-                     "exclude_ext": ".ISO,Vmdk", "max_size": "4096", "fail_mode": "closed"}) == {
-        "actions": ["quarantine", "deny"], "exclude_globs": ["tmp/*", "*.log"],
-        "exclude_ext": ["iso", "vmdk"], "max_size": 4096, "fail_mode": "closed",
+    assert validate(
+        {
+            "actions": "quarantine,deny",
+            "exclude_globs": "tmp/*,*.log",
+            "exclude_ext": ".ISO,Vmdk",
+            "max_size": "4096",
+            "fail_mode": "closed",
+        }
+    ) == {
+        "actions": ["quarantine", "deny"],
+        "exclude_globs": ["tmp/*", "*.log"],
+        "exclude_ext": ["iso", "vmdk"],
+        "max_size": 4096,
+        "fail_mode": "closed",
     }
 
 
@@ -197,8 +231,14 @@ def test_an_unknown_key_lists_the_known_ones() -> None:
 
 @pytest.mark.parametrize(
     "actions",
-    [["deny"], ["pass"], ["quarantine"], ["quarantine", "deny"], ["quarantine", "pass"],
-     ["quarantine", "quarantine", "deny"]],
+    [
+        ["deny"],
+        ["pass"],
+        ["quarantine"],
+        ["quarantine", "deny"],
+        ["quarantine", "pass"],
+        ["quarantine", "quarantine", "deny"],
+    ],
 )
 def test_actions_keep_their_fallback_order(actions: list[str]) -> None:
     # the appliance tries them in this order, the first that succeeds wins
@@ -218,15 +258,25 @@ def test_fail_mode_round_trips(tmp_path: Path, mode: str) -> None:
 
 
 def test_a_clone_inherits_its_masters_policy_and_overrides_key_by_key(tmp_path: Path) -> None:
-    default, per_vm = load_policy_file(write(tmp_path, DOC_EXAMPLE + """
+    default, per_vm = load_policy_file(
+        write(
+            tmp_path,
+            DOC_EXAMPLE
+            + """
 [vm.master-clone002]
 fail_mode = "closed"
 max_size = 1000
-"""))
+""",
+        )
+    )
     master = effective(default, per_vm, ["master"])
-    assert master == {**DEFAULT_POLICY, "actions": ["quarantine", "deny"],
-                      "exclude_globs": ["var/cache/*", "*.iso"], "exclude_ext": ["vmdk"],
-                      "max_size": 104857600}
+    assert master == {
+        **DEFAULT_POLICY,
+        "actions": ["quarantine", "deny"],
+        "exclude_globs": ["var/cache/*", "*.iso"],
+        "exclude_ext": ["vmdk"],
+        "max_size": 104857600,
+    }
     assert effective(default, per_vm, ["master", "master-clone001"]) == master
     clone2 = effective(default, per_vm, ["master", "master-clone002"])
     assert clone2 == {**master, "fail_mode": "closed", "max_size": 1000}
@@ -238,8 +288,10 @@ max_size = 1000
 
 def test_run_time_settings_beat_the_file_and_are_inherited(tmp_path: Path) -> None:
     default, per_vm = load_policy_file(write(tmp_path, DOC_EXAMPLE))
-    runtime = {"master": validate({"actions": "pass"}),
-               "master-clone001": validate({"exclude_ext": "ISO"})}
+    runtime = {
+        "master": validate({"actions": "pass"}),
+        "master-clone001": validate({"exclude_ext": "ISO"}),
+    }
     clone = effective(default, per_vm, ["master", "master-clone001"], runtime)
     assert clone["actions"] == ["pass"]  # master's run-time setting
     assert clone["exclude_ext"] == ["iso"]  # the clone's own replaces master's ["vmdk"]
@@ -251,8 +303,15 @@ def test_run_time_settings_beat_the_file_and_are_inherited(tmp_path: Path) -> No
 # -- exclusions --------------------------------------------------------------------------------
 
 
-POLICY = merge(validate({"exclude_globs": ["var/cache/*", "*.tmp", "build/**/obj", "Thumbs.db"],
-                         "exclude_ext": [".VMDK", "iso"], "max_size": 1000}))
+POLICY = merge(
+    validate(
+        {
+            "exclude_globs": ["var/cache/*", "*.tmp", "build/**/obj", "Thumbs.db"],
+            "exclude_ext": [".VMDK", "iso"],
+            "max_size": 1000,
+        }
+    )
+)
 
 
 @pytest.mark.parametrize(

@@ -195,7 +195,11 @@ def test_hdb_md5() -> None:
     db = make_db(f"{md5}:68:Eicar.MD5", name="t.hdb")
     (h,) = db.hashes
     assert (h.name, h.algorithm, h.digest, h.size, h.source) == (
-        "Eicar.MD5", "md5", bytes.fromhex(md5), 68, "t.hdb:1"
+        "Eicar.MD5",
+        "md5",
+        bytes.fromhex(md5),
+        68,
+        "t.hdb:1",
     )
 
 
@@ -277,8 +281,17 @@ def test_min_greater_than_max_message_exactly() -> None:
 
 @pytest.mark.parametrize(
     "hexsig",
-    ["*aabb", "aabb*", "{5}aabb", "aabb{5}", "aabb**ccdd", "aabb{1}{2}ccdd", "aabb*{2}ccdd",
-     "[1-2]aabb", "aabb[1-2]"],
+    [
+        "*aabb",
+        "aabb*",
+        "{5}aabb",
+        "aabb{5}",
+        "aabb**ccdd",
+        "aabb{1}{2}ccdd",
+        "aabb*{2}ccdd",
+        "[1-2]aabb",
+        "aabb[1-2]",
+    ],
 )
 def test_gaps_at_start_end_or_adjacent_rejected(hexsig: str) -> None:
     with pytest.raises(SignatureError, match=r"^t\.ndb:1: .*a gap must sit between two byte"):
@@ -287,8 +300,19 @@ def test_gaps_at_start_end_or_adjacent_rejected(hexsig: str) -> None:
 
 @pytest.mark.parametrize(
     "hexsig",
-    ["aa", "aa??bb", "a?bb", "aab?", "(aa|bb)cc", "aa(bb|cc)", "aabb*cc", "aa*bbcc",
-     "aa!(bb|cc)dd", "????", "aa{2}bb"],
+    [
+        "aa",
+        "aa??bb",
+        "a?bb",
+        "aab?",
+        "(aa|bb)cc",
+        "aa(bb|cc)",
+        "aabb*cc",
+        "aa*bbcc",
+        "aa!(bb|cc)dd",
+        "????",
+        "aa{2}bb",
+    ],
 )
 def test_weak_signatures_rejected(hexsig: str) -> None:
     with pytest.raises(SignatureError, match=r"^t\.ndb:1: part \d .*too weak to match efficiently"):

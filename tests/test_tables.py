@@ -36,24 +36,26 @@ from offscan.signatures import Part, PatternDB
 LOW32 = 0xFFFFFFFF
 PYX = Path(__file__).resolve().parent.parent / "ext" / "_match_c.pyx"
 
-HANDWRITTEN = "\n".join([
-    r"Eicar:0:0:" + rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR".hex(),
-    "Short2:0:*:4142",  # the shortest part there is: one 2-byte gram
-    "Short3:0:*:000102",
-    "Nibble:0:*:41a?4243",
-    "NibbleLow:0:*:?a41424344",
-    "AnyByte:0:*:414243??44454647",
-    "AnyOnly2:0:*:????4142????",
-    "Alt:0:*:(41|42)434445",
-    "AltMulti:0:*:(4142|4344)4546",
-    "NegAlt:0:*:!(41|42)43444546",
-    "AltWide:0:*:4142(00|01|02|03|04|05|06|07|08|09|0a|0b|0c|0d|0e|0f|10|11)4344",
-    "Gaps:0:*:414243*444546{2-5}4748{-3}494a",
-    "Offset:0:0:4d5a9000",
-    "Eof:0:EOF-10,10:deadbeef",
-    "Zeros:0:*:00000000000000000000",
-    "Text:0:*:" + b"the quick brown fox jumps".hex(),
-])
+HANDWRITTEN = "\n".join(
+    [
+        r"Eicar:0:0:" + rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR".hex(),
+        "Short2:0:*:4142",  # the shortest part there is: one 2-byte gram
+        "Short3:0:*:000102",
+        "Nibble:0:*:41a?4243",
+        "NibbleLow:0:*:?a41424344",
+        "AnyByte:0:*:414243??44454647",
+        "AnyOnly2:0:*:????4142????",
+        "Alt:0:*:(41|42)434445",
+        "AltMulti:0:*:(4142|4344)4546",
+        "NegAlt:0:*:!(41|42)43444546",
+        "AltWide:0:*:4142(00|01|02|03|04|05|06|07|08|09|0a|0b|0c|0d|0e|0f|10|11)4344",
+        "Gaps:0:*:414243*444546{2-5}4748{-3}494a",
+        "Offset:0:0:4d5a9000",
+        "Eof:0:EOF-10,10:deadbeef",
+        "Zeros:0:*:00000000000000000000",
+        "Text:0:*:" + b"the quick brown fox jumps".hex(),
+    ]
+)
 
 
 def _sigsgen_db(seed: int) -> PatternDB:
@@ -63,9 +65,12 @@ def _sigsgen_db(seed: int) -> PatternDB:
 
 def _many_plain_db() -> PatternDB:
     rng = random.Random(9)
-    return make_db("\n".join(
-        f"S{i}:0:*:" + rng.randbytes(rng.choice([2, 3, 5, 9, 16, 40])).hex() for i in range(3000)
-    ))
+    return make_db(
+        "\n".join(
+            f"S{i}:0:*:" + rng.randbytes(rng.choice([2, 3, 5, 9, 16, 40])).hex()
+            for i in range(3000)
+        )
+    )
 
 
 DBS = {
@@ -99,11 +104,20 @@ def test_arrays_have_the_dtypes_and_shapes_the_native_core_reads(
     _, t = built
     p, a = t.n_parts, len(t.alt_off)
     want = {
-        "part_sig": (np.int32, p), "part_index": (np.int32, p), "part_len": (np.int32, p),
-        "part_vstart": (np.int64, p), "part_plain": (np.uint8, p), "part_once": (np.uint8, p),
-        "part_alt_start": (np.int32, p + 1), "alt_off": (np.int32, a), "alt_len": (np.int32, a),
-        "alt_neg": (np.uint8, a), "alt_nopt": (np.int32, a), "alt_pool_start": (np.int64, a),
-        "atom_off": (np.int32, p), "atom_len": (np.int32, p),
+        "part_sig": (np.int32, p),
+        "part_index": (np.int32, p),
+        "part_len": (np.int32, p),
+        "part_vstart": (np.int64, p),
+        "part_plain": (np.uint8, p),
+        "part_once": (np.uint8, p),
+        "part_alt_start": (np.int32, p + 1),
+        "alt_off": (np.int32, a),
+        "alt_len": (np.int32, a),
+        "alt_neg": (np.uint8, a),
+        "alt_nopt": (np.int32, a),
+        "alt_pool_start": (np.int64, a),
+        "atom_off": (np.int32, p),
+        "atom_len": (np.int32, p),
     }
     for name, (dtype, n) in want.items():
         arr = getattr(t, name)
@@ -152,8 +166,7 @@ def test_plain_and_once_flags(built: tuple[PatternDB, Tables]) -> None:
         for i, part in enumerate(sig.parts):
             plain = not part.alts and all(m == 0xFF for m in part.masks)
             assert t.part_plain[k] == plain
-            once = (i == 0 and sig.offset.kind == "any"
-                    and (i == last or sig.gaps[0].max is None))
+            once = i == 0 and sig.offset.kind == "any" and (i == last or sig.gaps[0].max is None)
             assert t.part_once[k] == once, sig.name
             k += 1
 
@@ -168,7 +181,11 @@ def test_alternatives_are_a_csr_of_the_parts_alts(built: tuple[PatternDB, Tables
         assert len(rows) == len(part.alts)
         for a, alt in zip(rows, part.alts):
             assert (t.alt_off[a], t.alt_len[a], t.alt_neg[a], t.alt_nopt[a]) == (
-                alt.offset, alt.length, alt.negated, len(alt.options))
+                alt.offset,
+                alt.length,
+                alt.negated,
+                len(alt.options),
+            )
             assert 0 <= alt.offset and alt.offset + alt.length <= part.length
             s = int(t.alt_pool_start[a])
             pool = t.alt_pool[s : s + alt.length * len(alt.options)].tobytes()
@@ -264,8 +281,7 @@ def _possible_grams(part: Part, off: int, q: int) -> set[int]:
             vals: set[int] = set()
             for a in part.alts:
                 if a.offset <= pos < a.offset + a.length:
-                    vals = (set(range(256)) if a.negated
-                            else {o[pos - a.offset] for o in a.options})
+                    vals = set(range(256)) if a.negated else {o[pos - a.offset] for o in a.options}
         else:
             v, m = part.values[pos], part.masks[pos]
             vals = {(v & m) | (x & ~m & 0xFF) for x in range(256)}
@@ -316,8 +332,9 @@ def test_entries_sit_in_their_hash_bucket(built: tuple[PatternDB, Tables]) -> No
 
 def _instance(rng: random.Random, part: Part) -> bytes:
     """A random occurrence of ``part``, built from the parsed signature (not the tables)."""
-    out = bytearray((v & m) | (rng.randrange(256) & ~m & 0xFF)
-                    for v, m in zip(part.values, part.masks))
+    out = bytearray(
+        (v & m) | (rng.randrange(256) & ~m & 0xFF) for v, m in zip(part.values, part.masks)
+    )
     for a in part.alts:
         if a.negated:
             choice = bytes(rng.randrange(256) for _ in range(a.length))
@@ -356,8 +373,9 @@ def _verifies(t: Tables, p: int, window: bytes) -> bool:
             return False
     for a in range(int(t.part_alt_start[p]), int(t.part_alt_start[p + 1])):
         off, ln, s = int(t.alt_off[a]), int(t.alt_len[a]), int(t.alt_pool_start[a])
-        options = {t.alt_pool[s + i * ln : s + (i + 1) * ln].tobytes()
-                   for i in range(int(t.alt_nopt[a]))}
+        options = {
+            t.alt_pool[s + i * ln : s + (i + 1) * ln].tobytes() for i in range(int(t.alt_nopt[a]))
+        }
         if (window[off : off + ln] in options) == bool(t.alt_neg[a]):
             return False
     return True
@@ -405,8 +423,7 @@ def test_hash_constants_equal_the_native_core() -> None:
 
 
 def test_bloom_size_grows_with_entries_within_bounds() -> None:
-    sizes = [_tables._bloom_words(n) for n in (0, 1, 10, 100, 1_000, 10_000, 100_000, 10**6,
-                                               10**8)]
+    sizes = [_tables._bloom_words(n) for n in (0, 1, 10, 100, 1_000, 10_000, 100_000, 10**6, 10**8)]
     assert sizes == sorted(sizes)
     assert sizes[0] == BLOOM_MIN_BITS - 5 and sizes[-1] == BLOOM_MAX_BITS - 5
     for n in (300, 5_000, 20_000):  # between the bounds: at least 32 bits per entry
@@ -429,7 +446,11 @@ def test_building_is_deterministic() -> None:
     assert a.atoms == b.atoms
     assert len(a.passes) == len(b.passes)
     for x, y in zip(a.passes, b.passes):
-        assert (x.q, x.stride, x.bloom_words, x.bucket_bits) == (y.q, y.stride, y.bloom_words,
-                                                                  y.bucket_bits)
+        assert (x.q, x.stride, x.bloom_words, x.bucket_bits) == (
+            y.q,
+            y.stride,
+            y.bloom_words,
+            y.bucket_bits,
+        )
         for name in ("bloom", "bucket_start", "entries"):
             assert np.array_equal(getattr(x, name), getattr(y, name)), name

@@ -31,8 +31,9 @@ SETTINGS = settings(
 WHOLE = 1 << 20  # window size holding every generated buffer whole
 # Few distinct bytes so random buffers hold partial and full matches; several are regex
 # metacharacters ('.', '\\', '(', '*', '|', '\n') to keep the oracle's escaping honest.
-ALPHABET = bytes([0x00, 0x0A, 0x2E, 0x5C, 0x28, 0x2A, 0x41, 0x42,
-                  0x61, 0x7C, 0x80, 0x90, 0xAA, 0xAB, 0xFE, 0xFF])
+ALPHABET = bytes(
+    [0x00, 0x0A, 0x2E, 0x5C, 0x28, 0x2A, 0x41, 0x42, 0x61, 0x7C, 0x80, 0x90, 0xAA, 0xAB, 0xFE, 0xFF]
+)
 
 # -- a signature model independent of offscan.signatures ----------------------------------
 
@@ -138,9 +139,11 @@ def _part_rx(part: tuple[Element, ...]) -> bytes:
         elif isinstance(e, AnyByte):
             out += b"."
         elif isinstance(e, Nibble):
-            members = [e.value << 4 | k for k in range(16)] if e.high else [
-                k << 4 | e.value for k in range(16)
-            ]
+            members = (
+                [e.value << 4 | k for k in range(16)]
+                if e.high
+                else [k << 4 | e.value for k in range(16)]
+            )
             out += b"[" + _esc(bytes(members)) + b"]"
         else:
             alts = b"(?:" + b"|".join(_esc(o) for o in e.options) + b")"
@@ -168,16 +171,25 @@ def elements(draw: st.DrawFn) -> Element:
         high = draw(st.booleans())
         return Nibble(b >> 4 if high else b & 15, high)
     length = draw(st.integers(1, 2))
-    options = draw(st.lists(st.lists(alpha_byte, min_size=length, max_size=length).map(bytes),
-                            min_size=1, max_size=3))
+    options = draw(
+        st.lists(
+            st.lists(alpha_byte, min_size=length, max_size=length).map(bytes),
+            min_size=1,
+            max_size=3,
+        )
+    )
     return Alternatives(tuple(dict.fromkeys(options)), kind == "negalt")
 
 
 @st.composite
 def parts(draw: st.DrawFn) -> tuple[Element, ...]:
     # short anchors are found by exact lookup, long ones (8+) by sampling in the native core
-    anchor = draw(st.one_of(st.lists(alpha_byte, min_size=2, max_size=4),
-                            st.lists(alpha_byte, min_size=5, max_size=14)))
+    anchor = draw(
+        st.one_of(
+            st.lists(alpha_byte, min_size=2, max_size=4),
+            st.lists(alpha_byte, min_size=5, max_size=14),
+        )
+    )
     before = draw(st.lists(elements(), max_size=3))
     after = draw(st.lists(elements(), max_size=3))
     return tuple(before) + tuple(Byte(b) for b in anchor) + tuple(after)
@@ -202,10 +214,12 @@ def gaps(draw: st.DrawFn) -> GapSpec:
 offsets = st.one_of(
     st.just(OffsetSpec("any")),
     st.just(OffsetSpec("any")),
-    st.builds(OffsetSpec, st.just("abs"), st.integers(0, 60),
-              st.one_of(st.none(), st.integers(0, 20))),
-    st.builds(OffsetSpec, st.just("eof"), st.integers(0, 150),
-              st.one_of(st.none(), st.integers(0, 20))),
+    st.builds(
+        OffsetSpec, st.just("abs"), st.integers(0, 60), st.one_of(st.none(), st.integers(0, 20))
+    ),
+    st.builds(
+        OffsetSpec, st.just("eof"), st.integers(0, 150), st.one_of(st.none(), st.integers(0, 20))
+    ),
 )
 
 
@@ -285,8 +299,9 @@ def cases(draw: st.DrawFn) -> tuple[list[Sig], bytes]:
         if off.kind == "abs":
             at = off.n + shift
             if at > len(buf):
-                buf += bytes(draw(st.lists(alpha_byte, min_size=at - len(buf),
-                                           max_size=at - len(buf))))
+                buf += bytes(
+                    draw(st.lists(alpha_byte, min_size=at - len(buf), max_size=at - len(buf)))
+                )
             buf[at:at] = inst
         elif off.kind == "eof" and off.n - shift >= len(inst):
             tail = off.n - shift - len(inst)
@@ -344,9 +359,15 @@ def test_generated_syntax_covers_everything() -> None:
         for s in sigs:
             text = s.ndb().split(":", 3)[3]
             for token, pattern in [
-                ("??", r"\?\?"), ("a?", r"[0-9a-f]\?(?!\?)"), ("?a", r"(?<!\?)\?[0-9a-f]"),
-                ("*", r"\*"), ("{n}", r"\{\d+\}"), ("{-n}", r"\{-\d+\}"), ("{n-}", r"\{\d+-\}"),
-                ("{n-m}", r"\{\d+-\d+\}"), ("[n-m]", r"\[\d+-\d+\]"),
+                ("??", r"\?\?"),
+                ("a?", r"[0-9a-f]\?(?!\?)"),
+                ("?a", r"(?<!\?)\?[0-9a-f]"),
+                ("*", r"\*"),
+                ("{n}", r"\{\d+\}"),
+                ("{-n}", r"\{-\d+\}"),
+                ("{n-}", r"\{\d+-\}"),
+                ("{n-m}", r"\{\d+-\d+\}"),
+                ("[n-m]", r"\[\d+-\d+\]"),
                 ("(a|b)", r"(?<!!)\([0-9a-f]{2}(\|[0-9a-f]{2})+\)"),
                 ("(aabb|ccdd)", r"\([0-9a-f]{4}(\|[0-9a-f]{4})+\)"),
                 ("!(..)", r"!\("),
@@ -356,9 +377,25 @@ def test_generated_syntax_covers_everything() -> None:
             seen.add("offset:" + s.offset.kind + ("" if s.offset.span is None else ",m"))
 
     collect()
-    assert seen >= {"??", "a?", "?a", "*", "{n}", "{-n}", "{n-}", "{n-m}", "[n-m]", "(a|b)",
-                    "(aabb|ccdd)", "!(..)", "offset:any", "offset:abs", "offset:abs,m",
-                    "offset:eof", "offset:eof,m"}
+    assert seen >= {
+        "??",
+        "a?",
+        "?a",
+        "*",
+        "{n}",
+        "{-n}",
+        "{n-}",
+        "{n-m}",
+        "[n-m]",
+        "(a|b)",
+        "(aabb|ccdd)",
+        "!(..)",
+        "offset:any",
+        "offset:abs",
+        "offset:abs,m",
+        "offset:eof",
+        "offset:eof,m",
+    }
 
 
 def test_generated_signatures_are_valid() -> None:
@@ -418,8 +455,9 @@ def test_native_equals_twin(
     # raw hits of the cores, including the window overlap cut and the 'done' skips
     n = c.tables.n_parts
     min_end = data.draw(st.integers(0, len(buf)), label="min_end")
-    done_in = np.array(data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n),
-                                 label="done"), dtype=np.uint8)
+    done_in = np.array(
+        data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n), label="done"), dtype=np.uint8
+    )
     done_c, done_py = done_in.copy(), done_in.copy()
     assert _hits(c.core, buf, min_end, done_c) == _hits(py.core, buf, min_end, done_py)
     assert done_c.tolist() == done_py.tolist()
@@ -464,8 +502,9 @@ def test_matcher_equals_regex_oracle(case: tuple[list[Sig], bytes], window: int)
     for impl in IMPLS:
         m = Matcher(db, impl=impl, window_size=window)
         r = m.scan_bytes(buf, allmatch=True)
-        assert r == ScanResult(None, "infected" if want else "clean", want, size=len(buf),
-                               bytes_scanned=len(buf)), sigs
+        assert r == ScanResult(
+            None, "infected" if want else "clean", want, size=len(buf), bytes_scanned=len(buf)
+        ), sigs
         assert m.scan_bytes(buf, allmatch=False).matches == want[:1]
 
 
