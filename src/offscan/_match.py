@@ -17,13 +17,16 @@ NATIVE_IMPORT_ERROR: str | None = None
 
 if TYPE_CHECKING or NO_EXTENSIONS:
     from ._match_py import Core
+
     NATIVE_IMPORT_ERROR = "disabled by OFFSCAN_NO_EXTENSIONS"
 else:
     try:
         from ._match_c import Core
+
         NativeCore = Core
     except ImportError as exc:  # pragma: no cover - depends on the build
         from ._match_py import Core
+
         NATIVE_IMPORT_ERROR = str(exc)
 
 NATIVE = NativeCore is not None and Core is NativeCore

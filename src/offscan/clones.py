@@ -40,7 +40,13 @@ def _copy_content(src: int, dst: int, size: int) -> bool:
         fcntl.ioctl(dst, FICLONE, src)
         return True
     except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
+        if exc.errno not in (
+            errno.EOPNOTSUPP,
+            errno.EXDEV,
+            errno.EINVAL,
+            errno.ENOTTY,
+            errno.EBADF,
+        ):
             raise
     offset = 0
     while offset < size:
@@ -51,7 +57,9 @@ def _copy_content(src: int, dst: int, size: int) -> bool:
     return False
 
 
-def clone_tree(master_root: str, dest_root: str, memo: IdentityMemo, inherit: IdentityMemo) -> CloneStats:
+def clone_tree(
+    master_root: str, dest_root: str, memo: IdentityMemo, inherit: IdentityMemo
+) -> CloneStats:
     """Copy ``master_root`` to the new directory ``dest_root``; seed ``inherit`` with the clone
     identities of files whose master digest ``memo`` knows."""
     t0 = time.monotonic()
@@ -79,8 +87,11 @@ def clone_tree(master_root: str, dest_root: str, memo: IdentityMemo, inherit: Id
             sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 before = Identity.from_stat("local", os.fstat(sfd))
-                dfd = os.open(target_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                              stat.S_IMODE(st.st_mode))
+                dfd = os.open(
+                    target_dir / name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    stat.S_IMODE(st.st_mode),
+                )
                 try:
                     if _copy_content(sfd, dfd, st.st_size):
                         stats.reflinked += 1

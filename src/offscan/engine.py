@@ -186,8 +186,9 @@ class Matcher:
 
     # -- scanning -------------------------------------------------------------------------
 
-    def scan_bytes(self, data: bytes | bytearray | memoryview, *, allmatch: bool = True,
-                   digest: bool = False) -> ScanResult:
+    def scan_bytes(
+        self, data: bytes | bytearray | memoryview, *, allmatch: bool = True, digest: bool = False
+    ) -> ScanResult:
         """Scan an in-memory buffer (windowed exactly like a file)."""
         view = memoryview(data).cast("B")
         size = len(view)
@@ -204,8 +205,14 @@ class Matcher:
 
         return self._run(None, size, windows(), allmatch=allmatch, digest=digest)
 
-    def scan_path(self, path: str | os.PathLike[str], *, allmatch: bool = False,
-                  follow_symlinks: bool = True, digest: bool = False) -> ScanResult:
+    def scan_path(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        allmatch: bool = False,
+        follow_symlinks: bool = True,
+        digest: bool = False,
+    ) -> ScanResult:
         """Scan a file by path. Special files, unreadable and vanishing files give an error
         result with a reason; nothing blocks (FIFOs are never opened)."""
         spath = os.fspath(path)
@@ -228,8 +235,9 @@ class Matcher:
         finally:
             os.close(fd)
 
-    def scan_fd(self, fd: int, *, path: str | None = None, allmatch: bool = False,
-                digest: bool = False) -> ScanResult:
+    def scan_fd(
+        self, fd: int, *, path: str | None = None, allmatch: bool = False, digest: bool = False
+    ) -> ScanResult:
         """Scan an open file descriptor from its current start (uses pread; offset untouched)."""
         try:
             st = os.fstat(fd)
@@ -276,12 +284,15 @@ class Matcher:
 
         result = self._run(path, size, windows(), allmatch=allmatch, digest=digest)
         if state["error"]:
-            return ScanResult(path, "error", reason=state["error"], size=size,
-                              bytes_scanned=state["read"])
+            return ScanResult(
+                path, "error", reason=state["error"], size=size, bytes_scanned=state["read"]
+            )
         try:
             st2 = os.fstat(fd)
             changed = (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns) != (
-                st.st_size, st.st_mtime_ns, st.st_ctime_ns
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
             ) or state["eof_at"] not in (None, size)
         except OSError:
             changed = True
@@ -289,9 +300,15 @@ class Matcher:
             result = _replace(result, changed=True)
         return result
 
-    def scan_chunks(self, chunks: Iterable[bytes | bytearray | memoryview], size: int, *,
-                    path: str | None = None, allmatch: bool = True,
-                    digest: bool = False) -> ScanResult:
+    def scan_chunks(
+        self,
+        chunks: Iterable[bytes | bytearray | memoryview],
+        size: int,
+        *,
+        path: str | None = None,
+        allmatch: bool = True,
+        digest: bool = False,
+    ) -> ScanResult:
         """Scan content arriving in pieces of any size (a network stream) whose total ``size``
         is declared up front: same windows as a file, memory bounded by one window."""
         if size > self.max_file_size:
@@ -327,20 +344,30 @@ class Matcher:
 
         result = self._run(path, size, windows(), allmatch=allmatch, digest=digest)
         if state["error"]:
-            return ScanResult(path, "error", reason=state["error"], size=size,
-                              bytes_scanned=state["total"])
+            return ScanResult(
+                path, "error", reason=state["error"], size=size, bytes_scanned=state["total"]
+            )
         return result
 
     # -- internals ------------------------------------------------------------------------
 
     def _limit(self, path: str | None, size: int) -> ScanResult:
         return ScanResult(
-            path, "error", size=size,
+            path,
+            "error",
+            size=size,
             reason=f"file size {size} exceeds max file size {self.max_file_size} bytes",
         )
 
-    def _run(self, path: str | None, size: int, windows: Iterator[tuple[memoryview, int, int]],
-             *, allmatch: bool, digest: bool) -> ScanResult:
+    def _run(
+        self,
+        path: str | None,
+        size: int,
+        windows: Iterator[tuple[memoryview, int, int]],
+        *,
+        allmatch: bool,
+        digest: bool,
+    ) -> ScanResult:
         t0 = time.monotonic()
         deadline = t0 + self.max_scan_time
         hash_sigs = self._hash_by_size.get(size, []) + self._hash_any
@@ -363,9 +390,14 @@ class Matcher:
                 stopped_early = True
                 break
             if time.monotonic() > deadline:
-                return ScanResult(path, "error", size=size, bytes_scanned=scanned,
-                                  reason=f"scan time limit of {self.max_scan_time:g} s exceeded",
-                                  elapsed=time.monotonic() - t0)
+                return ScanResult(
+                    path,
+                    "error",
+                    size=size,
+                    bytes_scanned=scanned,
+                    reason=f"scan time limit of {self.max_scan_time:g} s exceeded",
+                    elapsed=time.monotonic() - t0,
+                )
         body = sorted(chain.matched.items(), key=lambda kv: (kv[1], kv[0]))
         names: list[str] = []
         for sig, _end in body:

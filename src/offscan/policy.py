@@ -110,7 +110,9 @@ def load_policy_file(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[s
         raise PolicyError(f"{path}: {exc}") from None
     unknown = set(data) - {"default", "vm"}
     if unknown:
-        raise PolicyError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; use [default] and [vm.NAME]")
+        raise PolicyError(
+            f"{path}: unknown table(s) {', '.join(sorted(unknown))}; use [default] and [vm.NAME]"
+        )
     try:
         default = validate(data.get("default", {}))
         per_vm = {name: validate(t) for name, t in data.get("vm", {}).items()}
@@ -125,7 +127,9 @@ def excluded(policy: Mapping[str, Any], relpath: str, size: int | None = None) -
     if ext and ext in policy.get("exclude_ext", ()):
         return f"extension .{ext} excluded"
     for pattern in policy.get("exclude_globs", ()):
-        if fnmatch.fnmatchcase(relpath, pattern) or fnmatch.fnmatchcase(relpath.rsplit("/", 1)[-1], pattern):
+        if fnmatch.fnmatchcase(relpath, pattern) or fnmatch.fnmatchcase(
+            relpath.rsplit("/", 1)[-1], pattern
+        ):
             return f"matches exclusion {pattern!r}"
     limit = policy.get("max_size")
     if size is not None and limit is not None and size > limit:

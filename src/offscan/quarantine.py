@@ -353,7 +353,9 @@ class Vault:
             try:
                 srcfd = os.open(self._blob(entry.id), _SRC_FLAGS)
             except FileNotFoundError:
-                raise QuarantineError(f"quarantine entry {entry.id}: its content is missing") from None
+                raise QuarantineError(
+                    f"quarantine entry {entry.id}: its content is missing"
+                ) from None
             except OSError as exc:
                 raise QuarantineError(f"quarantine entry {entry.id}: {_oserr(exc)}") from None
             try:

@@ -386,7 +386,7 @@ def parse_body(hexsig: str, where: str = "<signature>") -> tuple[tuple[Part, ...
             close = "}" if c == "{" else "]"
             j = hexsig.find(close, i)
             if j < 0:
-                raise SignatureError(f"{where}: {hexsig[i:i + 12]}: unterminated '{c}'")
+                raise SignatureError(f"{where}: {hexsig[i : i + 12]}: unterminated '{c}'")
             token = hexsig[i : j + 1]
             gap = _parse_gap(token, where, bracket=c == "[")
             close_part(token)
@@ -397,7 +397,7 @@ def parse_body(hexsig: str, where: str = "<signature>") -> tuple[tuple[Part, ...
             start = i + (2 if negated else 1)
             j = hexsig.find(")", start)
             if j < 0:
-                raise SignatureError(f"{where}: {hexsig[i:i + 12]}: unterminated '('")
+                raise SignatureError(f"{where}: {hexsig[i : i + 12]}: unterminated '('")
             token = hexsig[i : j + 1]
             options = _parse_alternatives(hexsig[start:j], token, where)
             alts.append(Alt(len(values), options, negated))

@@ -39,7 +39,6 @@ class Identity:
         return cls.from_stat(source, os.fstat(fd))
 
 
-
 class IdentityMemo:
     """Bounded LRU: Identity -> digest (bytes). Thread-safe.
 

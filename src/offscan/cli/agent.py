@@ -23,8 +23,13 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``offscan agent`` options to ``p``."""
     from ..shim.spec import VMSpec
 
-    p.add_argument("--vm", required=True, metavar="NAME=DIR", type=VMSpec.parse,
-                   help="the VM this agent protects")
+    p.add_argument(
+        "--vm",
+        required=True,
+        metavar="NAME=DIR",
+        type=VMSpec.parse,
+        help="the VM this agent protects",
+    )
     p.add_argument("-d", "--database", action="append", default=[], metavar="DB")
     p.add_argument("--state", metavar="DIR", help="the agent's own state (default: a temp dir)")
     p.add_argument("--updates", metavar="URL", help="pattern update server")

@@ -81,5 +81,3 @@ def run(args: argparse.Namespace) -> int:
         max_file_size=args.max_filesize,
         max_scan_time=args.max_scantime,
     )
-
-

@@ -123,5 +123,3 @@ def run(args: argparse.Namespace) -> int:
         "serve": lambda: commands.serve(args.directory, host=args.host, port=args.port),
     }
     return commands.run_action(action, actions[action])
-
-

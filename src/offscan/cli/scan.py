@@ -26,19 +26,34 @@ from ._common import EXIT_CLEAN, EXIT_ERROR, EXIT_FOUND
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("scan", help="scan files and directories (clamscan-like)")
     p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("-d", "--database", action="append", default=[], metavar="DB",
-                   help="signature file or directory (repeatable; default: shipped patterns/)")
+    p.add_argument(
+        "-d",
+        "--database",
+        action="append",
+        default=[],
+        metavar="DB",
+        help="signature file or directory (repeatable; default: shipped patterns/)",
+    )
     p.add_argument("-r", "--recursive", action="store_true", help="scan directories recursively")
     p.add_argument("--allmatch", action="store_true", help="report every matching signature")
     p.add_argument("--infected", action="store_true", help="print infected files only")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
     p.add_argument("--no-summary", action="store_true", help="do not print the summary")
-    p.add_argument("--impl", choices=["auto", "c", "py"], default="auto",
-                   help="matcher core (default: native when built)")
+    p.add_argument(
+        "--impl",
+        choices=["auto", "c", "py"],
+        default="auto",
+        help="matcher core (default: native when built)",
+    )
     p.add_argument("--max-filesize", type=parse_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE")
     p.add_argument("--max-scantime", type=float, default=DEFAULT_SCAN_TIMEOUT, metavar="SECONDS")
-    p.add_argument("--window-size", type=parse_size, default=DEFAULT_WINDOW_SIZE, metavar="SIZE",
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--window-size",
+        type=parse_size,
+        default=DEFAULT_WINDOW_SIZE,
+        metavar="SIZE",
+        help=argparse.SUPPRESS,
+    )
     p.set_defaults(run=run)
 
 
@@ -67,7 +82,6 @@ def _walk(path: str, recursive: bool, errors: list[ScanResult]) -> Iterator[str]
                 yield full
 
 
-
 def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
@@ -75,8 +89,13 @@ def run(args: argparse.Namespace) -> int:
     except SignatureError as exc:
         print(f"offscan: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    matcher = Matcher(db, impl=args.impl, window_size=args.window_size,
-                      max_file_size=args.max_filesize, max_scan_time=args.max_scantime)
+    matcher = Matcher(
+        db,
+        impl=args.impl,
+        window_size=args.window_size,
+        max_file_size=args.max_filesize,
+        max_scan_time=args.max_scantime,
+    )
     out = sys.stdout
     scanned = infected = errors_n = 0
     data = 0
@@ -123,5 +142,3 @@ def run(args: argparse.Namespace) -> int:
     if errors_n:
         return EXIT_ERROR
     return EXIT_FOUND if infected else EXIT_CLEAN
-
-

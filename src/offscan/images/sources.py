@@ -103,9 +103,7 @@ class DirectoryLayer(Layer):
                 with os.scandir(full) as it:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError as exc:
-                yield Member(
-                    rel or "/", "error", reason=f"cannot list directory: {os_reason(exc)}"
-                )
+                yield Member(rel or "/", "error", reason=f"cannot list directory: {os_reason(exc)}")
                 continue
             subdirs = []
             for entry in entries:

@@ -178,4 +178,3 @@ async def start_tcp_server(host: str, port: int, handler: Handler, *, backlog: i
     except BaseException:
         sock.close()
         raise
-

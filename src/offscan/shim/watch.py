@@ -88,9 +88,7 @@ class _Handler(FileSystemEventHandler):
     not is marked as a replay.
     """
 
-    def __init__(
-        self, backlog: Backlog, vm: str, root: str, connected: Callable[[], bool]
-    ) -> None:
+    def __init__(self, backlog: Backlog, vm: str, root: str, connected: Callable[[], bool]) -> None:
         self._backlog = backlog
         self._connected = connected
         self._vm = vm
