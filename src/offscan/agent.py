@@ -19,22 +19,43 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ._fsutil import atomic_write
 from .appliance import Appliance
 from .shim import Shim, VMSpec
 from .shim.sender import VerdictCallback
 
+if TYPE_CHECKING:
+    from .protocol.messages import StatusReport
+
 log = logging.getLogger("offscan.agent")
+
+
+class AgentStatus(TypedDict):
+    """What an agent reports (``Agent.status()``, its ``--status-file``): its VM, its shim's
+    counters and its appliance's status report."""
+
+    vm: str
+    shim: dict[str, Any]  # Shim.stats()
+    appliance: StatusReport
 
 
 class Agent:
     """One VM's private scanner: an Appliance plus a Shim for that VM only."""
 
-    def __init__(self, vm: VMSpec, *, databases: Sequence[str] = (), state_dir: str | None = None,
-                 updates: str | None = None, trust: str | None = None, poll: float = 60.0,
-                 concurrency: int = 1, on_verdict: VerdictCallback | None = None) -> None:
+    def __init__(
+        self,
+        vm: VMSpec,
+        *,
+        databases: Sequence[str] = (),
+        state_dir: str | None = None,
+        updates: str | None = None,
+        trust: str | None = None,
+        poll: float = 60.0,
+        concurrency: int = 1,
+        on_verdict: VerdictCallback | None = None,
+    ) -> None:
         self.vm = vm
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if state_dir:
@@ -45,8 +66,13 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.socket_path = str(self.state_dir / "agent.sock")
         self.appliance = Appliance(
-            socket_path=self.socket_path, databases=databases, state_dir=self.state_dir / "appliance",
-            concurrency=concurrency, updates=updates, trust=trust, poll=poll,
+            socket_path=self.socket_path,
+            databases=databases,
+            state_dir=self.state_dir / "appliance",
+            concurrency=concurrency,
+            updates=updates,
+            trust=trust,
+            poll=poll,
         )
         self.shim = Shim(self.socket_path, [vm], shim_id=f"agent-{vm.name}", on_verdict=on_verdict)
 
@@ -62,7 +88,7 @@ class Agent:
             if self._tmp is not None:
                 self._tmp.cleanup()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> AgentStatus:
         return {"vm": self.vm.name, "shim": self.shim.stats(), "appliance": self.appliance.status()}
 
 
@@ -84,8 +110,14 @@ class AgentConfig:
 
 async def run_agent(config: AgentConfig) -> int:
     """Run one agent until SIGINT/SIGTERM; returns the exit status."""
-    agent = Agent(config.vm, databases=config.databases, state_dir=config.state_dir,
-                  updates=config.updates, trust=config.trust, poll=config.poll)
+    agent = Agent(
+        config.vm,
+        databases=config.databases,
+        state_dir=config.state_dir,
+        updates=config.updates,
+        trust=config.trust,
+        poll=config.poll,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,6 +26,9 @@ from rich.table import Table
 
 from .protocol import ApplianceClient
 from .shim import Shim, VMSpec
+
+if TYPE_CHECKING:
+    from .protocol.messages import ApplianceStatus, LocalVerdict
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 _WORDS = (
@@ -57,12 +60,27 @@ def build_master(root: Path, files: int, seed: int = 7) -> int:
     return total
 
 
-def _start_appliance(sock: Path, state: Path, ready: Path, log: Path, policy: Path) -> subprocess.Popen[bytes]:
+def _start_appliance(
+    sock: Path, state: Path, ready: Path, log: Path, policy: Path
+) -> subprocess.Popen[bytes]:
     logf = open(log, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "offscan", "serve", "--socket", str(sock), "--state", str(state),
-         "--ready-file", str(ready), "--policies", str(policy)],
-        stdout=logf, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "offscan",
+            "serve",
+            "--socket",
+            str(sock),
+            "--state",
+            str(state),
+            "--ready-file",
+            str(ready),
+            "--policies",
+            str(policy),
+        ],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
     )
     logf.close()
     deadline = time.monotonic() + 30
@@ -75,6 +93,8 @@ def _start_appliance(sock: Path, state: Path, ready: Path, log: Path, policy: Pa
 
 
 async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[str, Any]:
+    """The demo's phases in order (master, clones, burst), timed, and what they cost. Long: one
+    script the reader follows top to bottom, progress bar and cleanup around it."""
     timings: dict[str, float] = {}
     master = work / "vms" / "master"
     t = time.monotonic()
@@ -91,20 +111,28 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
     detections: list[tuple[str, str, list[str], str | None]] = []
     verdicts = 0
 
-    def on_verdict(vm: str, path: str, verdict: dict[str, Any]) -> None:
+    def on_verdict(vm: str, path: str, verdict: LocalVerdict) -> None:
         nonlocal verdicts
         verdicts += 1
         progress.update(task, completed=verdicts)
-        if verdict.get("status") == "infected":
+        if verdict["status"] == "infected":  # an appliance's Verdict (the shim's are errors)
             detections.append((vm, path, verdict.get("matches", []), verdict.get("quarantine_id")))
 
     burst_per_clone = 4
     expected = files * (clones + 1) + clones * burst_per_clone + 1
-    shim = Shim(str(sock), [VMSpec("master", str(master))], shim_id="demo-shim", on_verdict=on_verdict)
+    shim = Shim(
+        str(sock), [VMSpec("master", str(master))], shim_id="demo-shim", on_verdict=on_verdict
+    )
     runner: asyncio.Task[None] | None = None
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, transient=False) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
             task = progress.add_task("verdicts", total=expected)
             runner = asyncio.create_task(shim.run())
             t = time.monotonic()
@@ -118,8 +146,14 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
             t = time.monotonic()
             op = ApplianceClient(str(sock), shim_id="demo-operator")
             await op.connect()
-            made = await op.control("vm-clone", timeout=600, base="master", count=clones,
-                                    into=str(work / "vms"), prefix="vm-")
+            made = await op.control(
+                "vm-clone",
+                timeout=600,
+                base="master",
+                count=clones,
+                into=str(work / "vms"),
+                prefix="vm-",
+            )
             await op.close()
             timings[f"clone {clones} VMs"] = time.monotonic() - t
             progress.update(task, description=f"protecting {clones} clones")
@@ -169,14 +203,20 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return {"status": status, "timings": timings, "detections": detections, "tags": tags,
-            "verdicts": verdicts, "shim": shim.stats(),
-            "clone_bytes_read": clones_status["bytes_read"] - master_status["bytes_read"],
-            "clone_matched": clones_status["contents_matched"] - master_status["contents_matched"],
-            "clone_inherited": clones_status["served_clone"] - master_status["served_clone"]}
+    return {
+        "status": status,
+        "timings": timings,
+        "detections": detections,
+        "tags": tags,
+        "verdicts": verdicts,
+        "shim": shim.stats(),
+        "clone_bytes_read": clones_status["bytes_read"] - master_status["bytes_read"],
+        "clone_matched": clones_status["contents_matched"] - master_status["contents_matched"],
+        "clone_inherited": clones_status["served_clone"] - master_status["served_clone"],
+    }
 
 
-async def _status(sock: Path) -> dict[str, Any]:
+async def _status(sock: Path) -> ApplianceStatus:
     client = ApplianceClient(str(sock), shim_id="demo-status")
     await client.connect()
     try:
@@ -199,19 +239,31 @@ def run_demo(*, clones: int = 50, files: int = 300, keep: str | None = None) -> 
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    st = out["status"]
+    st: ApplianceStatus = out["status"]  # _demo's, from _status
     matched, served = st["contents_matched"], st["served_from_cache"]
     table = Table(title="offscan demo: one appliance, master + clones", show_header=False)
     table.add_row("VMs protected", str(len(st["vms"])))
     table.add_row("files seen (verdicts)", str(st["verdicts"]))
     table.add_row("contents matched", str(matched))
-    table.add_row("served from cache", f"{served} ({st['served_clone']} by clone inheritance, "
-                  f"{st['served_identity']} by identity, {st['served_digest']} by digest)")
-    table.add_row("clone dedup", f"{out['clone_inherited']} clone files protected unread: "
-                  f"{out['clone_bytes_read']} bytes read, {out['clone_matched']} contents matched for the clones")
-    table.add_row("dedup ratio", f"{st['verdicts'] / max(1, matched):.1f} verdicts per matched content "
-                  f"(hit ratio {st['hit_ratio']:.1%})")
-    table.add_row("bytes read / matched", f"{st['bytes_read'] / 1e6:.1f} MB / {st['bytes_matched'] / 1e6:.1f} MB")
+    table.add_row(
+        "served from cache",
+        f"{served} ({st['served_clone']} by clone inheritance, "
+        f"{st['served_identity']} by identity, {st['served_digest']} by digest)",
+    )
+    table.add_row(
+        "clone dedup",
+        f"{out['clone_inherited']} clone files protected unread: "
+        f"{out['clone_bytes_read']} bytes read, {out['clone_matched']} contents matched for the clones",
+    )
+    table.add_row(
+        "dedup ratio",
+        f"{st['verdicts'] / max(1, matched):.1f} verdicts per matched content "
+        f"(hit ratio {st['hit_ratio']:.1%})",
+    )
+    table.add_row(
+        "bytes read / matched",
+        f"{st['bytes_read'] / 1e6:.1f} MB / {st['bytes_matched'] / 1e6:.1f} MB",
+    )
     for vm, path, names, qid in out["detections"]:
         table.add_row("[red]detection[/red]", f"VM {vm}: {path}: {', '.join(names)} (deny)")
         table.add_row("quarantine id", str(qid))

@@ -15,7 +15,7 @@ import logging
 import shlex
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .common import log
 from .inventory import VMRecord
@@ -23,6 +23,7 @@ from .registry import Registry
 from .status import Counters
 
 if TYPE_CHECKING:
+    from ..protocol.messages import VerdictAction
     from ..quarantine import QuarantineEntry, Vault
 
 _THREATS = ("low", "medium", "high")
@@ -38,6 +39,14 @@ def threat_level(matches: Sequence[str]) -> str:
     return "high"
 
 
+class ActionNotes(TypedDict, total=False):
+    """What acting on a detection adds to its verdict and detection record (the protocol's
+    optional ``Verdict``/``Detection`` fields of the same names)."""
+
+    quarantine_id: str  # the file was moved into the vault
+    action_errors: list[str]  # actions that failed before the one taken
+
+
 def _threat_rank(tag: str) -> int:
     level = tag.partition("=")[2]
     return _THREATS.index(level) if level in _THREATS else len(_THREATS)
@@ -46,9 +55,16 @@ def _threat_rank(tag: str) -> int:
 class Actions:
     """Policy actions, VM tags and the isolation hook."""
 
-    def __init__(self, registry: Registry, counters: Counters, *, pool: Executor,
-                 vault: Vault | None = None, isolation_hook: str | None = None,
-                 hook_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        counters: Counters,
+        *,
+        pool: Executor,
+        vault: Vault | None = None,
+        isolation_hook: str | None = None,
+        hook_timeout: float = 10.0,
+    ) -> None:
         self.registry = registry
         self.counters = counters
         self.pool = pool
@@ -56,11 +72,12 @@ class Actions:
         self.isolation_hook = isolation_hook
         self.hook_timeout = hook_timeout
 
-    async def act(self, vm: VMRecord, path: str, matches: Sequence[str],
-                  ino: int | None) -> tuple[str, dict[str, Any]]:
+    async def act(
+        self, vm: VMRecord, path: str, matches: Sequence[str], ino: int | None
+    ) -> tuple[VerdictAction, ActionNotes]:
         """Actions in policy order, the first that succeeds wins; then tags and the hook."""
-        extra: dict[str, Any] = {}
-        action = "deny"
+        extra: ActionNotes = {}
+        action: VerdictAction = "deny"
         for act in self.registry.effective_policy(vm)["actions"]:
             if act == "pass":
                 action = "allow"
@@ -75,12 +92,16 @@ class Actions:
                 extra["quarantine_id"] = entry.id
                 action = "deny"
                 break
-        await self.tag(vm, ["virus_found", f"threat={threat_level(matches)}"],
-                       {"path": path, "matches": list(matches)})
+        await self.tag(
+            vm,
+            ["virus_found", f"threat={threat_level(matches)}"],
+            {"path": path, "matches": list(matches)},
+        )
         return action, extra
 
-    async def _quarantine(self, vm: VMRecord, path: str, matches: Sequence[str],
-                          ino: int | None, extra: dict[str, Any]) -> QuarantineEntry | None:
+    async def _quarantine(
+        self, vm: VMRecord, path: str, matches: Sequence[str], ino: int | None, extra: ActionNotes
+    ) -> QuarantineEntry | None:
         """Move the file into the vault; on failure note why in ``extra`` and return None."""
         vault = self.vault
         if vault is None:
@@ -88,8 +109,11 @@ class Actions:
             return None
         try:
             entry = await asyncio.get_running_loop().run_in_executor(
-                self.pool, lambda: vault.quarantine(
-                    vm=vm.name, root=vm.root, path=path, signatures=list(matches), expect_ino=ino))
+                self.pool,
+                lambda: vault.quarantine(
+                    vm=vm.name, root=vm.root, path=path, signatures=list(matches), expect_ino=ino
+                ),
+            )
         except Exception as exc:  # the caller falls back to the next action
             self.counters.action_failures += 1
             log.warning("quarantine of VM %s: %s failed: %s", vm.name, path, exc)
@@ -98,12 +122,17 @@ class Actions:
         self.counters.quarantined += 1
         return entry
 
-    async def tag(self, vm: VMRecord, tags: Sequence[str], detection: dict[str, Any] | None) -> None:
+    async def tag(
+        self, vm: VMRecord, tags: Sequence[str], detection: dict[str, Any] | None
+    ) -> None:
         new = [t for t in tags if t not in vm.tags]
         threat = [t for t in new if t.startswith("threat=")]
         if threat:  # keep the highest threat level only
-            vm.tags = [t for t in vm.tags
-                       if not t.startswith("threat=") or _threat_rank(t) > _threat_rank(threat[0])]
+            vm.tags = [
+                t
+                for t in vm.tags
+                if not t.startswith("threat=") or _threat_rank(t) > _threat_rank(threat[0])
+            ]
             if any(t.startswith("threat=") for t in vm.tags):
                 new = [t for t in new if not t.startswith("threat=")]
         if not new:
@@ -117,14 +146,18 @@ class Actions:
         """The isolation hook: ``HOOK VM TAG...`` with JSON on stdin (NSX tag → security group)."""
         if not self.isolation_hook:
             return
-        payload = json.dumps({"vm": vm.name, "root": vm.root, "tags": vm.tags,
-                              "detection": detection}).encode()
+        payload = json.dumps(
+            {"vm": vm.name, "root": vm.root, "tags": vm.tags, "detection": detection}
+        ).encode()
         cmd = [*shlex.split(self.isolation_hook), vm.name, *vm.tags]
         self.counters.hook_runs += 1
         try:
             proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT)
+                *cmd,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
         except OSError as exc:
             log.error("isolation hook %s could not start: %s", cmd[0], exc)
             return
@@ -136,5 +169,10 @@ class Actions:
             log.error("isolation hook for VM %s killed after %.0f s", vm.name, self.hook_timeout)
             return
         level = logging.INFO if proc.returncode == 0 else logging.ERROR
-        log.log(level, "isolation hook for VM %s exited %s: %s", vm.name, proc.returncode,
-                out.decode(errors="replace").strip()[:500])
+        log.log(
+            level,
+            "isolation hook for VM %s exited %s: %s",
+            vm.name,
+            proc.returncode,
+            out.decode(errors="replace").strip()[:500],
+        )

@@ -11,7 +11,10 @@ import contextlib
 import logging
 import os
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..protocol.messages import ErrorCode
 
 # One logger for every part of the appliance, named as before the split, so that operators'
 # log filters and the log lines themselves stay the same.
@@ -19,11 +22,12 @@ log = logging.getLogger("offscan.appliance")
 
 
 class RequestFailed(Exception):
-    """A request-level failure, answered with an ``error`` frame carrying the request id."""
+    """A request-level failure, answered with an ``error`` frame carrying the request id;
+    ``code`` is one of the protocol's error codes."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.code: ErrorCode = code
 
 
 class Clock(Protocol):

@@ -3,14 +3,14 @@
 :data:`HANDLERS` maps each ``control`` op to a handler; :func:`dispatch` looks it up and runs
 it. Handlers change the inventory (saved), the policies, the quarantine vault (restore and
 delete, on the scan pool) and, for ``vm-clone``, create clone directories under the operator's
-``--into``; they answer with a reply dict or raise RequestFailed.
+``--into``; they answer with a :data:`Reply` or raise RequestFailed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,17 +37,23 @@ class Command:
     def arg(self, name: str, kind: type[T]) -> T:
         v = self.args.get(name)
         if not isinstance(v, kind):
-            raise RequestFailed("malformed", f"{self.op}: argument {name!r} must be a {kind.__name__}")
+            raise RequestFailed(
+                "malformed", f"{self.op}: argument {name!r} must be a {kind.__name__}"
+            )
         return v
 
 
-Handler = Callable[["Appliance", Command], Awaitable[dict[str, Any]]]
-VaultHandler = Callable[["Appliance", "Vault", Command], Awaitable[dict[str, Any]]]
+# A command's own reply keys, spread into its ``ok`` frame. Read-only, so that a reply typed
+# as the protocol has it (``vm-show``: a VMInfo) is one; the other ops' replies have no
+# TypedDict in the protocol and are plain dicts.
+Reply = Mapping[str, Any]
+Handler = Callable[["Appliance", Command], Awaitable[Reply]]
+VaultHandler = Callable[["Appliance", "Vault", Command], Awaitable[Reply]]
 
 NO_VAULT = "no quarantine vault (start the appliance with --state)"
 
 
-async def dispatch(app: Appliance, op: str, args: dict[str, Any]) -> dict[str, Any]:
+async def dispatch(app: Appliance, op: str, args: dict[str, Any]) -> Reply:
     """Run operator command ``op``; an unknown op is RequestFailed("unsupported")."""
     handler = HANDLERS.get(op)
     if handler is None:
@@ -60,26 +66,27 @@ async def dispatch(app: Appliance, op: str, args: dict[str, Any]) -> dict[str, A
 # -- patterns ---------------------------------------------------------------------------------
 
 
-async def _reload(app: Appliance, cmd: Command) -> dict[str, Any]:
+async def _reload(app: Appliance, cmd: Command) -> Reply:
     try:
         return await app.patterns.reload()
     except SignatureError as exc:
-        raise RequestFailed("refused",
-                            f"database not reloaded, old one keeps serving: {exc}") from None
+        raise RequestFailed(
+            "refused", f"database not reloaded, old one keeps serving: {exc}"
+        ) from None
 
 
 # -- VMs --------------------------------------------------------------------------------------
 
 
-async def _vm_list(app: Appliance, cmd: Command) -> dict[str, Any]:
+async def _vm_list(app: Appliance, cmd: Command) -> Reply:
     return {"vms": [app.registry.describe(v, clones=True) for v in app.inventory.vms.values()]}
 
 
-async def _vm_show(app: Appliance, cmd: Command) -> dict[str, Any]:
+async def _vm_show(app: Appliance, cmd: Command) -> Reply:
     return app.registry.describe(app.registry.named(cmd.arg("name", str)), clones=True)
 
 
-async def _vm_unregister(app: Appliance, cmd: Command) -> dict[str, Any]:
+async def _vm_unregister(app: Appliance, cmd: Command) -> Reply:
     rec = app.registry.named(cmd.arg("name", str))
     del app.inventory.vms[rec.name]
     app.inventory.save()
@@ -87,7 +94,7 @@ async def _vm_unregister(app: Appliance, cmd: Command) -> dict[str, Any]:
     return {"vm": rec.name}
 
 
-async def _vm_untag(app: Appliance, cmd: Command) -> dict[str, Any]:
+async def _vm_untag(app: Appliance, cmd: Command) -> Reply:
     rec = app.registry.named(cmd.arg("name", str))
     drop = cmd.args.get("tags") or list(rec.tags)
     rec.tags = [t for t in rec.tags if t not in drop]
@@ -97,15 +104,16 @@ async def _vm_untag(app: Appliance, cmd: Command) -> dict[str, Any]:
     return {"vm": rec.name, "tags": rec.tags}
 
 
-async def _vm_clone(app: Appliance, cmd: Command) -> dict[str, Any]:
+async def _vm_clone(app: Appliance, cmd: Command) -> Reply:
     base = app.registry.named(cmd.arg("base", str))
     count, into = cmd.arg("count", int), cmd.arg("into", str)
     prefix = cmd.args.get("prefix") or f"{cmd.arg('base', str)}-clone"
     return await clone(app, base, count, into, prefix)
 
 
-async def clone(app: Appliance, base: VMRecord, count: int, into: str,
-                prefix: str) -> dict[str, Any]:
+async def clone(
+    app: Appliance, base: VMRecord, count: int, into: str, prefix: str
+) -> dict[str, Any]:
     """Make ``count`` clones of ``base`` under ``into``; clones inherit its verdicts unread
     and are registered unclaimed (the first shim that registers a name watches it)."""
     if not 1 <= count <= 10_000:
@@ -122,8 +130,9 @@ async def clone(app: Appliance, base: VMRecord, count: int, into: str,
             raise RequestFailed("conflict", f"VM {name!r} already exists")
         dest = os.path.join(os.path.realpath(into), name)
         try:
-            st = await loop.run_in_executor(None, clone_tree, base.root, dest, app.memo,
-                                            app.inherited)
+            st = await loop.run_in_executor(
+                None, clone_tree, base.root, dest, app.memo, app.inherited
+            )
         except OSError as exc:
             raise RequestFailed("internal", f"cloning {base.name} into {dest}: {exc}") from None
         for k in totals:
@@ -132,15 +141,22 @@ async def clone(app: Appliance, base: VMRecord, count: int, into: str,
         made.append({"name": name, "root": dest, "files": st.files, "inherited": st.inherited})
     app.inventory.save()
     secs = clock.monotonic() - t0
-    log.info("cloned %s x%d into %s in %.2f s (%d files, %d inherit verdicts)",
-             base.name, count, into, secs, totals["files"], totals["inherited"])
+    log.info(
+        "cloned %s x%d into %s in %.2f s (%d files, %d inherit verdicts)",
+        base.name,
+        count,
+        into,
+        secs,
+        totals["files"],
+        totals["inherited"],
+    )
     return {"base": base.name, "clones": made, "seconds": round(secs, 3), **totals}
 
 
 # -- policies ---------------------------------------------------------------------------------
 
 
-async def _policy_set(app: Appliance, cmd: Command) -> dict[str, Any]:
+async def _policy_set(app: Appliance, cmd: Command) -> Reply:
     rec = app.registry.named(cmd.arg("vm", str))
     try:
         settings = policies.validate(cmd.arg("settings", dict))
@@ -152,7 +168,7 @@ async def _policy_set(app: Appliance, cmd: Command) -> dict[str, Any]:
     return {"vm": rec.name, "policy": app.registry.effective_policy(rec)}
 
 
-async def _policy_unset(app: Appliance, cmd: Command) -> dict[str, Any]:
+async def _policy_unset(app: Appliance, cmd: Command) -> Reply:
     rec = app.registry.named(cmd.arg("vm", str))
     for key in cmd.args.get("keys") or []:
         rec.policy.pop(key, None)
@@ -166,7 +182,7 @@ async def _policy_unset(app: Appliance, cmd: Command) -> dict[str, Any]:
 def _needs_vault(fn: VaultHandler) -> Handler:
     """A quarantine command: refused without a vault; the vault's errors become "refused"."""
 
-    async def handler(app: Appliance, cmd: Command) -> dict[str, Any]:
+    async def handler(app: Appliance, cmd: Command) -> Reply:
         vault = app.vault
         if vault is None:
             raise RequestFailed("unsupported", NO_VAULT)
@@ -181,24 +197,25 @@ def _needs_vault(fn: VaultHandler) -> Handler:
 
 
 @_needs_vault
-async def _quarantine_list(app: Appliance, vault: Vault, cmd: Command) -> dict[str, Any]:
+async def _quarantine_list(app: Appliance, vault: Vault, cmd: Command) -> Reply:
     return {"entries": [asdict(e) for e in vault.list()]}
 
 
 @_needs_vault
-async def _quarantine_restore(app: Appliance, vault: Vault, cmd: Command) -> dict[str, Any]:
+async def _quarantine_restore(app: Appliance, vault: Vault, cmd: Command) -> Reply:
     entry = vault.get(cmd.arg("id", str))
     rec = app.inventory.vms.get(entry.vm)
     root = rec.root if rec else entry.root
     overwrite = bool(cmd.args.get("overwrite"))
     where = await asyncio.get_running_loop().run_in_executor(
-        app.pool, lambda: vault.restore(entry.id, root=root, overwrite=overwrite))
+        app.pool, lambda: vault.restore(entry.id, root=root, overwrite=overwrite)
+    )
     log.info("quarantine %s restored to VM %s: %s", entry.id, entry.vm, where)
     return {"qid": entry.id, "restored": where}
 
 
 @_needs_vault
-async def _quarantine_delete(app: Appliance, vault: Vault, cmd: Command) -> dict[str, Any]:
+async def _quarantine_delete(app: Appliance, vault: Vault, cmd: Command) -> Reply:
     qid = cmd.arg("id", str)
     vault.delete(qid)
     return {"qid": qid}

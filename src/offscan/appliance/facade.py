@@ -41,8 +41,10 @@ from .verdicts import EventLog, Verdicts
 if TYPE_CHECKING:
     from ..metrics import MetricsServer
     from ..metrics import Registry as MetricsRegistry
+    from ..protocol.messages import PatternSwap, StatusReport
     from ..quarantine import Vault
     from ..updates import AppliedUpdate
+    from .control import Reply
 
 
 class Appliance:
@@ -52,8 +54,11 @@ class Appliance:
     :meth:`from_config`), or from the same options as keywords (``Appliance(socket_path=...,
     databases=[...], state_dir=...)``)."""
 
-    def __init__(self, config: ApplianceConfig | None = None,
-                 **options: Unpack[ApplianceOptions]) -> None:
+    def __init__(
+        self, config: ApplianceConfig | None = None, **options: Unpack[ApplianceOptions]
+    ) -> None:
+        """Build every part from the config. Long because it is the one place the parts are
+        wired together, one statement a part, in dependency order."""
         if config is None:
             config = ApplianceConfig(**options)
         elif options:
@@ -75,30 +80,57 @@ class Appliance:
 
             self.vault = Vault(cfg.vault_path)
         self.cache = VerdictCache(cfg.cache_entries, state_dir=cfg.state_file("cache"))
-        self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="offscan-scan")
-        self.stream_pool = ThreadPoolExecutor(max_workers=cfg.credits,
-                                              thread_name_prefix="offscan-stream")
+        self.pool = ThreadPoolExecutor(
+            max_workers=cfg.concurrency, thread_name_prefix="offscan-scan"
+        )
+        self.stream_pool = ThreadPoolExecutor(
+            max_workers=cfg.credits, thread_name_prefix="offscan-stream"
+        )
         self.inventory = Inventory(cfg.state_file("inventory.json"))
         self.events = EventLog(cfg.state_file("events.jsonl"))
         self.counters = Counters()
-        self.registry = Registry(self.inventory, default_policy=default_policy,
-                                 vm_policies=vm_policies, vault=self.vault)
-        self.actions = Actions(self.registry, self.counters, pool=self.pool, vault=self.vault,
-                               isolation_hook=cfg.isolation_hook, hook_timeout=cfg.hook_timeout)
+        self.registry = Registry(
+            self.inventory, default_policy=default_policy, vm_policies=vm_policies, vault=self.vault
+        )
+        self.actions = Actions(
+            self.registry,
+            self.counters,
+            pool=self.pool,
+            vault=self.vault,
+            isolation_hook=cfg.isolation_hook,
+            hook_timeout=cfg.hook_timeout,
+        )
         self.verdicts = Verdicts(self.events, self.counters, self.actions, self.clock)
         self.memo = IdentityMemo()
         self.inherited = IdentityMemo()  # clone file identity -> master digest (see clones.py)
         self.locations = LocationIndex()
         self.gate = PriorityGate(cfg.concurrency)
         self.pipeline = Pipeline(
-            lambda: self.patterns.engine, cache=self.cache, memo=self.memo,
-            inherited=self.inherited, locations=self.locations, registry=self.registry,
-            verdicts=self.verdicts, gate=self.gate, pool=self.pool, stream_pool=self.stream_pool,
-            counters=self.counters, clock=self.clock, chunk_timeout=3 * cfg.heartbeat)
+            lambda: self.patterns.engine,
+            cache=self.cache,
+            memo=self.memo,
+            inherited=self.inherited,
+            locations=self.locations,
+            registry=self.registry,
+            verdicts=self.verdicts,
+            gate=self.gate,
+            pool=self.pool,
+            stream_pool=self.stream_pool,
+            counters=self.counters,
+            clock=self.clock,
+            chunk_timeout=3 * cfg.heartbeat,
+        )
         self.patterns = Patterns(
-            engine, pipeline=self.pipeline, inventory=self.inventory, spawn=self._spawn,
-            impl=cfg.impl, databases=cfg.databases, store=store, update_client=update_client,
-            poll=cfg.poll)
+            engine,
+            pipeline=self.pipeline,
+            inventory=self.inventory,
+            spawn=self._spawn,
+            impl=cfg.impl,
+            databases=cfg.databases,
+            store=store,
+            update_client=update_client,
+            poll=cfg.poll,
+        )
         self.connections = 0
         self.started = self.clock.time()
         self.appliance_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -137,15 +169,22 @@ class Appliance:
     async def start(self) -> None:
         cfg = self.config
         if cfg.socket_path:
-            self._servers.append(await protocol.start_unix_server(
-                cfg.socket_path, self._handle, mode=cfg.socket_mode))
+            self._servers.append(
+                await protocol.start_unix_server(
+                    cfg.socket_path, self._handle, mode=cfg.socket_mode
+                )
+            )
         if cfg.listen:
             srv = await protocol.start_tcp_server(cfg.listen[0], cfg.listen[1], self._handle)
             self.tcp_port = srv.port
             self._servers.append(srv)
         where = [cfg.socket_path, cfg.listen and f"tcp {cfg.listen[0]}:{self.tcp_port}"]
-        log.info("appliance %s ready: %s; patterns %s", self.appliance_id,
-                 ", ".join(filter(None, where)), self.db.summary())
+        log.info(
+            "appliance %s ready: %s; patterns %s",
+            self.appliance_id,
+            ", ".join(filter(None, where)),
+            self.db.summary(),
+        )
         if self.patterns.update_client is not None:
             self._spawn(self.patterns.update_loop())
         if cfg.metrics:
@@ -190,15 +229,22 @@ class Appliance:
 
     # -- what sessions and operators ask for ----------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusReport:
+        """The ``status`` reply without its envelope (a session adds ``t`` and ``id``)."""
         return reports.status(self)
 
-    async def control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def control(self, op: str, args: dict[str, Any]) -> Reply:
         """Operator commands from ``offscan vm|policy|quarantine`` (same socket permissions)."""
         return await commands.dispatch(self, op, args)
 
-    async def swap(self, db: PatternDB, version: str, *, added: PatternDB | None = None,
-                   removed: Sequence[str] = ()) -> dict[str, Any]:
+    async def swap(
+        self,
+        db: PatternDB,
+        version: str,
+        *,
+        added: PatternDB | None = None,
+        removed: Sequence[str] = (),
+    ) -> PatternSwap:
         return await self.patterns.swap(db, version, added=added, removed=removed)
 
     async def check_updates(self) -> list[AppliedUpdate]:
@@ -218,8 +264,11 @@ async def serve(appliance: Appliance, *, ready_file: str | None = None) -> None:
     if ready_file:
         # fsync=False: the ready file only tells a parent process (tests, the lab) that the
         # appliance is listening; it must appear whole (atomic), it need not survive a crash.
-        atomic_write(ready_file, json.dumps({"pid": os.getpid(), "tcp_port": appliance.tcp_port}),
-                     fsync=False)
+        atomic_write(
+            ready_file,
+            json.dumps({"pid": os.getpid(), "tcp_port": appliance.tcp_port}),
+            fsync=False,
+        )
     try:
         await stop.wait()
     finally:

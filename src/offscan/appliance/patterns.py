@@ -26,6 +26,7 @@ from .inventory import Inventory
 from .pipeline import PRIORITIES
 
 if TYPE_CHECKING:
+    from ..protocol.messages import PatternSwap
     from ..updates import AppliedUpdate, PatternStore, UpdateClient
     from .pipeline import Pipeline
 
@@ -101,10 +102,19 @@ def _signature_names(filename: str, lines: Sequence[str]) -> list[str]:
 class Patterns:
     """The current :class:`Engine`, its swaps, the update loop and post-swap revalidation."""
 
-    def __init__(self, engine: Engine, *, pipeline: Pipeline, inventory: Inventory,
-                 spawn: Spawn, impl: str = "auto", databases: Sequence[str] = (),
-                 store: PatternStore | None = None, update_client: UpdateClient | None = None,
-                 poll: float = 60.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        pipeline: Pipeline,
+        inventory: Inventory,
+        spawn: Spawn,
+        impl: str = "auto",
+        databases: Sequence[str] = (),
+        store: PatternStore | None = None,
+        update_client: UpdateClient | None = None,
+        poll: float = 60.0,
+    ) -> None:
         self.engine = engine
         self.pipeline = pipeline
         self.inventory = inventory
@@ -115,12 +125,18 @@ class Patterns:
         self.update_client = update_client
         self.poll = poll
         self.update_error: str | None = None
-        self.last_swap: dict[str, Any] | None = None
+        self.last_swap: PatternSwap | None = None  # status.last_swap
 
     # -- swapping -------------------------------------------------------------------------
 
-    async def swap(self, db: PatternDB, version: str, *, added: PatternDB | None = None,
-                   removed: Sequence[str] = ()) -> dict[str, Any]:
+    async def swap(
+        self,
+        db: PatternDB,
+        version: str,
+        *,
+        added: PatternDB | None = None,
+        removed: Sequence[str] = (),
+    ) -> PatternSwap:
         """Compile ``db`` in the background, then switch atomically: running scans finish on
         the old matcher, new ones use the new one. ``added`` (a PatternDB of the added
         signatures) and ``removed`` (signature names) drive revalidation of cached verdicts."""
@@ -137,16 +153,26 @@ class Patterns:
         rv = None if "*" in removed else Revalidation(old.version, delta, frozenset(removed))
         self.engine = Engine(matcher, version, db, rv)
         self.pipeline.counters.swaps += 1
-        swap = self.last_swap = {
-            "from": old.version, "to": version, "time": clock.time(),
+        swap: PatternSwap = {
+            "from": old.version,
+            "to": version,
+            "time": clock.time(),
             "compile_seconds": round(clock.monotonic() - t, 3),
-            "rss_before": rss0, "rss_peak_during": _rss_bytes(),
+            "rss_before": rss0,
+            "rss_peak_during": _rss_bytes(),
             "added": (len(added.body) + len(added.hashes)) if added is not None else None,
             "removed": len(removed),
         }
-        log.info("patterns swapped %s -> %s (%s); compile %.2f s, RSS %d -> %d MB", old.version,
-                 version, db.summary(), swap["compile_seconds"], rss0 >> 20,
-                 swap["rss_peak_during"] >> 20)
+        self.last_swap = swap
+        log.info(
+            "patterns swapped %s -> %s (%s); compile %.2f s, RSS %d -> %d MB",
+            old.version,
+            version,
+            db.summary(),
+            swap["compile_seconds"],
+            rss0 >> 20,
+            swap["rss_peak_during"] >> 20,
+        )
         if rv is not None:
             self.spawn(self.revalidate_cached(self.engine))
         return swap
@@ -162,8 +188,9 @@ class Patterns:
             applied = await asyncio.get_running_loop().run_in_executor(None, client.update)
         except (UpdateError, OSError) as exc:
             self.update_error = str(exc)
-            log.error("pattern update failed, version %s keeps serving: %s",
-                      self.engine.version, exc)
+            log.error(
+                "pattern update failed, version %s keeps serving: %s", self.engine.version, exc
+            )
             applied = list(client.last_applied or [])
         else:
             self.update_error = None
@@ -202,8 +229,11 @@ class Patterns:
         """The ``reload`` command: poll the update server now, or re-read the -d databases."""
         if self.update_client is not None:
             applied = await self.check_updates()
-            return {"pattern_version": self.engine.version,
-                    "applied": [a.version for a in applied], "error": self.update_error}
+            return {
+                "pattern_version": self.engine.version,
+                "applied": [a.version for a in applied],
+                "error": self.update_error,
+            }
         db = await asyncio.get_running_loop().run_in_executor(None, load_database, *self.databases)
         if db.version == self.engine.version:
             return {"pattern_version": self.engine.version, "changed": False}
@@ -230,15 +260,20 @@ class Patterns:
                 continue
             new = await self._revalidate_one_copy(eng, entry)
             if new is None and rv.delta is None and entry.status == "clean":
-                new = CachedVerdict("clean", (), eng.version, entry.digest, entry.size,
-                                    pipe.clock.time())
+                new = CachedVerdict(
+                    "clean", (), eng.version, entry.digest, entry.size, pipe.clock.time()
+                )
                 pipe.cache.put(new)  # removals alone cannot make clean content infected
                 pipe.counters.revalidations += 1
             done += 1
             if new is not None and new.infected:
                 await self._report_copies(new)
-        log.info("revalidated %d cached verdict(s) for pattern version %s in %.2f s",
-                 done, eng.version, pipe.clock.monotonic() - t0)
+        log.info(
+            "revalidated %d cached verdict(s) for pattern version %s in %.2f s",
+            done,
+            eng.version,
+            pipe.clock.monotonic() - t0,
+        )
 
     async def _revalidate_one_copy(self, eng: Engine, entry: CachedVerdict) -> CachedVerdict | None:
         """Revalidate ``entry`` by reading the first known copy that can be opened unchanged
@@ -276,6 +311,13 @@ class Patterns:
                 continue
             if Identity.from_stat("local", st) != ident:
                 continue
-            await pipe.verdicts.finish(vm, path, verdict, "revalidated", verdict.digest,
-                                       pipe.clock.monotonic(), version=verdict.pattern_version,
-                                       ino=st.st_ino)
+            await pipe.verdicts.finish(
+                vm,
+                path,
+                verdict,
+                "revalidated",
+                verdict.digest,
+                pipe.clock.monotonic(),
+                version=verdict.pattern_version,
+                ino=st.st_ino,
+            )

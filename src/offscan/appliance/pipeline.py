@@ -20,7 +20,7 @@ import itertools
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import policy as policies
 from .. import protocol
@@ -34,7 +34,11 @@ from .status import Counters
 from .verdicts import Judged, Verdicts
 
 if TYPE_CHECKING:
+    from ..protocol.messages import ApplianceVerdictSource, VerdictRecord
     from .patterns import Engine
+
+# Where a known content's digest came from (the verdict's ``source`` when the cache answers).
+DigestSource = Literal["identity", "clone", "digest"]
 
 PRIORITIES = {"access": 0, "demand": 1}
 
@@ -134,7 +138,7 @@ class Pipeline:
 
     # -- requests -------------------------------------------------------------------------
 
-    async def scan_request(self, shim: str, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    async def scan_request(self, shim: str, msg: dict[str, Any], fds: list[int]) -> VerdictRecord:
         """A ``scan`` frame in ``path`` or ``fd`` mode; the descriptors in ``fds`` are closed."""
         t0 = self.clock.monotonic()
         vm = self.registry.owned(shim, msg["vm"])
@@ -159,7 +163,8 @@ class Pipeline:
             elif mode == "path":
                 try:
                     fd = await asyncio.get_running_loop().run_in_executor(
-                        self.pool, open_confined, vm.root, path)
+                        self.pool, open_confined, vm.root, path
+                    )
                 except ConfinementError as exc:
                     self.verdicts.refused(vm, shim, path, exc)
                 except OSError as exc:
@@ -176,8 +181,9 @@ class Pipeline:
                 os.close(fd)
             close_fds(fds)
 
-    async def scan_stream(self, shim: str, msg: dict[str, Any],
-                          chunks: asyncio.Queue[bytes | None]) -> dict[str, Any]:
+    async def scan_stream(
+        self, shim: str, msg: dict[str, Any], chunks: asyncio.Queue[bytes | None]
+    ) -> VerdictRecord:
         """Content streamed in chunk frames (remote shims): matched and hashed as it arrives in
         one pass, never spooled. It runs on a thread of its own rather than behind the
         admission gate, so a stream waiting for its chunks cannot starve the others."""
@@ -200,20 +206,22 @@ class Pipeline:
 
         res: ScanResult = await loop.run_in_executor(
             self.stream_pool,
-            lambda: eng.matcher.scan_chunks(pieces(), size, path=msg["path"], allmatch=True,
-                                            digest=True),
+            lambda: eng.matcher.scan_chunks(
+                pieces(), size, path=msg["path"], allmatch=True, digest=True
+            ),
         )
         self.counters.contents_matched += 1
         self.counters.bytes_matched += res.bytes_scanned
         digest = bytes.fromhex(res.digest) if res.digest else None
         if res.status != "error" and digest is not None:
-            self.cache.put(CachedVerdict(res.status, res.matches, eng.version, digest, size,
-                                         self.clock.time()))
+            self.cache.put(
+                CachedVerdict(res.status, res.matches, eng.version, digest, size, self.clock.time())
+            )
         return await self._finish(vm, msg["path"], res, "scan", digest, t0, eng)
 
     # -- one open file --------------------------------------------------------------------
 
-    async def judge(self, vm: VMRecord, path: str, fd: int, prio: int, t0: float) -> dict[str, Any]:
+    async def judge(self, vm: VMRecord, path: str, fd: int, prio: int, t0: float) -> VerdictRecord:
         """The verdict for the open file ``fd`` (``path`` in ``vm``), admitted at ``prio``:
         from the memo and cache when the content is known, else matched once however many
         requests ask for it at the same time."""
@@ -228,8 +236,9 @@ class Pipeline:
             if cached is None and eng.revalidation is not None:
                 cached = await self.revalidate(eng, digest, size, fd, ident)
                 if cached is not None:
-                    return await self._finish(vm, path, cached, "revalidated", digest, t0, eng,
-                                              ino=st.st_ino)
+                    return await self._finish(
+                        vm, path, cached, "revalidated", digest, t0, eng, ino=st.st_ino
+                    )
             if cached is not None:
                 if source == "identity":
                     self.counters.served_identity += 1
@@ -241,7 +250,9 @@ class Pipeline:
             res = await self._match(eng, path, fd, ident, digest, size)
             return await self._finish(vm, path, res, "scan", digest, t0, eng, ino=st.st_ino)
 
-    async def _digest(self, fd: int, st: os.stat_result, ident: Identity) -> tuple[bytes, str]:
+    async def _digest(
+        self, fd: int, st: os.stat_result, ident: Identity
+    ) -> tuple[bytes, DigestSource]:
         """The content digest and where it came from: the identity memo, a clone's inherited
         identity, or reading the file (remembered only if the file did not change meanwhile)."""
         known = self.memo.get(ident)
@@ -251,14 +262,16 @@ class Pipeline:
         if known is not None:
             return known, "clone"
         digest, nread = await asyncio.get_running_loop().run_in_executor(
-            self.pool, digest_fd, fd, st.st_size)
+            self.pool, digest_fd, fd, st.st_size
+        )
         self.counters.bytes_read += nread
         if Identity.from_stat("local", os.fstat(fd)) == ident:
             self.memo.put(ident, digest)
         return digest, "digest"
 
-    async def _match(self, eng: Engine, path: str, fd: int, ident: Identity, digest: bytes,
-                     size: int) -> ScanResult:
+    async def _match(
+        self, eng: Engine, path: str, fd: int, ident: Identity, digest: bytes, size: int
+    ) -> ScanResult:
         """Match the content once for every request asking for it now (single-flight); the
         verdict is cached unless the file changed while it was read."""
         led = False
@@ -269,13 +282,17 @@ class Pipeline:
             led = True
             self.counters.contents_matched += 1
             res: ScanResult = await asyncio.get_running_loop().run_in_executor(
-                self.pool, lambda: eng.matcher.scan_fd(fd, path=path, allmatch=True))
+                self.pool, lambda: eng.matcher.scan_fd(fd, path=path, allmatch=True)
+            )
             self.counters.bytes_read += res.bytes_scanned
             self.counters.bytes_matched += res.bytes_scanned
             unchanged = not res.changed and Identity.from_stat("local", os.fstat(fd)) == ident
             if res.status != "error" and unchanged:
-                self.cache.put(CachedVerdict(res.status, res.matches, eng.version, digest, size,
-                                             self.clock.time()))
+                self.cache.put(
+                    CachedVerdict(
+                        res.status, res.matches, eng.version, digest, size, self.clock.time()
+                    )
+                )
             return res
 
         res = await self.flights.run(key, match)
@@ -283,8 +300,9 @@ class Pipeline:
             self.counters.joined_in_flight += 1
         return res
 
-    async def revalidate(self, eng: Engine, digest: bytes, size: int, fd: int,
-                         ident: Identity) -> CachedVerdict | None:
+    async def revalidate(
+        self, eng: Engine, digest: bytes, size: int, fd: int, ident: Identity
+    ) -> CachedVerdict | None:
         """Make the previous version's cached verdict for this content current, reading it
         through the small delta matcher only; None when it must be matched in full."""
         rv = eng.revalidation
@@ -299,7 +317,8 @@ class Pipeline:
         delta = rv.delta
         if delta is not None:
             res: ScanResult = await asyncio.get_running_loop().run_in_executor(
-                self.pool, lambda: delta.scan_fd(fd, allmatch=True))
+                self.pool, lambda: delta.scan_fd(fd, allmatch=True)
+            )
             if res.status == "error":
                 return None
             self.counters.revalidation_bytes += res.bytes_scanned
@@ -317,13 +336,23 @@ class Pipeline:
 
     # -- endings --------------------------------------------------------------------------
 
-    async def _excluded(self, vm: VMRecord, path: str, why: str, t0: float) -> dict[str, Any]:
+    async def _excluded(self, vm: VMRecord, path: str, why: str, t0: float) -> VerdictRecord:
         self.counters.excluded += 1
         res = ScanResult(path, "clean", reason=f"not scanned: {why}")
         return await self._finish(vm, path, res, "excluded", None, t0, self.engine)
 
-    async def _finish(self, vm: VMRecord, path: str, res: Judged, source: str,
-                      digest: bytes | None, t0: float, eng: Engine, *,
-                      ino: int | None = None) -> dict[str, Any]:
-        return await self.verdicts.finish(vm, path, res, source, digest, t0, version=eng.version,
-                                          ino=ino)
+    async def _finish(
+        self,
+        vm: VMRecord,
+        path: str,
+        res: Judged,
+        source: ApplianceVerdictSource,
+        digest: bytes | None,
+        t0: float,
+        eng: Engine,
+        *,
+        ino: int | None = None,
+    ) -> VerdictRecord:
+        return await self.verdicts.finish(
+            vm, path, res, source, digest, t0, version=eng.version, ino=ino
+        )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .. import policy as policies
@@ -19,6 +18,7 @@ from .common import RequestFailed, log
 from .inventory import Inventory, VMRecord
 
 if TYPE_CHECKING:
+    from ..protocol.messages import VMInfo
     from ..quarantine import Vault
 
 
@@ -46,13 +46,16 @@ class Registry:
     def vms(self) -> dict[str, VMRecord]:
         return self.inventory.vms
 
-    def register(self, shim: str, vm: str, root: str, policy: dict[str, Any],
-                 clone_of: str | None) -> dict[str, Any]:
+    def register(
+        self, shim: str, vm: str, root: str, policy: dict[str, Any], clone_of: str | None
+    ) -> dict[str, Any]:
         if not os.path.isabs(root):
             raise RequestFailed("malformed", f"VM root {root!r} must be an absolute path")
         old = self.vms.get(vm)
         if old and old.owner not in (None, shim):
-            raise RequestFailed("conflict", f"VM {vm!r} is registered by another shim ({old.owner})")
+            raise RequestFailed(
+                "conflict", f"VM {vm!r} is registered by another shim ({old.owner})"
+            )
         if clone_of is not None and clone_of not in self.vms:
             raise RequestFailed("unknown-vm", f"clone_of: no VM named {clone_of!r}")
         if clone_of == vm:
@@ -64,12 +67,24 @@ class Registry:
         real = os.path.realpath(root)
         if self.vault and (self.vault.inside(real) or _is_within(str(self.vault.directory), real)):
             raise RequestFailed("malformed", "a VM root must not overlap the quarantine vault")
-        rec = VMRecord(vm, real, shim, policy, clone_of or (old.clone_of if old else None),
-                       old.tags if old else [], old.registered_at if old else time.time())
+        rec = VMRecord(
+            vm,
+            real,
+            shim,
+            policy,
+            clone_of or (old.clone_of if old else None),
+            old.tags if old else [],
+            old.registered_at if old else time.time(),
+        )
         self.vms[vm] = rec
         self.inventory.save()
-        log.info("VM %s registered by %s: root %s%s", vm, shim, rec.root,
-                 f", clone of {clone_of}" if clone_of else "")
+        log.info(
+            "VM %s registered by %s: root %s%s",
+            vm,
+            shim,
+            rec.root,
+            f", clone of {clone_of}" if clone_of else "",
+        )
         return {"vm": vm, "root": rec.root, "policy": self.effective_policy(rec)}
 
     def unregister(self, shim: str, vm: str) -> dict[str, Any]:
@@ -95,17 +110,28 @@ class Registry:
             raise RequestFailed("unknown-vm", f"no VM named {name!r}")
         return rec
 
-    def effective_policy(self, rec: VMRecord, _seen: frozenset[str] = frozenset()) -> dict[str, Any]:
+    def effective_policy(
+        self, rec: VMRecord, _seen: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
         """Defaults < policy file [default] < base VM's effective policy < the VM's own."""
         base: dict[str, Any] = {}
         if rec.clone_of and rec.clone_of not in _seen and rec.clone_of in self.vms:
             base = self.effective_policy(self.vms[rec.clone_of], _seen | {rec.name})
         return policies.merge(self.default_policy, base, self.vm_policies.get(rec.name), rec.policy)
 
-    def describe(self, rec: VMRecord, *, clones: bool = False) -> dict[str, Any]:
+    def describe(self, rec: VMRecord, *, clones: bool = False) -> VMInfo:
         """A VM as status and ``vm-show`` report it: its record with the effective policy
-        (and, with ``clones``, the names of the VMs cloned from it)."""
-        out = {**asdict(rec), "policy": self.effective_policy(rec)}
+        (and, with ``clones``, the names of the VMs cloned from it). Field by field, in the
+        record's order, so that the type checker holds the record to the protocol's VMInfo."""
+        out: VMInfo = {
+            "name": rec.name,
+            "root": rec.root,
+            "owner": rec.owner,
+            "policy": self.effective_policy(rec),
+            "clone_of": rec.clone_of,
+            "tags": list(rec.tags),  # a copy, as asdict made: later tags do not change it
+            "registered_at": rec.registered_at,
+        }
         if clones:
             out["clones"] = sorted(v.name for v in self.vms.values() if v.clone_of == rec.name)
         return out

@@ -4,7 +4,9 @@
 frames: scans run concurrently up to the connection's credits, streamed content is queued per
 request, registrations, status and operator commands are answered in order (operator commands
 in the background, since a clone may take minutes). It touches nothing but its connection and
-the descriptors the client passes; the work is done by the appliance's parts.
+the descriptors the client passes; the work is done by the appliance's parts. The frames it
+sends are built as the protocol's TypedDicts (:mod:`offscan.protocol.messages`), but for the
+``ok`` replies, whose keys are each request's own.
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import protocol
 from .common import RequestFailed, close_fds, log
 
 if TYPE_CHECKING:
+    from ..protocol.messages import ApplianceStatus, ErrorMessage, Pong, Verdict, Welcome
+    from .control import Reply
     from .facade import Appliance
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds
 STREAM_QUEUE_CHUNKS = 8  # chunk frames buffered per stream (at most 2 MiB)
+
+
+def _frame(msg: Welcome | Pong | Verdict | ApplianceStatus | ErrorMessage) -> dict[str, Any]:
+    """A typed message as :meth:`Connection.send <offscan.protocol.Connection.send>` takes it:
+    a plain dict (it may add ``fds``), which a TypedDict is at run time. No copy, no change."""
+    return cast("dict[str, Any]", msg)
 
 
 class Session:
@@ -44,10 +54,9 @@ class Session:
         except protocol.ProtocolError as exc:
             self.app.counters.protocol_errors += 1
             log.warning("%s: protocol error (%s): %s; closing connection", conn.peer, exc.code, exc)
+            fatal: ErrorMessage = {"t": "error", "code": exc.code, "message": str(exc)}
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    conn.send({"t": "error", "code": exc.code, "message": str(exc)}), 1.0
-                )
+                await asyncio.wait_for(conn.send(_frame(fatal)), 1.0)
         except (ConnectionError, EOFError, OSError):
             pass
         except Exception:  # never let one client take the appliance down
@@ -78,16 +87,15 @@ class Session:
             secret = app.config.secret
             if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
                 raise protocol.ProtocolError("auth", "bad or missing shared secret")
-        await conn.send(
-            {
-                "t": "welcome",
-                "v": protocol.PROTOCOL_VERSION,
-                "appliance": app.appliance_id,
-                "credits": app.config.credits,
-                "heartbeat": app.config.heartbeat,
-                "pattern_version": app.pattern_version,
-            }
-        )
+        welcome: Welcome = {
+            "t": "welcome",
+            "v": protocol.PROTOCOL_VERSION,
+            "appliance": app.appliance_id,
+            "credits": app.config.credits,
+            "heartbeat": app.config.heartbeat,
+            "pattern_version": app.pattern_version,
+        }
+        await conn.send(_frame(welcome))
         return str(msg["shim"])
 
     async def _serve(self, shim: str) -> None:
@@ -103,7 +111,8 @@ class Session:
             if t != "scan" or msg.get("mode") != "fd":
                 close_fds(fds)  # only an fd-mode scan may pass descriptors
             if t == "ping":
-                await self.conn.send({"t": "pong", "id": msg.get("id")})
+                pong: Pong = {"t": "pong", "id": msg["id"]}  # validated: a ping has one
+                await self.conn.send(_frame(pong))
             elif t == "scan":
                 self._start_scan(shim, msg, fds)
             elif t == "chunk":
@@ -157,31 +166,48 @@ class Session:
         rid = msg.get("id")
         try:
             t = msg["t"]
+            if t == "status":  # the one reply here the protocol types in full
+                status: ApplianceStatus = {**app.status(), "t": "status", "id": msg["id"]}
+                await conn.send(_frame(status))
+                return
+            reply: Reply  # ``ok`` plus the request's own keys
             if t == "register":
-                reply = app.registry.register(shim, msg["vm"], msg["root"], msg.get("policy") or {},
-                                              msg.get("clone_of"))
+                reply = app.registry.register(
+                    shim, msg["vm"], msg["root"], msg.get("policy") or {}, msg.get("clone_of")
+                )
             elif t == "unregister":
                 reply = app.registry.unregister(shim, msg["vm"])
-            elif t == "status":
-                reply = app.status()
             elif t == "control":
                 reply = await app.control(msg["op"], msg.get("args") or {})
             else:
                 raise RequestFailed("unsupported", f"message type {t!r} not supported here")
-            await conn.send({**reply, "t": "status" if t == "status" else "ok", "id": rid})
+            await conn.send({**reply, "t": "ok", "id": rid})
         except RequestFailed as exc:
-            await conn.send({"t": "error", "id": rid, "code": exc.code, "message": str(exc)})
+            failed: ErrorMessage = {"t": "error", "id": rid, "code": exc.code, "message": str(exc)}
+            await conn.send(_frame(failed))
         except (ConnectionError, OSError):
             pass
         except Exception as exc:  # a failed command must not end the connection
             log.exception("%s %s failed", msg.get("t"), msg.get("op", ""))
+            internal: ErrorMessage = {
+                "t": "error",
+                "id": rid,
+                "code": "internal",
+                "message": str(exc),
+            }
             with contextlib.suppress(Exception):
-                await conn.send({"t": "error", "id": rid, "code": "internal", "message": str(exc)})
+                await conn.send(_frame(internal))
 
-    async def _serve_scan(self, shim: str, msg: dict[str, Any], fds: list[int],
-                          stream: asyncio.Queue[bytes | None] | None) -> None:
+    async def _serve_scan(
+        self,
+        shim: str,
+        msg: dict[str, Any],
+        fds: list[int],
+        stream: asyncio.Queue[bytes | None] | None,
+    ) -> None:
         rid = msg["id"]
         pipeline = self.app.pipeline
+        reply: Verdict | ErrorMessage
         try:
             if stream is not None:
                 verdict = await pipeline.scan_stream(shim, msg, stream)
@@ -194,4 +220,4 @@ class Session:
             log.exception("scan %r failed", msg.get("path"))
             reply = {"t": "error", "id": rid, "code": "internal", "message": str(exc)}
         with contextlib.suppress(ConnectionError, OSError):
-            await self.conn.send(reply)
+            await self.conn.send(_frame(reply))

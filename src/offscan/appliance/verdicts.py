@@ -23,7 +23,13 @@ from .status import Counters
 if TYPE_CHECKING:
     from ..confine import ConfinementError
     from ..metrics import Histogram
-    from .actions import Actions
+    from ..protocol.messages import (
+        ApplianceVerdictSource,
+        Detection,
+        VerdictAction,
+        VerdictRecord,
+    )
+    from .actions import ActionNotes, Actions
 
 RECENT_DETECTIONS = 50
 
@@ -35,8 +41,11 @@ class EventLog:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._fd = (os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-                    if path else None)
+        self._fd = (
+            os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            if path
+            else None
+        )
 
     def write(self, event: dict[str, Any]) -> None:
         # Not fsynced, by design: one write per verdict reaches the OS (it survives the
@@ -53,32 +62,52 @@ class EventLog:
 class Verdicts:
     """Finishes requests: actions on a detection, then the verdict record and its event."""
 
-    def __init__(self, events: EventLog, counters: Counters, actions: Actions,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, events: EventLog, counters: Counters, actions: Actions, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.events = events
         self.counters = counters
         self.actions = actions
         self.clock = clock
         self.latency: Histogram | None = None  # set when metrics are on
-        self.detections: list[dict[str, Any]] = []
+        self.detections: list[Detection] = []
 
-    async def finish(self, vm: VMRecord, path: str, res: Judged, source: str,
-                     digest: bytes | None, t0: float, *, version: str,
-                     ino: int | None = None) -> dict[str, Any]:
+    async def finish(
+        self,
+        vm: VMRecord,
+        path: str,
+        res: Judged,
+        source: ApplianceVerdictSource,
+        digest: bytes | None,
+        t0: float,
+        *,
+        version: str,
+        ino: int | None = None,
+    ) -> VerdictRecord:
         """Record the verdict; on a detection run the VM's actions and tag it. ``version`` is
         that of the engine the request ran on; a cached verdict carries its own."""
-        extra: dict[str, Any] = {}
-        action = "allow"
+        extra: ActionNotes = {}
+        action: VerdictAction = "allow"
         if res.status == "infected":
             action, extra = await self.actions.act(vm, path, res.matches, ino)
         # the version that judged it: a cached verdict's own, else the engine the scan ran on
         judged_by = getattr(res, "pattern_version", None) or version
         return self.record(vm, path, res, source, digest, t0, action, extra, judged_by)
 
-    def record(self, vm: VMRecord, path: str, res: Judged, source: str, digest: bytes | None,
-               t0: float, action: str, extra: dict[str, Any], version: str) -> dict[str, Any]:
+    def record(
+        self,
+        vm: VMRecord,
+        path: str,
+        res: Judged,
+        source: ApplianceVerdictSource,
+        digest: bytes | None,
+        t0: float,
+        action: VerdictAction,
+        extra: ActionNotes,
+        version: str,
+    ) -> VerdictRecord:
         """The verdict sent to the shim; also counted, timed and written to the event log."""
-        verdict = {
+        verdict: VerdictRecord = {
             "vm": vm.name,
             "path": path,
             "status": res.status,
@@ -97,17 +126,35 @@ class Verdicts:
         latency = self.clock.monotonic() - t0
         if self.latency is not None:
             self.latency.observe(latency)
-        event = {"time": now, "event": "verdict", **verdict, "latency_ms": round(latency * 1000, 3)}
+        event: dict[str, Any] = {
+            "time": now,
+            "event": "verdict",
+            **verdict,
+            "latency_ms": round(latency * 1000, 3),
+        }
         self.events.write(event)
         if res.status == "infected":
             self._detected(vm, path, res.matches, action, extra, now)
         return verdict
 
-    def _detected(self, vm: VMRecord, path: str, matches: tuple[str, ...], action: str,
-                  extra: dict[str, Any], now: float) -> None:
+    def _detected(
+        self,
+        vm: VMRecord,
+        path: str,
+        matches: tuple[str, ...],
+        action: VerdictAction,
+        extra: ActionNotes,
+        now: float,
+    ) -> None:
         self.counters.detections += 1
-        det = {"time": now, "vm": vm.name, "path": path, "matches": list(matches),
-               "action": action, **extra}
+        det: Detection = {
+            "time": now,
+            "vm": vm.name,
+            "path": path,
+            "matches": list(matches),
+            "action": action,
+            **extra,
+        }
         self.detections.append(det)
         del self.detections[:-RECENT_DETECTIONS]
         log.warning("DETECTION: VM %s: %s: %s (%s)", vm.name, path, ", ".join(matches), action)
@@ -117,6 +164,13 @@ class Verdicts:
         RequestFailed("confined")."""
         self.counters.refused += 1
         log.warning("refused: VM %s (shim %s): %s", vm.name, shim, exc)
-        self.events.write({"time": self.clock.time(), "event": "refused", "vm": vm.name,
-                           "path": path, "reason": str(exc)})
+        self.events.write(
+            {
+                "time": self.clock.time(),
+                "event": "refused",
+                "vm": vm.name,
+                "path": path,
+                "reason": str(exc),
+            }
+        )
         raise RequestFailed("confined", str(exc)) from None

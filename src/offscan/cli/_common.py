@@ -18,9 +18,14 @@ Runner = Callable[[argparse.Namespace], int]
 
 def add_appliance_arguments(q: argparse.ArgumentParser) -> None:
     """``--appliance``, ``--secret`` and ``--json`` for the commands that talk to an appliance."""
-    q.add_argument("--appliance", "--socket", dest="appliance", metavar="SOCKET|HOST:PORT",
-                   default=os.environ.get("OFFSCAN_APPLIANCE", DEFAULT_SOCKET),
-                   help=f"the appliance (default: $OFFSCAN_APPLIANCE or {DEFAULT_SOCKET})")
+    q.add_argument(
+        "--appliance",
+        "--socket",
+        dest="appliance",
+        metavar="SOCKET|HOST:PORT",
+        default=os.environ.get("OFFSCAN_APPLIANCE", DEFAULT_SOCKET),
+        help=f"the appliance (default: $OFFSCAN_APPLIANCE or {DEFAULT_SOCKET})",
+    )
     q.add_argument("--secret", default=os.environ.get("OFFSCAN_SECRET"))
     q.add_argument("--json", action="store_true", help="print the appliance's reply as JSON")
 
@@ -47,7 +52,9 @@ def control(args: argparse.Namespace, op: str, **kw: object) -> tuple[int, dict[
     from ..protocol import ApplianceClient, ProtocolError, RequestError
 
     async def call() -> dict[str, Any]:
-        client = ApplianceClient(args.appliance, shim_id=f"operator-{os.getpid()}", secret=args.secret)
+        client = ApplianceClient(
+            args.appliance, shim_id=f"operator-{os.getpid()}", secret=args.secret
+        )
         await client.connect()
         try:
             return await client.control(op, timeout=600, **kw)

@@ -8,14 +8,19 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._common import EXIT_CLEAN, EXIT_ERROR, add_appliance_arguments, control
+
+if TYPE_CHECKING:
+    from ..protocol.messages import ApplianceStatus, PatternsSource
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="show a running appliance's VMs, queue and cache")
-    p.add_argument("--appliance", "--socket", dest="appliance", required=True, metavar="SOCKET|HOST:PORT")
+    p.add_argument(
+        "--appliance", "--socket", dest="appliance", required=True, metavar="SOCKET|HOST:PORT"
+    )
     p.add_argument("--secret", default=os.environ.get("OFFSCAN_SECRET"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run_status)
@@ -23,7 +28,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("vm", help="VM inventory: clone, list, show, unregister, untag")
     p.set_defaults(run=run_vm)
     vsub = p.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
-    q = vsub.add_parser("clone", help="make N clones of a registered master; they inherit its verdicts")
+    q = vsub.add_parser(
+        "clone", help="make N clones of a registered master; they inherit its verdicts"
+    )
     q.add_argument("base")
     q.add_argument("--count", type=int, required=True)
     q.add_argument("--into", required=True, metavar="DIR")
@@ -43,7 +50,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("policy", help="per-VM policy at run time")
     p.set_defaults(run=run_policy)
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
-    q = psub.add_parser("set", help="e.g. policy set vm1 actions=quarantine,deny exclude_ext=iso max_size=1000000")
+    q = psub.add_parser(
+        "set", help="e.g. policy set vm1 actions=quarantine,deny exclude_ext=iso max_size=1000000"
+    )
     q.add_argument("vm")
     q.add_argument("settings", nargs="+", metavar="KEY=VALUE")
     add_appliance_arguments(q)
@@ -67,7 +76,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             q.add_argument("--overwrite", action="store_true")
         add_appliance_arguments(q)
 
-    p = sub.add_parser("reload", help="make the appliance fetch pattern updates now (or re-read -d databases)")
+    p = sub.add_parser(
+        "reload", help="make the appliance fetch pattern updates now (or re-read -d databases)"
+    )
     add_appliance_arguments(p)
     p.set_defaults(run=run_reload)
 
@@ -77,8 +88,10 @@ def run_status(args: argparse.Namespace) -> int:
 
     from ..protocol import ApplianceClient, ProtocolError, RequestError
 
-    async def fetch() -> dict[str, Any]:
-        client = ApplianceClient(args.appliance, shim_id=f"status-{os.getpid()}", secret=args.secret)
+    async def fetch() -> ApplianceStatus:
+        client = ApplianceClient(
+            args.appliance, shim_id=f"status-{os.getpid()}", secret=args.secret
+        )
         await client.connect()
         try:
             return await client.status()
@@ -95,16 +108,24 @@ def run_status(args: argparse.Namespace) -> int:
         return EXIT_CLEAN
     print(f"appliance {st['appliance']} (offscan {st['version']}), up {st['uptime']:.0f} s")
     print(f"patterns  {st['pattern_version']}: {st['patterns']}")
-    src = st.get("patterns_source") or {}
+    src: PatternsSource = st.get("patterns_source") or {}
     if src.get("fetched_from"):
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(src["fetched_at"])) if src.get("fetched_at") else "?"
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(src["fetched_at"]))
+            if src.get("fetched_at")
+            else "?"
+        )
         print(f"          fetched {when} from {src['fetched_from']}")
     if st.get("update_error"):
         print(f"          last update failed: {st['update_error']}")
-    print(f"queue     {st['queue_depth']} waiting, {st['in_flight']} in flight, {st['connections']} connection(s)")
-    print(f"verdicts  {st['verdicts']}: {st['contents_matched']} contents matched, "
-          f"{st['served_from_cache']} served from cache (hit ratio {st['hit_ratio']:.1%}), "
-          f"{st['detections']} detection(s), {st['errors']} error(s), {st['refused']} refused")
+    print(
+        f"queue     {st['queue_depth']} waiting, {st['in_flight']} in flight, {st['connections']} connection(s)"
+    )
+    print(
+        f"verdicts  {st['verdicts']}: {st['contents_matched']} contents matched, "
+        f"{st['served_from_cache']} served from cache (hit ratio {st['hit_ratio']:.1%}), "
+        f"{st['detections']} detection(s), {st['errors']} error(s), {st['refused']} refused"
+    )
     print(f"VMs       {len(st['vms'])}")
     for vm in st["vms"]:
         extra = f" clone of {vm['clone_of']}" if vm.get("clone_of") else ""
@@ -122,16 +143,23 @@ def _print_vm(vm: dict[str, Any]) -> None:
     print(f"{vm['name']:<22} {vm['root']}  owner={owner} tags={tags}{extra}")
 
 
-
 def run_vm(args: argparse.Namespace) -> int:
     a = args.vm_command
     if a == "clone":
-        rc, r = control(args, "vm-clone", base=args.base, count=args.count,
-                         into=os.path.abspath(args.into), prefix=args.prefix)
+        rc, r = control(
+            args,
+            "vm-clone",
+            base=args.base,
+            count=args.count,
+            into=os.path.abspath(args.into),
+            prefix=args.prefix,
+        )
         if rc == 0 and not args.json:
-            print(f"{len(r['clones'])} clones of {r['base']} in {r['seconds']:.2f} s: {r['files']} files, "
-                  f"{r['inherited']} inherit the master's verdicts, {r['bytes_copied'] / 1e6:.1f} MB copied "
-                  f"in-kernel ({r['reflinked']} reflinked)")
+            print(
+                f"{len(r['clones'])} clones of {r['base']} in {r['seconds']:.2f} s: {r['files']} files, "
+                f"{r['inherited']} inherit the master's verdicts, {r['bytes_copied'] / 1e6:.1f} MB copied "
+                f"in-kernel ({r['reflinked']} reflinked)"
+            )
             for c in r["clones"]:
                 print(f"  {c['name']}  {c['root']}")
         return rc
@@ -157,7 +185,6 @@ def run_vm(args: argparse.Namespace) -> int:
     return rc
 
 
-
 def run_policy(args: argparse.Namespace) -> int:
     a = args.policy_command
     if a == "set":
@@ -178,7 +205,6 @@ def run_policy(args: argparse.Namespace) -> int:
     return rc
 
 
-
 def run_quarantine(args: argparse.Namespace) -> int:
     a = args.quarantine_command
     if a == "list":
@@ -186,7 +212,9 @@ def run_quarantine(args: argparse.Namespace) -> int:
         if rc == 0 and not args.json:
             for e in r["entries"]:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
-                print(f"{e['id']}  {when}  {e['vm']}:{e['path']}  {','.join(e['signatures'])}  {e['digest'][:16]}")
+                print(
+                    f"{e['id']}  {when}  {e['vm']}:{e['path']}  {','.join(e['signatures'])}  {e['digest'][:16]}"
+                )
         return rc
     if a == "restore":
         rc, r = control(args, "quarantine-restore", id=args.id, overwrite=args.overwrite)
@@ -196,9 +224,11 @@ def run_quarantine(args: argparse.Namespace) -> int:
     return control(args, "quarantine-delete", id=args.id)[0]
 
 
-
 def run_reload(args: argparse.Namespace) -> int:
     rc, r = control(args, "reload")
     if rc == 0 and not args.json:
-        print(f"pattern version {r['pattern_version']}" + (f" (update error: {r['error']})" if r.get("error") else ""))
+        print(
+            f"pattern version {r['pattern_version']}"
+            + (f" (update error: {r['error']})" if r.get("error") else "")
+        )
     return rc

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .._fsutil import atomic_write
 from .config import BenchConfig
@@ -27,6 +27,7 @@ from .status import appliance_status, gather_limited
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from ..protocol.messages import ApplianceStatus
     from ..updates import UpdateServer
     from .worker import ShimWorker
 
@@ -209,7 +210,7 @@ class Setup:
             for label, ready in readies:
                 await wait_ready_async(self.procs, label, ready)
 
-    async def statuses(self) -> list[dict[str, Any]]:
+    async def statuses(self) -> list[ApplianceStatus]:
         """The status of every scanning point of the setup."""
         return await gather_limited([appliance_status(s) for s in self.sockets])
 

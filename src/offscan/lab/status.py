@@ -3,6 +3,8 @@
 Every scanning point of a setup (the appliance, or each agent) answers ``status`` on its
 socket; :func:`sum_counters` adds up their counters and :func:`diff_counters` takes a phase's
 share. Talks only to the sockets it is given, through :class:`~offscan.protocol.ApplianceClient`.
+Statuses are the protocol's :class:`~offscan.protocol.messages.ApplianceStatus`, so every field
+read here is checked against the wire contract.
 """
 
 from __future__ import annotations
@@ -10,12 +12,34 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from ..protocol.messages import ApplianceStatus
 
 T = TypeVar("T")
 
+# A status field a phase adds up over its scanning points (each an int in ApplianceStatus).
+CounterName = Literal[
+    "verdicts",
+    "contents_matched",
+    "served_from_cache",
+    "served_identity",
+    "served_digest",
+    "served_clone",
+    "joined_in_flight",
+    "bytes_read",
+    "bytes_matched",
+    "detections",
+    "errors",
+    "revalidations",
+    "revalidation_bytes",
+    "revalidation_rescans",
+    "swaps",
+]
+
 # The counters of a scanning point's status that a phase adds up over its points.
-COUNTERS = (
+COUNTERS: tuple[CounterName, ...] = (
     "verdicts",
     "contents_matched",
     "served_from_cache",
@@ -34,7 +58,7 @@ COUNTERS = (
 )
 
 
-async def appliance_status(sock: str, *, timeout: float = 30.0) -> dict[str, Any]:
+async def appliance_status(sock: str, *, timeout: float = 30.0) -> ApplianceStatus:
     """The ``status`` of the scanning point listening on ``sock``."""
     from ..protocol import ApplianceClient
 
@@ -71,7 +95,7 @@ async def gather_limited(coros: Iterable[Awaitable[T]], limit: int = 32) -> list
     return await asyncio.gather(*(one(c) for c in coros))
 
 
-def sum_counters(statuses: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def sum_counters(statuses: Sequence[ApplianceStatus]) -> dict[str, Any]:
     """:data:`COUNTERS` summed over scanning points, their pattern versions and how many."""
     out: dict[str, Any] = {k: sum(int(s.get(k) or 0) for s in statuses) for k in COUNTERS}
     out["pattern_versions"] = sorted({str(s.get("pattern_version")) for s in statuses})
@@ -87,7 +111,7 @@ def diff_counters(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
     return out
 
 
-def registration_times(statuses: Sequence[dict[str, Any]]) -> dict[str, float]:
+def registration_times(statuses: Sequence[ApplianceStatus]) -> dict[str, float]:
     """VM -> when its scanning point registered it (wall clock), from their statuses."""
     out: dict[str, float] = {}
     for s in statuses:

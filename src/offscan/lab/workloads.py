@@ -346,7 +346,10 @@ async def update_phase(
         "all_vms_reported_s": (max(found.values()) - t_pub) if len(found) == len(vms) else None,
         "verdict_sources": dict(tracker.sources),
         "compile_seconds": summarize(
-            [float((s.get("last_swap") or {}).get("compile_seconds") or 0) for s in statuses]
+            [
+                float(sw.get("compile_seconds") or 0) if (sw := s.get("last_swap")) else 0.0
+                for s in statuses
+            ]
         ),
     }
 

@@ -2,7 +2,9 @@
 
 It owns one :class:`~.connection.Connection` at a time and the tasks that serve it (reader,
 heartbeat, pongs); it reads the files it is asked to stream, and nothing else. Message
-shapes are those of :mod:`.messages` (replies are returned as plain dicts).
+shapes are those of :mod:`.messages`: replies are plain dicts at run time, typed as their
+``TypedDict`` (:class:`~.messages.Welcome`, :class:`~.messages.Verdict`,
+:class:`~.messages.ApplianceStatus`) where the protocol has one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .connection import Connection, _close_fds, connect
 from .errors import ConnectionClosed, ProtocolError, RequestError
@@ -25,7 +27,7 @@ from .messages import DEAD_AFTER_HEARTBEATS, DEFAULT_HEARTBEAT, MAX_CHUNK, PROTO
 if TYPE_CHECKING:
     from typing import Self
 
-    from .messages import Priority
+    from .messages import ApplianceStatus, Priority, Verdict, Welcome
 
 __all__ = ["STREAM_PREFETCH", "ApplianceClient"]
 
@@ -89,6 +91,12 @@ def _chunk_reader(
     return size, read_file
 
 
+def _verdict(reply: dict[str, Any]) -> Verdict:
+    """A scan's reply as the :class:`~.messages.Verdict` it is: ``Connection.recv`` validated
+    it against the verdict schema (an ``error`` reply was raised as :class:`RequestError`)."""
+    return cast("Verdict", reply)
+
+
 @dataclass
 class _Pending:
     fut: asyncio.Future[dict[str, Any]] | None  # None: a heartbeat ping nobody awaits
@@ -109,7 +117,7 @@ class ApplianceClient:
         self.address = address
         self.shim_id = shim_id
         self.secret = secret
-        self.welcome: dict[str, Any] | None = None
+        self.welcome: Welcome | None = None
         self.credits = 0
         self.heartbeat = DEFAULT_HEARTBEAT
         self.lost: ConnectionClosed | None = None  # why the last connection ended
@@ -133,8 +141,8 @@ class ApplianceClient:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def connect(self, timeout: float = 5.0) -> dict[str, Any]:
-        """Connect and shake hands; returns the ``welcome`` message (a :class:`~.messages.Welcome`).
+    async def connect(self, timeout: float = 5.0) -> Welcome:
+        """Connect and shake hands; returns the ``welcome`` message.
 
         Raises :class:`RequestError` if the appliance refuses (``auth``, ``version``...),
         :class:`ProtocolError` on a nonsensical answer, ``OSError``/``TimeoutError`` if the
@@ -165,16 +173,18 @@ class ApplianceClient:
         except BaseException:
             conn.close()
             raise
+        # Connection.recv validated it against the welcome schema: the cast is that boundary.
+        welcome = cast("Welcome", msg)
         self._conn = conn
         self.lost = None
-        self.welcome = msg
-        self.credits = msg["credits"]
-        self.heartbeat = float(msg["heartbeat"])
+        self.welcome = welcome
+        self.credits = welcome["credits"]
+        self.heartbeat = float(welcome["heartbeat"])
         self._pending = {}
         self._last_recv = self._last_send = time.monotonic()
         self._reader = self._spawn(self._read_loop(conn), "reader")
         self._spawn(self._heartbeat_loop(conn), "heartbeat")
-        return msg
+        return welcome
 
     async def close(self, timeout: float = 2.0) -> None:
         """Say ``bye``, give outstanding replies up to ``timeout`` seconds to arrive, close."""
@@ -406,6 +416,9 @@ class ApplianceClient:
         policy: dict[str, Any] | None = None,
         clone_of: str | None = None,
     ) -> dict[str, Any]:
+        """Register ``vm`` (its root, policy, master); returns the ``ok`` reply with ``vm``,
+        ``root`` and the effective ``policy`` (no TypedDict: :class:`~.messages.Ok` plus the
+        request's own keys)."""
         msg: dict[str, Any] = {"t": "register", "vm": vm, "root": root}
         if policy is not None:
             msg["policy"] = policy
@@ -416,24 +429,20 @@ class ApplianceClient:
     async def unregister(self, vm: str) -> dict[str, Any]:
         return await self.request({"t": "unregister", "vm": vm})
 
-    async def scan_path(self, vm: str, path: str, *, prio: Priority = "access") -> dict[str, Any]:
-        """Ask for a verdict on ``path`` (relative to the VM root), opened by the appliance.
-
-        Returns the ``verdict`` reply, shaped as :class:`~.messages.Verdict`.
-        """
-        return await self.request(
-            {"t": "scan", "vm": vm, "path": path, "mode": "path", "prio": prio}
+    async def scan_path(self, vm: str, path: str, *, prio: Priority = "access") -> Verdict:
+        """Ask for a verdict on ``path`` (relative to the VM root), opened by the appliance;
+        returns the ``verdict`` reply."""
+        return _verdict(
+            await self.request({"t": "scan", "vm": vm, "path": path, "mode": "path", "prio": prio})
         )
 
-    async def scan_fd(
-        self, vm: str, path: str, fd: int, *, prio: Priority = "access"
-    ) -> dict[str, Any]:
+    async def scan_fd(self, vm: str, path: str, fd: int, *, prio: Priority = "access") -> Verdict:
         """Pass an open descriptor for the appliance to read; ``fd`` stays open (ours).
-
-        Returns the ``verdict`` reply, shaped as :class:`~.messages.Verdict`.
-        """
-        return await self.request(
-            {"t": "scan", "vm": vm, "path": path, "mode": "fd", "prio": prio}, fds=[fd]
+        Returns the ``verdict`` reply."""
+        return _verdict(
+            await self.request(
+                {"t": "scan", "vm": vm, "path": path, "mode": "fd", "prio": prio}, fds=[fd]
+            )
         )
 
     async def scan_stream(
@@ -444,14 +453,14 @@ class ApplianceClient:
         *,
         prio: Priority = "access",
         size: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> Verdict:
         """Send the content itself in ``chunk`` frames of at most :data:`MAX_CHUNK` bytes.
 
         ``content`` is bytes-like or a binary file object, read from its current position
         (in a worker thread unless it is in memory). ``size`` defaults to the bytes left in it
         and is required for an unseekable file; at most ``size`` bytes are sent. If the
         appliance fails the scan early, the stream is cut short with an empty ``end`` chunk
-        and the error is raised. Returns the ``verdict`` reply (a :class:`~.messages.Verdict`).
+        and the error is raised. Returns the ``verdict`` reply.
         """
         size, read = _chunk_reader(content, size)
         msg = {"t": "scan", "vm": vm, "path": path, "mode": "stream", "prio": prio, "size": size}
@@ -481,16 +490,21 @@ class ApplianceClient:
                     with contextlib.suppress(Exception):
                         await self._send(conn, {"t": "chunk", "id": rid, "data": b"", "end": True})
             raise
-        return await self._finish(fut, None)
+        return _verdict(await self._finish(fut, None))
 
-    async def status(self) -> dict[str, Any]:
-        """The appliance's ``status`` reply (counters, VMs, pattern version...), shaped as
-        :class:`~.messages.ApplianceStatus`."""
-        return await self.request({"t": "status"})
+    async def status(self) -> ApplianceStatus:
+        """The appliance's ``status`` reply (counters, VMs, pattern version...)."""
+        # Only ``id`` is validated (the reply is informational); the appliance builds it as
+        # an ApplianceStatus, and this cast is where the client takes its word for it.
+        return cast("ApplianceStatus", await self.request({"t": "status"}))
 
     async def control(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         """An operator command (a ``ControlOp``: ``vm-clone``, ``vm-list``, ``policy-set``,
-        ``quarantine-list``...); returns its ``ok`` reply."""
+        ``quarantine-list``...); returns its ``ok`` reply.
+
+        A plain dict: every op answers with keys of its own (``vm-show``: a
+        :class:`~.messages.VMInfo`'s; ``vm-clone``: ``clones``, ``seconds``...), and the
+        protocol names no TypedDict for those replies."""
         return await self.request({"t": "control", "op": op, "args": args}, timeout=timeout)
 
     async def ping(self) -> float:

@@ -43,6 +43,7 @@ __all__ = [
     "ErrorMessage",
     "FdScanRequest",
     "Hello",
+    "LocalVerdict",
     "MessageType",
     "Ok",
     "PathScanRequest",
@@ -54,12 +55,16 @@ __all__ = [
     "Register",
     "ScanMode",
     "ScanRequest",
+    "ShimVerdict",
+    "ShimVerdictSource",
+    "StatusReport",
     "StatusRequest",
     "StreamScanRequest",
     "Unregister",
     "VMInfo",
     "Verdict",
     "VerdictAction",
+    "VerdictRecord",
     "VerdictSource",
     "VerdictStatus",
     "Welcome",
@@ -307,6 +312,46 @@ class Verdict(TypedDict):
     action_errors: NotRequired[list[str]]  # actions that failed before the one taken
 
 
+class VerdictRecord(TypedDict):
+    """A verdict as the appliance makes it: a :class:`Verdict` without its envelope (``t``,
+    ``id``), as written to the event log and spread into the ``verdict`` reply. Stricter than
+    :class:`Verdict` (which a shim reads leniently): every field but the last two is always
+    there. Not a message; building the reply from it (``{"t": "verdict", "id": rid,
+    **record}`` typed as :class:`Verdict`) lets the type checker hold the two together."""
+
+    vm: str
+    path: str
+    status: VerdictStatus
+    matches: list[str]
+    reason: str | None
+    action: VerdictAction
+    source: ApplianceVerdictSource
+    digest: str | None
+    pattern_version: str
+    quarantine_id: NotRequired[str]
+    action_errors: NotRequired[list[str]]
+
+
+class ShimVerdict(TypedDict):
+    """The verdict a shim makes up when a request failed (never on the wire, so no ``id``):
+    an error, the file allowed, ``source`` ``"shim"``; ``reason`` says what failed."""
+
+    t: Literal["verdict"]
+    vm: str
+    path: str
+    status: Literal["error"]
+    matches: list[str]  # always empty
+    reason: str
+    action: Literal["allow"]
+    source: ShimVerdictSource
+    digest: None
+
+
+# What a shim reports for a file (its ``on_verdict`` callback): the appliance's verdict, or
+# the one it made up itself. ``source`` (or ``"id" in v``) tells them apart.
+LocalVerdict = Verdict | ShimVerdict
+
+
 class Counters(TypedDict):
     """The appliance's counters since it started, flat in the ``status`` reply."""
 
@@ -390,12 +435,11 @@ PatternSwap = TypedDict(
 )
 
 
-class ApplianceStatus(Counters):
-    """The ``status`` reply: what ``offscan status`` prints (informational, not validated
-    beyond ``id``)."""
+class StatusReport(Counters):
+    """The ``status`` reply without its envelope (``t``, ``id``): what the appliance reports
+    about itself in process (``Appliance.status()``, an agent's status file). Not a message:
+    :class:`ApplianceStatus` is this plus the envelope."""
 
-    t: Literal["status"]
-    id: int
     appliance: str
     version: str  # the offscan package version (the protocol's is welcome.v)
     uptime: float
@@ -414,6 +458,14 @@ class ApplianceStatus(Counters):
     hit_ratio: float
     cache_entries: int
     recent_detections: list[Detection]
+
+
+class ApplianceStatus(StatusReport):
+    """The ``status`` reply: what ``offscan status`` prints (informational, not validated
+    beyond ``id``). Its fields are :class:`StatusReport`'s (counters spread flat) and these."""
+
+    t: Literal["status"]
+    id: int
 
 
 # Every message type and the TypedDicts it may take (a scan has three modes; ``status`` is

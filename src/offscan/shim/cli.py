@@ -14,11 +14,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backlog import DEFAULT_MAX_BACKLOG, DEFAULT_QUIET
 from .shim import Shim
 from .spec import VMSpec
+
+if TYPE_CHECKING:
+    from ..protocol.messages import ShimVerdict, Verdict
 
 EXIT_OK, EXIT_ERROR = 0, 2
 
@@ -70,7 +73,7 @@ def with_clones(vms: Sequence[VMSpec], clone_of: Sequence[tuple[str, str]]) -> l
     return specs
 
 
-def _report(vm: str, relpath: str, verdict: dict[str, Any]) -> None:
+def _report(vm: str, relpath: str, verdict: Verdict | ShimVerdict) -> None:
     if verdict.get("status") == "infected":
         for name in verdict.get("matches") or ["?"]:
             print(f"{vm}:{relpath}: {name} FOUND", flush=True)

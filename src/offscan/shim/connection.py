@@ -13,10 +13,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from .backlog import Backlog, Prio
 from .watch import _VM
+
+if TYPE_CHECKING:
+    from ..protocol.messages import Verdict, Welcome
 
 log = logging.getLogger("offscan.shim")
 
@@ -29,10 +32,12 @@ class ShimClient(Protocol):
     """What the shim uses of :class:`offscan.protocol.ApplianceClient`.
 
     A client may also have a ``connected`` property; without one it counts as connected until
-    a request raises ``ConnectionError``.
+    a request raises ``ConnectionError``. Replies are typed as the protocol's messages where it
+    has a TypedDict for them; ``register``/``unregister`` answer ``ok`` plus keys of their own
+    (a plain dict).
     """
 
-    async def connect(self, timeout: float = ...) -> dict[str, Any]: ...
+    async def connect(self, timeout: float = ...) -> Welcome: ...
 
     async def close(self, timeout: float = ...) -> None: ...
 
@@ -47,13 +52,13 @@ class ShimClient(Protocol):
 
     async def unregister(self, vm: str) -> dict[str, Any]: ...
 
-    async def scan_path(self, vm: str, path: str, *, prio: Prio = ...) -> dict[str, Any]: ...
+    async def scan_path(self, vm: str, path: str, *, prio: Prio = ...) -> Verdict: ...
 
-    async def scan_fd(self, vm: str, path: str, fd: int, *, prio: Prio = ...) -> dict[str, Any]: ...
+    async def scan_fd(self, vm: str, path: str, fd: int, *, prio: Prio = ...) -> Verdict: ...
 
     async def scan_stream(
         self, vm: str, path: str, content: BinaryIO, *, prio: Prio = ...
-    ) -> dict[str, Any]: ...
+    ) -> Verdict: ...
 
 
 ClientFactory = Callable[..., ShimClient]  # called as factory(address, shim_id=..., secret=...)

@@ -14,11 +14,14 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .backlog import Backlog, Prio, _Entry
 from .connection import Connection, ShimClient
 from .watch import _VM, Skips, _skip_reason
+
+if TYPE_CHECKING:
+    from ..protocol.messages import LocalVerdict, ShimVerdict, Verdict
 
 log = logging.getLogger("offscan.shim")
 
@@ -26,7 +29,8 @@ DEFAULT_MAX_IN_FLIGHT = 32  # sender tasks; the appliance's credits may cap in-f
 MAX_REMOTE_RETRIES = 3  # unknown-vm answers tolerated per path (re-registering in between)
 CONTENT_MODES = ("auto", "path", "fd", "stream")
 
-VerdictCallback = Callable[[str, str, dict[str, Any]], None]  # (vm, relpath, verdict)
+# (vm, relpath, verdict): the appliance's Verdict, or the ShimVerdict a failed request became
+VerdictCallback = Callable[[str, str, "LocalVerdict"], None]
 
 
 class _Skip(Exception):
@@ -59,8 +63,14 @@ class Sender:
         self._ready = ready
         self.content = content
         self.on_verdict = on_verdict
-        self.counts = {"sent": 0, "verdicts": 0, "clean": 0, "infected": 0, "errors": 0,
-                       "replayed": 0}
+        self.counts = {
+            "sent": 0,
+            "verdicts": 0,
+            "clean": 0,
+            "infected": 0,
+            "errors": 0,
+            "replayed": 0,
+        }
 
     async def run(self) -> None:
         """One of a fixed pool of tasks: takes ready entries and gets their verdicts."""
@@ -104,6 +114,7 @@ class Sender:
             entry.replay = False
             self.counts["replayed"] += 1
         self.counts["sent"] += 1
+        verdict: LocalVerdict
         try:
             verdict = await self._scan(client, vm, relpath, entry.prio)
         except asyncio.CancelledError:
@@ -142,7 +153,7 @@ class Sender:
         self._ready.set()
         return True
 
-    async def _scan(self, client: ShimClient, vm: _VM, relpath: str, prio: Prio) -> dict[str, Any]:
+    async def _scan(self, client: ShimClient, vm: _VM, relpath: str, prio: Prio) -> Verdict:
         mode = self._content_mode()
         if mode == "path":
             return await client.scan_path(vm.name, relpath, prio=prio)
@@ -172,7 +183,7 @@ class Sender:
         kind, _ = parse_address(self._link.address)
         return "path" if kind == "unix" else "stream"
 
-    def _count_verdict(self, vm: str, relpath: str, verdict: dict[str, Any]) -> None:
+    def _count_verdict(self, vm: str, relpath: str, verdict: LocalVerdict) -> None:
         counts = self.counts
         counts["verdicts"] += 1
         status = verdict.get("status")
@@ -193,7 +204,7 @@ class Sender:
                 log.exception("on_verdict callback failed for %s:%s", vm, relpath)
 
 
-def _error_verdict(vm: str, relpath: str, exc: Exception) -> dict[str, Any]:
+def _error_verdict(vm: str, relpath: str, exc: Exception) -> ShimVerdict:
     """The verdict a failed request stands for: an error, the file allowed."""
     code = getattr(exc, "code", None)
     return {

@@ -241,7 +241,6 @@ class Shim:
             log.info("VM %s removed: %d undelivered path(s) forgotten", name, dropped)
         await self._link.unregister(name)
 
-
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is pending, queued, walking or in flight; False on timeout.
 
@@ -372,7 +371,9 @@ class Shim:
             log.error(
                 "VM %s: cannot watch %s: %s; raise the inotify limits "
                 "(sysctl fs.inotify.max_user_instances / max_user_watches); retrying",
-                vm.name, vm.root, exc.strerror or exc,
+                vm.name,
+                vm.root,
+                exc.strerror or exc,
             )
             vm.missing_logged = True
         elif not vm.missing_logged:
