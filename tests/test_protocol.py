@@ -4,7 +4,7 @@ passing, servers, and ApplianceClient against a small appliance written here."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import io
 import os
 import shutil
@@ -12,11 +12,13 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgpack
 import pytest
+from helpers import FakeAppliance, run_async
+from helpers import fake_appliance as appliance
+from helpers import open_fds as _open_fds
 
 from offscan import protocol as P
 from offscan.protocol import (
@@ -33,15 +35,7 @@ from offscan.protocol import (
 T = TypeVar("T")
 TEST_TIMEOUT = 10.0  # seconds any one async test may take before it counts as a hang
 QUICK = 2.0  # seconds to wait for something that should be immediate
-
-
-def run(main: Callable[[], Awaitable[T]], timeout: float = TEST_TIMEOUT) -> T:
-    """Run ``main()`` in a fresh event loop, failing instead of hanging."""
-
-    async def guarded() -> T:
-        return await asyncio.wait_for(main(), timeout)
-
-    return asyncio.run(guarded())
+run = functools.partial(run_async, timeout=TEST_TIMEOUT)
 
 
 @pytest.fixture
@@ -589,10 +583,6 @@ def test_fd_frames_mixed_with_plain_frames_keep_their_descriptors(tmp_path: Any)
     run(main)
 
 
-def _open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
-
-
 def test_stray_descriptor_is_an_error_and_gets_closed(tmp_path: Any) -> None:
     target = tmp_path / "x"
     target.write_bytes(b"x")
@@ -811,104 +801,6 @@ def test_a_bad_client_does_not_disturb_others(sockdir: str) -> None:
 
 
 # -- ApplianceClient against a small appliance -------------------------------------------
-
-
-class FakeAppliance:
-    """Just enough appliance to drive ApplianceClient: handshake, then every request lands
-    in ``received`` for the test to answer (in any order) through ``conn``."""
-
-    def __init__(
-        self,
-        *,
-        credits: int = 4,
-        heartbeat: float = 5.0,
-        secret: str | None = None,
-        answer_pings: bool = True,
-    ) -> None:
-        self.credits = credits
-        self.heartbeat = heartbeat
-        self.secret = secret
-        self.answer_pings = answer_pings
-        self.hello: dict[str, Any] | None = None
-        self.conn: Connection | None = None
-        self.ready = asyncio.Event()
-        self.received: asyncio.Queue[tuple[dict[str, Any], list[int]]] = asyncio.Queue()
-        self.pings = 0
-
-    async def handler(self, conn: Connection) -> None:
-        hello, _ = await conn.recv()
-        self.hello = hello
-        if not conn.is_unix and hello.get("secret") != self.secret:
-            await conn.send(
-                {"t": "error", "code": "auth", "message": "bad or missing shared secret"}
-            )
-            return
-        await conn.send(
-            {
-                "t": "welcome",
-                "v": 1,
-                "appliance": "fake",
-                "credits": self.credits,
-                "heartbeat": self.heartbeat,
-                "pattern_version": "test:1",
-            }
-        )
-        self.conn = conn
-        self.ready.set()
-        while True:
-            msg, fds = await conn.recv()
-            if msg["t"] == "ping":
-                self.pings += 1
-                if self.answer_pings:
-                    await conn.send({"t": "pong", "id": msg["id"]})
-            elif msg["t"] == "bye":
-                return
-            else:
-                await self.received.put((msg, fds))
-
-    async def next(self) -> dict[str, Any]:
-        msg, fds = await asyncio.wait_for(self.received.get(), QUICK)
-        assert not fds
-        return msg
-
-    async def reply(self, msg: dict[str, Any]) -> None:
-        assert self.conn is not None
-        await self.conn.send(msg)
-
-    def verdict(self, req: dict[str, Any], status: str = "clean") -> dict[str, Any]:
-        return {
-            "t": "verdict",
-            "id": req["id"],
-            "vm": req["vm"],
-            "path": req["path"],
-            "status": status,
-            "matches": [],
-            "reason": None,
-            "action": "deny" if status == "infected" else "allow",
-            "source": "scan",
-            "digest": None,
-            "pattern_version": "test:1",
-        }
-
-
-@contextlib.asynccontextmanager
-async def appliance(
-    sockdir: str, **kwargs: Any
-) -> AsyncIterator[tuple[FakeAppliance, ApplianceClient]]:
-    fake = FakeAppliance(**kwargs)
-    server = await P.start_unix_server(os.path.join(sockdir, "dsva.sock"), fake.handler)
-    client = ApplianceClient(server.path or "", shim_id="test-shim")
-    try:
-        await client.connect(timeout=QUICK)
-        await asyncio.wait_for(fake.ready.wait(), QUICK)
-        yield fake, client
-    finally:
-        await client.close(timeout=0.5)
-        server.close()
-        await server.wait_closed()
-        while not fake.received.empty():
-            for fd in fake.received.get_nowait()[1]:
-                os.close(fd)
 
 
 def test_client_handshake_ping_status_and_close(sockdir: str) -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import EICAR
+from helpers import EICAR, StandIn
+from helpers import run_async as run
 
-from offscan import protocol
 from offscan.cli.shim import add_shim_arguments, run_shim_cli
 from offscan.shim import (
     ACCESS,
@@ -37,130 +37,7 @@ TEST_TIMEOUT = 20.0  # seconds for one asyncio scenario
 IDLE_TIMEOUT = 10.0  # seconds to wait for the shim to drain
 
 
-def run(coro: Awaitable[Any], timeout: float = TEST_TIMEOUT) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 # -------------------------------------------------------------------- stand-in appliance
-
-
-class StandIn:
-    """A minimal appliance speaking protocol v1: registers VMs, answers every scan by reading
-    the content (path, fd or stream) and calling it infected if it contains EICAR."""
-
-    def __init__(self, path: str, *, credits: int = 8, delay: float = 0.0) -> None:
-        self.path = path
-        self.credits = credits
-        self.delay = delay
-        self.roots: dict[str, str] = {}
-        self.registers: list[tuple[str, str | None]] = []
-        self.scans: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.modes: collections.Counter[str] = collections.Counter()
-        self.contents: dict[tuple[str, str], bytes] = {}
-        self.server: protocol.Server | None = None
-
-    async def start(self) -> None:
-        self.server = await protocol.start_unix_server(self.path, self._handle)
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-        self.server = None
-
-    async def _handle(self, conn: protocol.Connection) -> None:
-        msg, fds = await conn.recv()
-        for fd in fds:
-            os.close(fd)
-        if msg["t"] != "hello":
-            return
-        await conn.send(
-            {
-                "t": "welcome",
-                "v": 1,
-                "appliance": "stand-in",
-                "credits": self.credits,
-                "heartbeat": 2.0,
-                "pattern_version": "test-1",
-            }
-        )
-        streams: dict[int, tuple[dict[str, Any], bytearray]] = {}
-        tasks: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                msg, fds = await conn.recv()
-                t = msg["t"]
-                if t == "register":
-                    self.roots[msg["vm"]] = msg["root"]
-                    self.registers.append((msg["vm"], msg.get("clone_of")))
-                    await conn.send({"t": "ok", "id": msg["id"]})
-                elif t == "unregister":
-                    self.roots.pop(msg["vm"], None)
-                    await conn.send({"t": "ok", "id": msg["id"]})
-                elif t == "ping":
-                    await conn.send({"t": "pong", "id": msg["id"]})
-                elif t == "bye":
-                    return
-                elif t == "scan":
-                    if msg["vm"] not in self.roots:
-                        await conn.send(
-                            {
-                                "t": "error",
-                                "id": msg["id"],
-                                "code": "unknown-vm",
-                                "message": f"no VM {msg['vm']}",
-                            }
-                        )
-                        continue
-                    self.modes[msg["mode"]] += 1
-                    if msg["mode"] == "stream":
-                        streams[msg["id"]] = (msg, bytearray())
-                        continue
-                    if msg["mode"] == "fd":
-                        data = os.pread(fds[0], 1 << 20, 0)
-                        os.close(fds[0])
-                    else:
-                        path = os.path.join(self.roots[msg["vm"]], msg["path"])
-                        with open(path, "rb") as f:
-                            data = f.read()
-                    task = asyncio.create_task(self._answer(conn, msg, data))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                elif t == "chunk":
-                    scan, buf = streams[msg["id"]]
-                    buf += msg["data"]
-                    if msg["end"]:
-                        del streams[msg["id"]]
-                        await self._answer(conn, scan, bytes(buf))
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    async def _answer(self, conn: protocol.Connection, msg: dict[str, Any], data: bytes) -> None:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        key = (msg["vm"], msg["path"])
-        self.scans[key] += 1
-        self.contents[key] = data
-        infected = EICAR in data
-        await conn.send(
-            {
-                "t": "verdict",
-                "id": msg["id"],
-                "vm": msg["vm"],
-                "path": msg["path"],
-                "status": "infected" if infected else "clean",
-                "matches": ["Eicar-Test-Signature"] if infected else [],
-                "reason": None,
-                "action": "deny" if infected else "allow",
-                "source": "scan",
-                "digest": None,
-                "pattern_version": "test-1",
-            }
-        )
 
 
 class Verdicts:

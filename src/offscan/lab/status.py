@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 if TYPE_CHECKING:
     from ..protocol.messages import ApplianceStatus
@@ -39,23 +39,7 @@ CounterName = Literal[
 ]
 
 # The counters of a scanning point's status that a phase adds up over its points.
-COUNTERS: tuple[CounterName, ...] = (
-    "verdicts",
-    "contents_matched",
-    "served_from_cache",
-    "served_identity",
-    "served_digest",
-    "served_clone",
-    "joined_in_flight",
-    "bytes_read",
-    "bytes_matched",
-    "detections",
-    "errors",
-    "revalidations",
-    "revalidation_bytes",
-    "revalidation_rescans",
-    "swaps",
-)
+COUNTERS: tuple[CounterName, ...] = get_args(CounterName)
 
 
 async def appliance_status(sock: str, *, timeout: float = 30.0) -> ApplianceStatus:
