@@ -86,16 +86,16 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         db = load_database(*args.database)
-    except SignatureError as exc:
+        matcher = Matcher(
+            db,
+            impl=args.impl,
+            window_size=args.window_size,
+            max_file_size=args.max_filesize,
+            max_scan_time=args.max_scantime,
+        )
+    except (SignatureError, RuntimeError, ValueError) as exc:  # bad database, --impl c unbuilt
         print(f"offscan: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    matcher = Matcher(
-        db,
-        impl=args.impl,
-        window_size=args.window_size,
-        max_file_size=args.max_filesize,
-        max_scan_time=args.max_scantime,
-    )
     out = sys.stdout
     scanned = infected = errors_n = 0
     data = 0
