@@ -227,7 +227,7 @@ class PatternDB:
 
 def default_database_path() -> Path:
     """The shipped ``patterns/`` directory (installed as package data ``offscan.patterns``)."""
-    patterns = importlib.import_module(f"{__package__}.patterns")
+    patterns = importlib.import_module("offscan.patterns")
     return Path(str(patterns.__file__)).resolve().parent
 
 
