@@ -16,7 +16,8 @@ if not os.environ.get("OFFSCAN_NO_EXTENSIONS"):
             Extension(
                 "offscan._match_c",
                 ["ext/_match_c.pyx"],
-                include_dirs=[numpy.get_include()],
+                include_dirs=[numpy.get_include(), "ext"],
+                depends=["ext/offscan_filter.h"],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                 extra_compile_args=["-O3"],
                 language="c++",

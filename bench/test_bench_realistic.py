@@ -42,7 +42,7 @@ def _ndb(sigs: tuple[tuple[str, bytes], ...]) -> str:
 
 def _offscan(sigs: tuple[tuple[str, bytes], ...]) -> Scanner:
     db = PatternDB.from_text([("real.ndb", _ndb(sigs))])
-    matcher = offscan_engine.Matcher(db, impl="c")
+    matcher = offscan_engine.Matcher(db, impl="c", max_file_size=1 << 40)
     assert matcher.native, "native matcher did not build"
     return lambda: set(matcher.scan_bytes(CORPUS, allmatch=True).matches)
 

@@ -6,16 +6,21 @@ changes the answer, only the speed.
 
 - The Python twin finds candidates with pyahocorasick over one static *atom* per part (the
   rarest run of 2 to 8 static bytes).
-- The native core samples the buffer: a pass ``(q, S)`` reads a q-byte *gram* (q = 2, 3 or 4)
+- The native core samples the buffer: a pass ``(q, S)`` reads a q-byte *gram* (q = 2..8)
   only at positions that are multiples of S. Each part of that pass indexes S of its grams,
   one at an offset of every residue mod S (a plain part: the S consecutive grams of its rarest
-  window), so any occurrence puts exactly one of them on a sampled position. Parts of 8+ bytes
-  allow S = 5, i.e. one 32-bit probe per 5 bytes (a cost model picks S = 3 when the tables
-  would not fit in cache); short parts go to a second pass with a smaller stride and maybe
-  shorter grams. A gram is looked up in a blocked Bloom
-  filter (two bits in one 32-bit word), then in hashed buckets of (gram, part, offset) entries;
-  a hit verifies the whole part. A gram may cover one byte that is not static (a nibble, an
-  alternative, or for 3- and 4-byte grams a ``??``): it is indexed once per possible value.
+  window), so any occurrence puts exactly one of them on a sampled position. Parts of 15+
+  bytes allow 8-byte grams every 8 bytes (one probe per 8 bytes; a cost model picks a smaller
+  stride when the tables would not fit in cache); short parts go to a second pass with a
+  smaller stride and maybe shorter grams. A gram is folded to 32 bits and looked up in a
+  blocked Bloom filter (two bits in one 32-bit word), then in hashed buckets of (gram, part,
+  offset) entries; a hit verifies the whole part. A gram may cover one byte that is not
+  static (a nibble, an alternative, or for 3- and 4-byte grams a ``??``): it is indexed once
+  per possible value.
+- "Rarest" is measured, not guessed: ``_gramfreq`` estimates how often a byte string occurs in
+  real files from a byte-pair table learned from real files (executables, libraries, text), so
+  windows of zero padding, ``48 89`` moves or ASCII words are avoided, and the planner's cost
+  model counts the true gram hits real input will produce.
 """
 
 from __future__ import annotations
@@ -25,45 +30,41 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._gramfreq import conditional_bits
 from .signatures import PatternDB
 
-# Multiplicative hashing of a gram x (32-bit arithmetic, as in SIMD lanes):
+# Multiplicative hashing of a gram g (q bytes, little-endian; 32-bit arithmetic, as in SIMD
+# lanes): x = lo32(g) ^ (hi32(g) * HASH_FOLD mod 2**32) folds it to 32 bits (a gram of 4 bytes
+# or fewer is its own fold), then
 #   h1 = x * HASH_WORD mod 2**32: its top bloom_words bits pick a 32-bit Bloom word and its top
 #        bucket_bits the bucket;
 #   h2 = x * HASH_BITS mod 2**32: its top 10 bits pick the two bits tested in the word
 #        (bits 22-26 and 27-31 of h2, each a bit number 0-31).
-# Must equal the constants in ext/_match_c.pyx.
+# Must equal the constants in ext/offscan_filter.h.
 HASH_WORD = 0x9E3779B1  # 2**32 / golden ratio (Fibonacci hashing)
 HASH_BITS = 0x85EBCA6B  # an odd constant from MurmurHash3's finalizer, unrelated to HASH_WORD
+HASH_FOLD = 0xC2B2AE35  # MurmurHash3's other finalizer constant
+ENTRY_COLUMNS = 4  # a bucket entry: gram low 32 bits, gram high 32 bits, part, offset
 ATOM_MAX = 8  # bytes of the twin's pyahocorasick atoms; longer atoms, fewer false candidates
-STRIDE_MAX = 8  # samples at most every 8 bytes (needs an 11-byte window per part)
+STRIDE_MAX = 8  # samples at most every 8 bytes (needs an S + q - 1 byte window per part)
+GRAM_LENGTHS = (8, 6, 4, 3, 2)  # gram lengths the planner considers
+FIRST_PASS_GRAMS = (8, 4)  # the first pass, which most parts share, uses long grams
 SMALL_SET = 16  # values of a nibble or alternative byte that a 2-byte gram may hold
 MAX_PASSES = 2  # the native core interleaves at most this many sampling passes
 BLOOM_BITS_PER_ENTRY = 32  # two bits per entry: ~0.5% false positives (1.5% at 16 bits)
 BLOOM_MIN_BITS = 13  # 1 KiB
-BLOOM_MAX_BITS = 23  # 1 MiB: stays in a core's L2 (2 MiB) next to the 1 MiB scan window
+BLOOM_MAX_BITS = 23  # 1 MiB: stays in a core's L2 next to the 1 MiB scan window
 # A probe that gets past the Bloom filter reads its bucket: about 12 Bloom probes' worth when
 # the bucket tables fit in a core's L2 cache, about 200 when each read misses to L3 or memory.
 # (Measured on a 2-core Xeon VM: at 100k signatures stride 3 beats stride 5 by ~15%, at 10k
 # stride 5 beats stride 3 by ~30%.)
 PROBE_COST_CACHED = 12.0
 PROBE_COST_MISS = 200.0
+LONG_GRAM_COST = 1.25  # a probe of a 5-8 byte gram (one more multiply to fold it)
 L2_BYTES = 2 << 20
-
-# How often a byte shows up in ordinary files (text, zero padding); atoms avoid common bytes.
-_COMMON = np.zeros(256, dtype=np.int32)
-_COMMON[0x00] = 8
-_COMMON[0xFF] = 6
-_COMMON[0x20] = 6
-for _b in range(0x21, 0x7F):
-    _COMMON[_b] = 2
-for _rng, _w in ((range(0x61, 0x7B), 4), (range(0x41, 0x5B), 3), (range(0x30, 0x3A), 3)):
-    for _b in _rng:
-        _COMMON[_b] = _w
-for _b in (0x09, 0x0A, 0x0D):
-    _COMMON[_b] = 3
-_SMALL_WEIGHT = 6  # a nibble/alternative byte in a gram: indexed several times, often common
-_BIG_WEIGHT = 40  # a ?? in a gram: indexed 256 times; only when no static window exists
+PLAN_SAMPLE = 2000  # parts the planner estimates true gram hits on
+SMALL_INFO = 4.0  # bits of information of a nibble or alternative byte (16 of 256 values)
+_LOG2P_BIAS = 400.0  # keys of log2 probabilities: (log2 p + bias) * 1024 stays in 0..2**31
 _STATIC, _SMALL, _BIG = 0, 1, 2  # byte kinds: one value, <= SMALL_SET values, anything
 
 
@@ -79,13 +80,13 @@ class PartRef:
 class NativePass:
     """One sampling pass of the native core: q-byte grams read every ``stride`` bytes."""
 
-    q: int  # gram length in bytes (2..4)
+    q: int  # gram length in bytes (2..8)
     stride: int
     bloom: np.ndarray  # uint32[2**bloom_words]
     bloom_words: int  # log2 of the number of 32-bit Bloom words
     bucket_bits: int
     bucket_start: np.ndarray  # int32[2**bucket_bits + 1]: CSR into entries
-    entries: np.ndarray  # int32[E, 3]: gram (uint32 bits), part, offset of the gram in the part
+    entries: np.ndarray  # int32[E, 4]: gram low and high 32 bits, part, offset of the gram in it
 
 
 @dataclass
@@ -217,10 +218,17 @@ class _Index:
         self.part_end = np.repeat(vstart + lens, lens)  # exclusive end of each byte's part
         self.is_start = np.zeros(total, dtype=bool)
         self.is_start[vstart] = True
-        self.weight = np.select(
-            [kind == _STATIC, kind == _SMALL], [_COMMON[values], _SMALL_WEIGHT], _BIG_WEIGHT
-        ).astype(np.int64)
-        self._cw = np.concatenate(([0], np.cumsum(self.weight)))
+        # Information (bits) of each byte given the one before it in the same part, from the
+        # learned pair table; a gram's information is its first byte's plus the rest's.
+        byte_bits, cond_bits = conditional_bits()
+        static = kind == _STATIC
+        v = values.astype(np.int64)
+        prev = np.concatenate(([0], v[:-1]))
+        prev_static = np.concatenate(([False], static[:-1])) & ~self.is_start
+        self.first_info = np.where(static, byte_bits[v], np.where(kind == _SMALL, SMALL_INFO, 0.0))
+        step = np.where(static & prev_static, cond_bits[prev * 256 + v], self.first_info)
+        self._cstep = np.concatenate(([0.0], np.cumsum(step)))
+        self._gp: dict[int, np.ndarray] = {}
         self._cs = np.concatenate(([0], np.cumsum(kind == _SMALL)))
         self._cb = np.concatenate(([0], np.cumsum(kind == _BIG)))
         self.pos = np.arange(total, dtype=np.int64)
@@ -239,11 +247,12 @@ class _Index:
 
     def _good_grams(self, q: int) -> np.ndarray:
         """Grams [j, j+q) inside one part with at most one byte that is not static; a 2-byte
-        gram may not hold a ?? (it would match 1/256 of all positions)."""
+        gram may not hold a ?? (it would match 1/256 of all positions), nor a gram of 5+ bytes
+        (indexed 256 times, while a shorter gram would do)."""
         inside = self.pos + q <= self.part_end
         small, big = self._span_counts(self._cs, q), self._span_counts(self._cb, q)
         good = inside & (small + big <= 1)
-        return good & (big == 0) if q == 2 else good
+        return good & (big == 0) if q == 2 or q > 4 else good
 
     def _longest_runs(self, good: np.ndarray) -> np.ndarray:
         """Per part: the longest run of consecutive good positions."""
@@ -262,14 +271,37 @@ class _Index:
         np.maximum.at(best, self.part_of[starts], ends - starts)
         return best
 
-    def _best_windows(self, eligible: np.ndarray, width: int) -> np.ndarray:
-        """Per part: the eligible window start of lowest score (rarest bytes), or -1."""
+    def _info(self, width: int) -> np.ndarray:
+        """For every position j: estimated bits of information of the bytes [j, j+width)."""
+        n = len(self.pos)
+        return (
+            self.first_info
+            + self._cstep[np.minimum(self.pos + width, n)]
+            - self._cstep[np.minimum(self.pos + 1, n)]
+        )
+
+    def gram_p(self, q: int) -> np.ndarray:
+        """For every position: the estimated probability of the q-byte gram there in real files."""
+        if q not in self._gp:
+            self._gp[q] = np.exp2(-self._info(q))
+        return self._gp[q]
+
+    def _window_p(self, q: int, stride: int) -> np.ndarray:
+        """For every position j: the summed probability of the grams at j .. j+stride-1."""
+        c = np.concatenate(([0.0], np.cumsum(self.gram_p(q))))
+        return c[np.minimum(self.pos + stride, len(self.pos))] - c[self.pos]
+
+    @staticmethod
+    def _key(log2p: np.ndarray) -> np.ndarray:
+        """An int64 sort key increasing with log2 p (1/1024 bit resolution)."""
+        return np.clip((log2p + _LOG2P_BIAS) * 1024.0, 0, 2**31 - 1).astype(np.int64)
+
+    def _best_windows(self, eligible: np.ndarray, key: np.ndarray) -> np.ndarray:
+        """Per part: the eligible window start of lowest key (the rarest), or -1."""
         if not len(self.lens):
             return np.zeros(0, dtype=np.int64)
-        hi = np.minimum(self.pos + width, len(self.pos))
-        score = self._cw[hi] - self._cw[self.pos]
-        key = np.where(eligible, (score << 32) | self.pos, np.iinfo(np.int64).max)
-        best = np.minimum.reduceat(key, self.vstart)
+        k = np.where(eligible, (key << 32) | self.pos, np.iinfo(np.int64).max)
+        best = np.minimum.reduceat(k, self.vstart)
         return np.where(best == np.iinfo(np.int64).max, -1, best & 0xFFFFFFFF)
 
     # -- the twin's atoms ------------------------------------------------------------------
@@ -284,7 +316,8 @@ class _Index:
                 raise AssertionError("parser guarantees a static run of 2 bytes")
             eligible = self._static_windows(ln)
             parts = np.flatnonzero(atom_len == ln)
-            atom_off[parts] = self._best_windows(eligible, ln)[parts] - self.vstart[parts]
+            key = self._key(-self._info(ln))
+            atom_off[parts] = self._best_windows(eligible, key)[parts] - self.vstart[parts]
         return atom_off, atom_len
 
     # -- the native passes -----------------------------------------------------------------
@@ -297,7 +330,7 @@ class _Index:
         plain = nonstatic[self.vstart + self.lens] == nonstatic[self.vstart]
         odd = np.flatnonzero(~plain).tolist()  # parts with wildcards: few, handled one by one
         # which grams of the parts with wildcards may be indexed (plain parts: all of them)
-        gram_good = {q: self._good_grams(q) if odd else None for q in (2, 3, 4)}
+        gram_good = {q: self._good_grams(q) if odd else None for q in GRAM_LENGTHS}
         # Bit S of strides[q][p] is set if part p can be sampled every S bytes with q-byte
         # grams: its good grams must cover every residue mod S. A plain part of length L has
         # grams at 0..L-q, so every S <= L-q+1 works; for other parts the set of strides can
@@ -313,27 +346,30 @@ class _Index:
                 strides[q][p] = sum(
                     1 << st for st in range(1, STRIDE_MAX + 1) if len({o % st for o in offs}) == st
                 )
+        self._sample_pick, self._sample = self._plan_sample()
         plan = self._plan(strides)
         passes = []
         assigned = np.zeros(n_parts, dtype=bool)
         for q, stride in plan:
             members = ~assigned & ((strides[q] >> stride) & 1).astype(bool)
             assigned |= members
-            # plain parts: the rarest window of `stride` consecutive grams
+            # plain parts: the window of `stride` consecutive grams least likely in real files
             parts = np.flatnonzero(members & plain)
             eligible = self.pos + stride + q - 1 <= self.part_end
-            starts = self._best_windows(eligible, stride + q - 1)[parts]
+            key = self._key(np.log2(self._window_p(q, stride) + 1e-300))
+            starts = self._best_windows(eligible, key)[parts]
             gpart = [np.repeat(parts, stride)]
             goff = [((starts - self.vstart[parts])[:, None] + np.arange(stride)[None, :]).ravel()]
             # other parts: the rarest good gram of each residue class mod stride
             picked = []
+            gp = self.gram_p(q)
             for p in np.flatnonzero(members & ~plain).tolist():
                 v = int(self.vstart[p])
-                best: dict[int, tuple[int, int]] = {}
+                best: dict[int, tuple[float, int]] = {}
                 for o in good_offs[q, p]:
-                    key = (int(self._cw[v + o + q] - self._cw[v + o]), o)
-                    if o % stride not in best or key < best[o % stride]:
-                        best[o % stride] = key
+                    k = (float(gp[v + o]), o)
+                    if o % stride not in best or k < best[o % stride]:
+                        best[o % stride] = k
                 picked += [(p, o) for _, o in best.values()]
             if picked:
                 gpart.append(np.array([p for p, _ in picked], dtype=np.int64))
@@ -343,65 +379,105 @@ class _Index:
         return passes
 
     def _plan(self, strides: dict[int, np.ndarray]) -> list[tuple[int, int]]:
-        """Choose up to MAX_PASSES (q, stride) passes minimising the estimated probes per byte:
-        parts that allow stride S with 4-byte grams share the first pass, the rest share a
-        second pass with whatever gram length gives them the largest common stride."""
+        """Choose up to MAX_PASSES (q, stride) passes minimising the estimated work per byte:
+        parts that allow stride S with long grams share the first pass, the rest share a
+        second pass with whatever gram length gives them the cheapest common stride."""
         best: tuple[float, list[tuple[int, int]]] | None = None
-        for s1 in range(STRIDE_MAX, 0, -1):
-            first = ((strides[4] >> s1) & 1).astype(bool)
-            plan = [(4, s1)] if first.any() else []
-            cost = self._cost(4, s1, int(first.sum())) if plan else 0.0
-            rest = ~first
-            if rest.any():
-                options = []
-                for q in (4, 3, 2):
-                    common = int(np.bitwise_and.reduce(strides[q][rest]))
-                    s2 = common.bit_length() - 1  # the largest stride all of them allow
-                    if s2 >= 1:
-                        options.append((self._cost(q, s2, int(rest.sum())), q, s2))
-                c2, q2, s2 = min(options)
-                cost += c2
-                plan.append((q2, s2))
-            if best is None or cost < best[0]:
-                best = (cost, plan)
+        for q1 in FIRST_PASS_GRAMS:
+            for s1 in range(STRIDE_MAX, 0, -1):
+                first = ((strides[q1] >> s1) & 1).astype(bool)
+                plan = [(q1, s1)] if first.any() else []
+                cost = self._cost(q1, s1, first) if plan else 0.0
+                rest = ~first
+                if rest.any():
+                    options = []
+                    for q in GRAM_LENGTHS:
+                        common = int(np.bitwise_and.reduce(strides[q][rest]))
+                        s2 = common.bit_length() - 1  # the largest stride all of them allow
+                        if s2 >= 1:
+                            options.append((self._cost(q, s2, rest), q, s2))
+                    if not options:
+                        continue
+                    c2, q2, s2 = min(options)
+                    cost += c2
+                    plan.append((q2, s2))
+                if best is None or cost < best[0]:
+                    best = (cost, plan)
         assert best is not None
         return best[1]
 
-    @staticmethod
-    def _cost(q: int, stride: int, n_parts: int) -> float:
+    def _cost(self, q: int, stride: int, members: np.ndarray) -> float:
         """Estimated work per byte: probes, plus probes that reach the buckets (Bloom false
-        positives, and true gram hits on random data: 2- and 3-byte grams hit often)."""
+        positives, and true gram hits: how often the grams this pass would index occur in
+        real files, estimated from the learned pair table on a sample of the parts)."""
+        n_parts = int(members.sum())
         entries = n_parts * stride
         bits = 1 << (_bloom_words(entries) + 5)
         fp = (1.0 - math.exp(-2.0 * entries / bits)) ** 2
-        true_hits = entries / 2.0 ** (8 * q)
-        table_bytes = 12 * entries + 4 * (1 << max(4, (entries - 1).bit_length()))
+        true_hits = self._expected_hits(q, stride, members)
+        table_bytes = 4 * ENTRY_COLUMNS * entries + 4 * (1 << max(4, (entries - 1).bit_length()))
         probe = PROBE_COST_CACHED if table_bytes <= L2_BYTES else PROBE_COST_MISS
-        return (1.0 + probe * (fp + true_hits)) / stride
+        load = LONG_GRAM_COST if q > 4 else 1.0
+        return (load + probe * (fp + true_hits)) / stride
+
+    def _plan_sample(self) -> tuple[np.ndarray, _Index]:
+        """At most PLAN_SAMPLE parts (seeded pick) and an index over them alone."""
+        n = len(self.lens)
+        if n <= PLAN_SAMPLE:
+            return np.arange(n), self
+        pick = np.sort(np.random.default_rng(0).choice(n, PLAN_SAMPLE, replace=False))
+        lens = self.lens[pick]
+        vstart = np.zeros(len(pick), dtype=np.int64)
+        np.cumsum(lens[:-1], out=vstart[1:])
+        src = np.repeat(self.vstart[pick] - vstart, lens) + np.arange(int(lens.sum()))
+        where = np.full(len(self.values), -1, dtype=np.int64)
+        where[src] = np.arange(len(src))
+        alts = {int(where[g]): v for g, v in self.alt_sets.items() if where[g] >= 0}
+        return pick, _Index(self.values[src], self.masks[src], vstart, lens, alts)
+
+    def _expected_hits(self, q: int, stride: int, members: np.ndarray) -> float:
+        """Expected true gram hits per sample: the summed probability of the rarest window of
+        every member part, extrapolated from the sampled parts."""
+        key = (q, stride)
+        cache = self._sample.__dict__.setdefault("_part_p", {})
+        if key not in cache:
+            sub = self._sample
+            wp = sub._window_p(q, stride)
+            eligible = sub.pos + stride + q - 1 <= sub.part_end
+            k = np.where(eligible, wp, np.inf)
+            cache[key] = np.minimum.reduceat(k, sub.vstart) if len(sub.lens) else np.zeros(0)
+        per_part = cache[key][members[self._sample_pick]]
+        per_part = per_part[np.isfinite(per_part)]
+        return float(per_part.mean()) * int(members.sum()) if len(per_part) else 0.0
 
     def _build_pass(self, q: int, stride: int, gpart: np.ndarray, goff: np.ndarray) -> NativePass:
         """Index the grams at offset goff[k] of part gpart[k] (all values they may take)."""
         gpos = self.vstart[gpart] + goff
         shift = np.arange(q, dtype=np.uint64) * np.uint64(8)
         window = self.values[gpos[:, None] + np.arange(q)[None, :]].astype(np.uint64)
-        grams = (window << shift).sum(axis=1).astype(np.int64)
+        grams = np.bitwise_or.reduce(window << shift, axis=1)
         varying = (self._span_counts(self._cs, q) + self._span_counts(self._cb, q))[gpos] > 0
-        offs = goff
-        rows = [np.stack([grams[~varying], gpart[~varying], offs[~varying]], axis=1)]
+        rows = [
+            np.stack(
+                [grams[~varying], gpart[~varying].astype(np.uint64), goff[~varying].astype(np.uint64)],
+                axis=1,
+            )
+        ]
         extra = []
-        for g, p, o in zip(gpos[varying].tolist(), gpart[varying].tolist(), offs[varying].tolist()):
+        for g, p, o in zip(gpos[varying].tolist(), gpart[varying].tolist(), goff[varying].tolist()):
             base = bytearray(self.values[g : g + q].tobytes())
             j = next(k for k in range(q) if self.kind[g + k] != _STATIC)
             for v in self._byte_values(g + j):
                 base[j] = v
                 extra.append((int.from_bytes(base, "little"), p, o))
         if extra:
-            rows.append(np.array(extra, dtype=np.int64))
-        table = np.concatenate(rows).astype(np.uint64)  # grams, parts and offsets are >= 0
+            rows.append(np.array(extra, dtype=np.uint64))
+        table = np.concatenate(rows)
         gram = table[:, 0]
         low32 = np.uint64(0xFFFFFFFF)
-        h1 = (gram * np.uint64(HASH_WORD)) & low32  # < 2**64: no wrap-around in numpy
-        h2 = (gram * np.uint64(HASH_BITS)) & low32
+        x = (gram & low32) ^ (((gram >> np.uint64(32)) * np.uint64(HASH_FOLD)) & low32)
+        h1 = (x * np.uint64(HASH_WORD)) & low32  # < 2**64: no wrap-around in numpy
+        h2 = (x * np.uint64(HASH_BITS)) & low32
         bloom_words = _bloom_words(len(table))
         word = (h1 >> np.uint64(32 - bloom_words)).astype(np.int64)
         one = np.uint32(1)
@@ -412,10 +488,11 @@ class _Index:
         bucket_bits = max(4, int(len(table) - 1).bit_length())
         bucket = (h1 >> np.uint64(32 - bucket_bits)).astype(np.int64)
         order = np.argsort(bucket, kind="stable")
-        entries = np.empty((len(table), 3), dtype=np.int32)
-        entries[:, 0] = gram[order].astype(np.uint32).view(np.int32)
-        entries[:, 1] = table[order, 1].astype(np.int32)
-        entries[:, 2] = table[order, 2].astype(np.int32)
+        entries = np.empty((len(table), ENTRY_COLUMNS), dtype=np.int32)
+        entries[:, 0] = (gram[order] & low32).astype(np.uint32).view(np.int32)
+        entries[:, 1] = (gram[order] >> np.uint64(32)).astype(np.uint32).view(np.int32)
+        entries[:, 2] = table[order, 1].astype(np.int32)
+        entries[:, 3] = table[order, 2].astype(np.int32)
         bucket_start = np.zeros((1 << bucket_bits) + 1, dtype=np.int32)
         np.cumsum(np.bincount(bucket, minlength=1 << bucket_bits), out=bucket_start[1:])
         return NativePass(q, stride, bloom, bloom_words, bucket_bits, bucket_start, entries)
