@@ -459,7 +459,11 @@ class _Index:
         varying = (self._span_counts(self._cs, q) + self._span_counts(self._cb, q))[gpos] > 0
         rows = [
             np.stack(
-                [grams[~varying], gpart[~varying].astype(np.uint64), goff[~varying].astype(np.uint64)],
+                [
+                    grams[~varying],
+                    gpart[~varying].astype(np.uint64),
+                    goff[~varying].astype(np.uint64),
+                ],
                 axis=1,
             )
         ]
