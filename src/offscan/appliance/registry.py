@@ -26,6 +26,7 @@ def _is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+PREVENTION_STALE = 10.0  # seconds a shim's prevention report is shown (it reports every 1 s)
 _PREVENTION_COUNTS = (
     "held",
     "allowed",
@@ -82,9 +83,9 @@ class Registry:
         self.default_policy: dict[str, Any] = dict(default_policy or {})
         self.vm_policies: dict[str, dict[str, Any]] = dict(vm_policies or {})
         self.vault = vault
-        # On-access counters per VM as its shim last reported them (not persisted: a shim
-        # reports again within a second of reconnecting).
-        self.prevention: dict[str, PreventionStats] = {}
+        # On-access counters per VM as its shim last reported them, with when (monotonic):
+        # not persisted, and shown only while fresh (a dead shim holds no opens any more).
+        self.prevention: dict[str, tuple[float, PreventionStats]] = {}
 
     @property
     def vms(self) -> dict[str, VMRecord]:
@@ -147,7 +148,7 @@ class Registry:
             cleaned = _prevention_stats(stats)
             if rec is None or rec.owner != shim or cleaned is None:
                 continue
-            self.prevention[name] = cleaned
+            self.prevention[name] = (time.monotonic(), cleaned)
             taken += 1
         for name in [n for n in self.prevention if n not in self.vms]:
             del self.prevention[name]  # unregistered meanwhile
@@ -193,6 +194,7 @@ class Registry:
         }
         if clones:
             out["clones"] = sorted(v.name for v in self.vms.values() if v.clone_of == rec.name)
-        if (prevention := self.prevention.get(rec.name)) is not None:
-            out["prevention"] = prevention
+        reported = self.prevention.get(rec.name)
+        if reported is not None and time.monotonic() - reported[0] <= PREVENTION_STALE:
+            out["prevention"] = reported[1]
         return out

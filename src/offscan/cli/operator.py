@@ -139,7 +139,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def _prevention_line(p: PreventionStats | None) -> str:
     """One VM's on-access prevention, as its shim last reported it."""
-    if p is None:
+    if p is None or (not p["enabled"] and p["reason"] is None):
         return "prevention off"
     if not p["enabled"]:
         return f"prevention unavailable ({p['reason']}): watch mode"

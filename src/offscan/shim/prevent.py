@@ -134,6 +134,8 @@ class Prevention:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: dict[Identity, asyncio.Future[bool | None]] = {}
         self._prescans = 0
+        self._was_on: set[str] = set()  # VMs that had a guard (reported as off after)
+        self._prescan_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
@@ -174,13 +176,17 @@ class Prevention:
     def prescan(self, guard: Guard, fd: int, relpath: str, identity: Identity) -> bool:
         """From a reader thread: scan a just-written file through ``fd`` (taken if True)."""
         loop = self._loop
-        if loop is None or self._prescans >= MAX_PRESCANS or not self._link.online:
+        if loop is None or not self._link.online:
             return False
-        self._prescans += 1
+        with self._prescan_lock:
+            if self._prescans >= MAX_PRESCANS:
+                return False
+            self._prescans += 1
         try:
             loop.call_soon_threadsafe(self._spawn_prescan, guard, fd, relpath, identity)
         except RuntimeError:
-            self._prescans -= 1
+            with self._prescan_lock:
+                self._prescans -= 1
             return False
         return True
 
@@ -198,8 +204,11 @@ class Prevention:
         self._watchdog.start()
         last_report = last_rescan = 0.0
         rescanning: asyncio.Future[int] | None = None
-        while True:
-            await self._sync_guards()
+        while not self._stop.is_set():
+            try:
+                await self._sync_guards()
+            except Exception:  # keep the other VMs' guards (and this keeper) going
+                log.exception("prevention: keeping the guards failed")
             self._follow_client()
             now = time.monotonic()
             if rescanning is None or rescanning.done():
@@ -239,6 +248,9 @@ class Prevention:
             out[name] = self._stats(True, guard.mode, None, held, counts)
         for name, reason in self.off.items():
             out[name] = self._stats(False, "watch", reason, 0, dict.fromkeys(COUNTS, 0))
+        for name in self._was_on - set(out):  # turned off: say so rather than go quiet
+            if name in self._vms:
+                out[name] = self._stats(False, "watch", None, 0, dict.fromkeys(COUNTS, 0))
         return out
 
     @staticmethod
@@ -281,7 +293,7 @@ class Prevention:
         return await self._loop.run_in_executor(self._pool, fn, *args)
 
     async def _sync_guards(self) -> None:
-        wanted = self._wanted()
+        wanted = set() if self._stop.is_set() else self._wanted()
         for name in [n for n in self.guards if n not in wanted]:
             guard = self.guards.pop(name)
             log.warning("VM %s: on-access prevention off", name)
@@ -292,6 +304,8 @@ class Prevention:
             vm = self._vms.get(name)
             if name in self.guards or vm is None:
                 continue
+            if self._stop.is_set():
+                return
             try:
                 guard = await self._in_pool(Guard, name, vm.root, self)
                 await self._in_pool(guard.start)
@@ -303,6 +317,7 @@ class Prevention:
                 continue
             self.off.pop(name, None)
             self.guards[name] = guard
+            self._was_on.add(name)
             log.warning(
                 "VM %s: on-access prevention on (%s mode: %s)", name, guard.mode, guard.root
             )
@@ -359,7 +374,8 @@ class Prevention:
         except Exception as exc:  # the watch delivers it anyway
             log.debug("VM %s: post-write scan of %s: %s", guard.vm, relpath, exc)
         finally:
-            self._prescans -= 1
+            with self._prescan_lock:
+                self._prescans -= 1
             os.close(fd)
 
     async def _resolve(self, guard: Guard, held: Held) -> None:
