@@ -12,6 +12,8 @@ fail_mode = "open"                 # or "closed": the shim isolates the VM while
 exclude_globs = ["var/cache/*", "*.iso"]
 exclude_ext = ["vmdk"]
 max_size = 104857600               # bytes; bigger files are not scanned
+prevention = true                  # the shim holds opens until a verdict (docs/prevention.md)
+prevention_timeout = 5.0           # seconds a held open waits; then fail_mode answers
 ```
 """
 
@@ -34,6 +36,8 @@ DEFAULT_POLICY: dict[str, Any] = {
     "actions": ["deny"],
     "fail_mode": "open",
 }
+# Keys with a default kept by their reader rather than here (so effective policies only show
+# them when set): ``prevention`` (False) and ``prevention_timeout`` (5.0 s), read by the shim.
 
 
 class PolicyError(ValueError):
@@ -74,12 +78,32 @@ def _fail_mode(key: str, v: Any) -> str:
     return str(v)
 
 
+def _bool(key: str, v: Any) -> bool:
+    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return v.lower() in ("true", "yes", "on", "1")
+    if not isinstance(v, bool):
+        raise PolicyError(f"{key}: expected true or false, got {v!r}")
+    return v
+
+
+def _seconds(key: str, v: Any) -> float:
+    try:
+        n = float(v)
+    except (TypeError, ValueError):
+        raise PolicyError(f"{key}: expected a number of seconds, got {v!r}") from None
+    if not 0 < n <= 600:
+        raise PolicyError(f"{key}: must be above 0 and at most 600 seconds, got {v!r}")
+    return n
+
+
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "exclude_globs": _str_list,
     "exclude_ext": lambda k, v: [e.lower().lstrip(".") for e in _str_list(k, v)],
     "max_size": _max_size,
     "actions": _actions,
     "fail_mode": _fail_mode,
+    "prevention": _bool,
+    "prevention_timeout": _seconds,
 }
 
 

@@ -18,12 +18,54 @@ from .common import RequestFailed, log
 from .inventory import Inventory, VMRecord
 
 if TYPE_CHECKING:
-    from ..protocol.messages import VMInfo
+    from ..protocol.messages import PreventionStats, VMInfo
     from ..quarantine import Vault
 
 
 def _is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+PREVENTION_STALE = 10.0  # seconds a shim's prevention report is shown (it reports every 1 s)
+_PREVENTION_COUNTS = (
+    "held",
+    "allowed",
+    "denied",
+    "timeouts",
+    "unreachable",
+    "memo_hits",
+    "exempt",
+)
+
+
+def _prevention_stats(value: Any) -> PreventionStats | None:
+    """A shim's PreventionStats, checked field by field (None if it is not one)."""
+    if not isinstance(value, dict):
+        return None
+    counts: dict[str, int] = {}
+    for key in _PREVENTION_COUNTS:
+        n = value.get(key)
+        if type(n) is not int or n < 0:
+            return None
+        counts[key] = n
+    mode, reason, enabled = value.get("mode"), value.get("reason"), value.get("enabled")
+    if not isinstance(enabled, bool) or mode not in ("mount", "directories", "watch"):
+        return None
+    if reason is not None and not isinstance(reason, str):
+        return None
+    stats: PreventionStats = {
+        "enabled": enabled,
+        "mode": str(mode),
+        "reason": None if reason is None else reason[:300],
+        "held": counts["held"],
+        "allowed": counts["allowed"],
+        "denied": counts["denied"],
+        "timeouts": counts["timeouts"],
+        "unreachable": counts["unreachable"],
+        "memo_hits": counts["memo_hits"],
+        "exempt": counts["exempt"],
+    }
+    return stats
 
 
 class Registry:
@@ -41,6 +83,9 @@ class Registry:
         self.default_policy: dict[str, Any] = dict(default_policy or {})
         self.vm_policies: dict[str, dict[str, Any]] = dict(vm_policies or {})
         self.vault = vault
+        # On-access counters per VM as its shim last reported them, with when (monotonic):
+        # not persisted, and shown only while fresh (a dead shim holds no opens any more).
+        self.prevention: dict[str, tuple[float, PreventionStats]] = {}
 
     @property
     def vms(self) -> dict[str, VMRecord]:
@@ -94,6 +139,21 @@ class Registry:
         log.info("VM %s unregistered", vm)
         return {"vm": vm}
 
+    def report(self, shim: str, vms: Mapping[str, Any]) -> dict[str, Any]:
+        """Take a shim's ``report``: the prevention counters of the VMs it owns (others are
+        ignored; only the known keys, of the right types, are kept)."""
+        taken = 0
+        for name, stats in vms.items():
+            rec = self.vms.get(name) if isinstance(name, str) else None
+            cleaned = _prevention_stats(stats)
+            if rec is None or rec.owner != shim or cleaned is None:
+                continue
+            self.prevention[name] = (time.monotonic(), cleaned)
+            taken += 1
+        for name in [n for n in self.prevention if n not in self.vms]:
+            del self.prevention[name]  # unregistered meanwhile
+        return {"vms": taken}
+
     def owned(self, shim: str, vm: str) -> VMRecord:
         """The VM ``vm`` if ``shim`` registered it; RequestFailed("unknown-vm") otherwise."""
         rec = self.vms.get(vm)
@@ -134,4 +194,7 @@ class Registry:
         }
         if clones:
             out["clones"] = sorted(v.name for v in self.vms.values() if v.clone_of == rec.name)
+        reported = self.prevention.get(rec.name)
+        if reported is not None and time.monotonic() - reported[0] <= PREVENTION_STALE:
+            out["prevention"] = reported[1]
         return out

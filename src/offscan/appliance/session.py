@@ -177,6 +177,11 @@ class Session:
                 )
             elif t == "unregister":
                 reply = app.registry.unregister(shim, msg["vm"])
+            elif t == "report":  # a shim's on-access counters; it learns the pattern version
+                reply = {
+                    **app.registry.report(shim, msg["vms"]),
+                    "pattern_version": app.pattern_version,
+                }
             elif t == "control":
                 reply = await app.control(msg["op"], msg.get("args") or {})
             else:

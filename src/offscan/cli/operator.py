@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._common import EXIT_CLEAN, EXIT_ERROR, add_appliance_arguments, control
 
 if TYPE_CHECKING:
-    from ..protocol.messages import ApplianceStatus, PatternsSource
+    from ..protocol.messages import ApplianceStatus, PatternsSource, PreventionStats
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -131,9 +131,23 @@ def run_status(args: argparse.Namespace) -> int:
         extra = f" clone of {vm['clone_of']}" if vm.get("clone_of") else ""
         tags = f" tags={','.join(vm['tags'])}" if vm.get("tags") else ""
         print(f"  {vm['name']:<20} {vm['root']}{extra}{tags}")
+        print(f"  {'':<20} {_prevention_line(vm.get('prevention'))}")
     for d in st["recent_detections"]:
         print(f"detected  {d['vm']}:{d['path']}: {', '.join(d['matches'])} ({d['action']})")
     return EXIT_CLEAN
+
+
+def _prevention_line(p: PreventionStats | None) -> str:
+    """One VM's on-access prevention, as its shim last reported it."""
+    if p is None or (not p["enabled"] and p["reason"] is None):
+        return "prevention off"
+    if not p["enabled"]:
+        return f"prevention unavailable ({p['reason']}): watch mode"
+    return (
+        f"prevention on ({p['mode']}): {p['held']} held, {p['allowed']} allowed, "
+        f"{p['denied']} denied, {p['timeouts']} timeouts, {p['unreachable']} unreachable, "
+        f"{p['memo_hits']} from memo, {p['exempt']} exempt"
+    )
 
 
 def _print_vm(vm: dict[str, Any]) -> None:

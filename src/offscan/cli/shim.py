@@ -109,6 +109,36 @@ def _add_how_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"undelivered paths kept at most (default {DEFAULT_MAX_BACKLOG})",
     )
+    _add_prevent_arguments(parser)
+
+
+def _add_prevent_arguments(parser: argparse.ArgumentParser) -> None:
+    """On-access prevention (fanotify permission events; docs/prevention.md)."""
+    from ..shim.prevent import DEFAULT_PREVENTION_TIMEOUT
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= 600:
+            raise argparse.ArgumentTypeError(f"expected seconds in (0, 600], got {text!r}")
+        return value
+
+    parser.add_argument(
+        "--prevent",
+        action="store_true",
+        help="hold every open in the VMs until its verdict (deny infected files); without "
+        "it, VMs whose policy says prevention = true are held",
+    )
+    parser.add_argument(
+        "--prevent-timeout",
+        type=seconds,
+        default=DEFAULT_PREVENTION_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a held open waits before the VM's fail mode answers, unless its "
+        f"policy sets prevention_timeout (default {DEFAULT_PREVENTION_TIMEOUT})",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ShimConfig:
@@ -127,6 +157,8 @@ def config_from_args(args: argparse.Namespace) -> ShimConfig:
         isolation_hook=args.isolation_hook,
         quiet=args.quiet,
         max_backlog=args.max_backlog,
+        prevent=args.prevent,
+        prevent_timeout=args.prevent_timeout,
     )
 
 

@@ -139,6 +139,12 @@ class ApplianceClient:
     def peer(self) -> str | None:
         return self._conn.peer if self._conn else None
 
+    @property
+    def peer_cred(self) -> tuple[int, int, int] | None:
+        """(pid, uid, gid) of the appliance on a unix socket (a preventing shim never holds
+        that pid's opens)."""
+        return self._conn.peer_cred if self._conn else None
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def connect(self, timeout: float = 5.0) -> Welcome:

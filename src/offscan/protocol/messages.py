@@ -51,8 +51,10 @@ __all__ = [
     "PatternsSource",
     "Ping",
     "Pong",
+    "PreventionStats",
     "Priority",
     "Register",
+    "Report",
     "ScanMode",
     "ScanRequest",
     "ShimVerdict",
@@ -97,6 +99,7 @@ MessageType = Literal[
     "credit",
     "ok",
     "verdict",
+    "report",
 ]
 
 # What an ``error`` frame's ``code`` says. Senders use these; receivers accept any string, so
@@ -264,6 +267,30 @@ class Chunk(TypedDict):
     end: bool
 
 
+class PreventionStats(TypedDict):
+    """One VM's on-access prevention as its shim reports it (``report.vms``, ``VMInfo``)."""
+
+    enabled: bool  # opens are held (False: watch mode only)
+    mode: str  # "mount", "directories" or "watch"
+    reason: str | None  # why prevention is not on, when it was asked for
+    held: int  # opens held right now, waiting for a verdict
+    allowed: int
+    denied: int
+    timeouts: int  # answered by the fail mode after the timeout
+    unreachable: int  # answered by the fail mode: no appliance
+    memo_hits: int  # answered from the shim's identity memo, no round trip
+    exempt: int  # the shim's and the appliance's own opens, never held
+
+
+class Report(TypedDict):
+    """Client → appliance: the shim's on-access counters per VM; answered by ``ok`` with
+    ``pattern_version`` (the shim drops its identity memo when that changes)."""
+
+    t: Literal["report"]
+    id: int
+    vms: dict[str, PreventionStats]
+
+
 class StatusRequest(TypedDict):
     t: Literal["status"]
     id: int
@@ -389,6 +416,7 @@ class VMInfo(TypedDict):
     tags: list[str]
     registered_at: float
     clones: NotRequired[list[str]]  # vm-list and vm-show only
+    prevention: NotRequired[PreventionStats]  # the owning shim's last report, if any
 
 
 class Detection(TypedDict):
@@ -486,4 +514,5 @@ MESSAGES: dict[MessageType, tuple[type, ...]] = {
     "credit": (Credit,),
     "ok": (Ok,),
     "verdict": (Verdict,),
+    "report": (Report,),
 }

@@ -178,6 +178,8 @@ SCHEMAS: dict[str, _Schema] = {
     "bye": _S({}, {"id": _nullable(_req_id)}),
     # operator commands (vm clone/list/show/untag, policy, quarantine); reply "ok" + free-form keys
     "control": _S({"id": _req_id, "op": _name}, {"args": _nullable(_map)}),
+    # the shim's on-access counters per VM (shapes checked by the appliance); reply "ok"
+    "report": _S({"id": _req_id, "vms": _map}, {}),
     # appliance -> client
     "credit": _S({"n": _pos_int}, {}),
     "ok": _S({"id": _req_id}, {}),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .backlog import DEFAULT_MAX_BACKLOG, DEFAULT_QUIET
+from .prevent import DEFAULT_PREVENTION_TIMEOUT
 from .shim import Shim
 from .spec import VMSpec
 
@@ -59,6 +60,8 @@ class ShimConfig:
     isolation_hook: str | None = None
     quiet: float = DEFAULT_QUIET
     max_backlog: int = DEFAULT_MAX_BACKLOG
+    prevent: bool = False
+    prevent_timeout: float = DEFAULT_PREVENTION_TIMEOUT
 
 
 def with_clones(vms: Sequence[VMSpec], clone_of: Sequence[tuple[str, str]]) -> list[VMSpec]:
@@ -98,6 +101,8 @@ async def run_shim(config: ShimConfig) -> int:
             max_backlog=config.max_backlog,
             on_verdict=_report,
             isolation_hook=config.isolation_hook,
+            prevent=config.prevent,
+            prevent_timeout=config.prevent_timeout,
         )
     except ValueError as exc:
         print(f"offscan shim: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from .backlog import DEFAULT_MAX_BACKLOG, DEFAULT_QUIET, DEMAND, Backlog, Prio, _Entry
 from .connection import DEFAULT_RECONNECT_MAX_DELAY, ClientFactory, Connection
 from .isolation import DEFAULT_HOOK_TIMEOUT, FailClosed
+from .prevent import DEFAULT_PREVENTION_TIMEOUT, Prevention
 from .sender import CONTENT_MODES, DEFAULT_MAX_IN_FLIGHT, Sender, VerdictCallback
 from .spec import VMSpec
 from .walk import walk_head, walk_tree
@@ -65,6 +66,8 @@ class Shim:
         client_factory: ClientFactory | None = None,
         isolation_hook: str | None = None,
         hook_timeout: float = DEFAULT_HOOK_TIMEOUT,
+        prevent: bool = False,
+        prevent_timeout: float = DEFAULT_PREVENTION_TIMEOUT,
     ) -> None:
         if content not in CONTENT_MODES:
             raise ValueError(f"content must be auto, path, fd or stream, not {content!r}")
@@ -109,6 +112,11 @@ class Shim:
             vms=self._vms,
             link=self._link,
             backlog=self._backlog,
+        )
+        # On-access prevention (docs/prevention.md): every VM with ``prevent``, else the VMs
+        # whose policy says ``prevention = true``.
+        self._prevention = Prevention(
+            link=self._link, vms=self._vms, force=prevent, default_timeout=prevent_timeout
         )
         self._walks = 0  # directory walks started
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -186,6 +194,7 @@ class Shim:
                 asyncio.create_task(self._scheduler(), name="shim-scheduler"),
                 asyncio.create_task(self._watch_keeper(), name="shim-watch-keeper"),
                 asyncio.create_task(self._fail_closed.run(), name="shim-fail-closed"),
+                asyncio.create_task(self._prevention.run(), name="shim-prevention"),
             ]
             self._tasks += [
                 asyncio.create_task(self._sender.run(), name=f"shim-sender-{i}")
@@ -285,6 +294,7 @@ class Shim:
             "connected": self._link.online,
             "vms": len(self._vms),
             "watched": sum(1 for vm in self._vms.values() if vm.observer is not None),
+            "prevention": self._prevention.stats(),
         }
 
     def stats_isolated(self) -> list[str]:
@@ -480,6 +490,7 @@ class Shim:
     async def _shutdown(self) -> None:
         self._closing = True
         self._link.closing = True
+        await self._prevention.close()  # first: held opens are answered, nothing waits on us
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
