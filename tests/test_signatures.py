@@ -357,8 +357,8 @@ def test_errors_are_value_errors_with_only_signature_error_type() -> None:
 
 
 def test_unsupported_file_type() -> None:
-    with pytest.raises(SignatureError, match=r"x\.ldb: unsupported database type \.ldb"):
-        PatternDB.from_text([("x.ldb", "")])
+    with pytest.raises(SignatureError, match=r"x\.yar: unsupported database type \.yar"):
+        PatternDB.from_text([("x.yar", "")])
 
 
 def test_one_bad_line_loads_nothing(tmp_path: Path) -> None:

@@ -128,7 +128,7 @@ def build_tables(db: PatternDB) -> Tables:
     pos = 0
     for s, sig in enumerate(db.body):
         last = len(sig.parts) - 1
-        first_free = sig.offset.kind == "any"
+        first_free = sig.offset.kind == "any" and not sig.all_hits  # all_hits: count every hit
         for k, part in enumerate(sig.parts):
             n = part.length
             part_sig.append(s)

@@ -22,6 +22,7 @@ import numpy as np
 from . import _match
 from ._tables import build_tables
 from .signatures import HashSignature, PatternDB
+from .signatures.logic import LogicalIndex
 
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
@@ -80,7 +81,7 @@ def _select_core(impl: str) -> type:
 class _Chain:
     """Chains part hits into signature matches for one scan (state carried across windows)."""
 
-    __slots__ = ("m", "size", "ranges", "feasible", "matched", "done")
+    __slots__ = ("m", "size", "ranges", "feasible", "matched", "done", "hits")
 
     def __init__(self, m: Matcher, size: int, done: np.ndarray) -> None:
         self.m = m
@@ -91,6 +92,7 @@ class _Chain:
         self.feasible: dict[tuple[int, int], deque[int]] = {}
         self.matched: dict[int, int] = {}  # signature index -> end offset of its first match
         self.done = done
+        self.hits: dict[int, set[int]] = {}  # all_hits signature -> end offsets of every match
 
     def feed(self, parts: np.ndarray, starts: np.ndarray, base: int) -> None:
         if not len(parts):
@@ -125,7 +127,9 @@ class _Chain:
                 if q[0] > s - gmin:
                     continue
             e = s + part_len[p]
-            if k == nparts[sig] - 1:
+            if k == nparts[sig] - 1 and sig in m._logic.all_hits:
+                self.hits.setdefault(sig, set()).add(e)  # counted: keep every match
+            elif k == nparts[sig] - 1:
                 matched[sig] = e
                 self.done[m._sig_parts[sig]] = 1  # no more hits of this signature are needed
                 feasible.pop((sig, k - 1), None)
@@ -172,6 +176,7 @@ class Matcher:
         self._gaps = [[(g.min, g.max) for g in s.gaps] for s in db.body]
         first = np.cumsum([0] + self._nparts)
         self._sig_parts = [np.arange(first[i], first[i + 1]) for i in range(len(db.body))]
+        self._logic = LogicalIndex(db)
         self._hash_by_size: dict[int, list[HashSignature]] = {}
         self._hash_any: list[HashSignature] = []
         for h in db.hashes:
@@ -386,7 +391,7 @@ class Matcher:
             scanned += len(new)
             parts, starts = self.core.find(view, carried, done)
             chain.feed(parts, starts, base)
-            if chain.matched and not allmatch and not digest:
+            if chain.matched and not allmatch and not digest and self._logic.named(chain.matched):
                 stopped_early = True
                 break
             if time.monotonic() > deadline:
@@ -402,8 +407,11 @@ class Matcher:
         names: list[str] = []
         for sig, _end in body:
             name = self.db.body[sig].name
-            if name not in names:
+            if name not in names and sig not in self._logic.parts:
                 names.append(name)
+        names.extend(
+            n for n in self._logic.evaluate(chain.matched, chain.hits, size) if n not in names
+        )
         if not stopped_early and scanned == size:
             digests = {a: h.digest() for a, h in hashers.items()}
             for hsig in hash_sigs:

@@ -1,0 +1,108 @@
+"""The immutable :class:`PatternDB`, built from the text of database files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .fields import lines
+from .formats import parse_hash_line, parse_ndb_line
+from .ldb import LogicalSignature, ParsedLogical, parse_ldb_line
+from .model import BodySignature, HashSignature, NotApplied, SignatureError
+
+DATABASE_SUFFIXES = (".ndb", ".hdb", ".hsb", ".ldb")
+
+
+@dataclass(frozen=True)
+class PatternDB:
+    """An immutable, fully validated signature database.
+
+    ``body`` holds the body signatures the engine matches: those of ``.ndb`` files, then the
+    ones logical signatures compiled into (which are never reported by name; ``logical`` maps
+    them back).
+    """
+
+    body: tuple[BodySignature, ...]
+    hashes: tuple[HashSignature, ...]
+    not_applied: tuple[NotApplied, ...] = ()
+    files: tuple[str, ...] = ()
+    version: str = ""
+    logical: tuple[LogicalSignature, ...] = ()
+    _by_name: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def plain_body(self) -> int:
+        """Body signatures reported by their own name (not a logical signature's parts)."""
+        return len(self.body) - sum(len(lg.bodies) for lg in self.logical)
+
+    @property
+    def signature_count(self) -> int:
+        return self.plain_body + len(self.logical) + len(self.hashes) + len(self.not_applied)
+
+    def summary(self) -> str:
+        logical = f", {len(self.logical)} logical" if self.logical else ""
+        text = (
+            f"{self.plain_body} body{logical} and {len(self.hashes)} hash signatures from "
+            f"{len(self.files)} file(s), version {self.version}"
+        )
+        if self.not_applied:
+            reasons: dict[str, int] = {}
+            for n in self.not_applied:
+                reasons[n.reason] = reasons.get(n.reason, 0) + 1
+            text += "; not applied: " + ", ".join(f"{c} ({r})" for r, c in sorted(reasons.items()))
+        return text
+
+    @classmethod
+    def from_text(cls, files: Iterable[tuple[str, str]]) -> PatternDB:
+        """Build from ``(filename, content)`` pairs; the suffix of each name picks the format."""
+        body: list[BodySignature] = []
+        hashes: list[HashSignature] = []
+        skipped: list[NotApplied] = []
+        parsed_logical: list[ParsedLogical] = []
+        names: list[str] = []
+        h = hashlib.sha256()
+        for fname, text in files:
+            suffix = os.path.splitext(fname)[1].lower()
+            if suffix not in DATABASE_SUFFIXES:
+                raise SignatureError(
+                    f"{fname}: unsupported database type {suffix or '(none)'}; "
+                    f"expected one of {', '.join(DATABASE_SUFFIXES)}"
+                )
+            names.append(fname)
+            base = os.path.basename(fname)
+            h.update(base.encode() + b"\0" + text.encode() + b"\0")
+            for lineno, line in lines(text, base):
+                where = f"{base}:{lineno}"
+                sig: BodySignature | HashSignature | NotApplied | ParsedLogical
+                if suffix == ".ndb":
+                    sig = parse_ndb_line(line, where)
+                elif suffix == ".ldb":
+                    sig = parse_ldb_line(line, where)
+                else:
+                    sig = parse_hash_line(line, where, suffix)
+                if isinstance(sig, NotApplied):
+                    skipped.append(sig)
+                elif isinstance(sig, BodySignature):
+                    body.append(sig)
+                elif isinstance(sig, ParsedLogical):
+                    parsed_logical.append(sig)
+                else:
+                    hashes.append(sig)
+        logical = []
+        for p in parsed_logical:  # their body signatures go after every plain one
+            first = len(body)
+            body.extend(b for _, b in p.bodies)
+            refs = tuple((first + k, sub) for k, (sub, _) in enumerate(p.bodies))
+            logical.append(
+                LogicalSignature(p.name, p.source, p.expression, p.subsigs, p.file_size, refs)
+            )
+        return cls(
+            body=tuple(body),
+            hashes=tuple(hashes),
+            not_applied=tuple(skipped),
+            files=tuple(names),
+            version="sha256:" + h.hexdigest()[:16],
+            logical=tuple(logical),
+        )

@@ -1,0 +1,56 @@
+"""Scan-time side of logical signatures: which body signatures stand for subsignatures, and the
+evaluation of each logical signature's expression from one scan's matches (used by the engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+
+from .database import PatternDB
+
+
+class LogicalIndex:
+    """Lookups built once per Matcher so a scan touches only the logical signatures that some
+    match concerns (plus those true when nothing matches, e.g. ``0=0``)."""
+
+    __slots__ = ("db", "parts", "all_hits", "owner", "always")
+
+    def __init__(self, db: PatternDB) -> None:
+        self.db = db
+        self.owner: dict[int, tuple[int, int]] = {}  # body index -> (logical index, subsig)
+        for li, lg in enumerate(db.logical):
+            for body, sub in lg.bodies:
+                self.owner[body] = (li, sub)
+        self.parts = frozenset(self.owner)
+        self.all_hits = frozenset(i for i in self.parts if db.body[i].all_hits)
+        self.always = tuple(
+            li for li, lg in enumerate(db.logical) if lg.evaluate([0] * lg.subsigs, 0, sized=False)
+        )
+
+    def named(self, matched: Mapping[int, int]) -> bool:
+        """Whether a body signature reported under its own name matched."""
+        return any(sig not in self.parts for sig in matched)
+
+    def evaluate(
+        self, matched: Mapping[int, int], hits: Mapping[int, Set[int]], size: int
+    ) -> list[str]:
+        """Names of the logical signatures that match, in database order.
+
+        ``matched`` holds body signatures that matched at least once, ``hits`` every match end
+        of the counted (``all_hits``) ones; a subsignature's count is the sum over its bodies.
+        """
+        if not self.db.logical:
+            return []
+        counts: dict[int, list[int]] = {li: [0] * self.db.logical[li].subsigs for li in self.always}
+        for body in matched:
+            owner = self.owner.get(body)
+            if owner is not None:
+                counts.setdefault(owner[0], [0] * self.db.logical[owner[0]].subsigs)[owner[1]] += 1
+        for body, ends in hits.items():
+            li, sub = self.owner[body]
+            counts.setdefault(li, [0] * self.db.logical[li].subsigs)[sub] += len(ends)
+        return [
+            self.db.logical[li].name
+            for li in sorted(counts)
+            if self.db.logical[li].evaluate(counts[li], size)
+        ]
