@@ -22,6 +22,7 @@ from ..cache import CachedVerdict
 from ..confine import ConfinementError, open_confined
 from ..engine import ScanResult
 from . import clamd_paths as paths
+from .clamd_io import ClientGone
 from .clamd_stream import scan_stream, threaded_pieces
 from .pipeline import PRIORITIES
 
@@ -47,8 +48,8 @@ class Command:
     operator: bool = False
 
 
-class _Abort(Exception):
-    """Ends a stream the client will not finish (sent to the matching thread)."""
+class _Abort(ClientGone):
+    """Ends a stream the client will not finish (sent to the matching thread too)."""
 
 
 # -- replies ------------------------------------------------------------------------------
@@ -393,4 +394,3 @@ async def dispatch(c: Client, prefix: str, raw: bytes) -> bool:
     finally:
         c.current = ""
     return c.request is not None and not c.closing
-
