@@ -20,11 +20,12 @@ import numpy as np
 
 from ..engine import Matcher, ScanResult
 from ..signatures import HashSignature, PatternDB
+from ..signatures.allowlist import HashAlgorithm
 
 __all__ = ["StreamPlan", "scan_stream", "threaded_pieces"]
 
 _UNKNOWN_SIZE = 1 << 62  # bytes: the size the window loop is told; EOF-anchored starts fall beyond
-_ALGORITHMS = ("md5", "sha1", "sha256")
+_ALGORITHMS: tuple[HashAlgorithm, ...] = ("md5", "sha1", "sha256")
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,14 @@ def scan_stream(plan: StreamPlan, pieces: Iterator[bytes], *, allmatch: bool = T
     )
 
 
-def _allowed(db: PatternDB, names: list[str], digests: dict[str, bytes], size: int) -> list[str]:
+def _allowed(
+    db: PatternDB, names: list[str], digests: dict[HashAlgorithm, bytes], size: int
+) -> list[str]:
     """The matches left once the database's allowlists (.fp/.sfp/.ign2) are applied."""
-    allow = getattr(db, "allowlist", None)
+    allow = db.allowlist
     if allow is None or not names:
         return names
-    return list(allow.filter(tuple(names), digests, size))
+    return list(allow.filter(names, digests, size))
 
 
 def threaded_pieces(

@@ -23,7 +23,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # containers and allowlists (issue 12) import this module
+    from .allowlist import Allowlist
+    from .containers import ContainerInfo
 
 __all__ = [
     "Alt",
@@ -166,6 +170,8 @@ class PatternDB:
     files: tuple[str, ...] = ()
     version: str = ""
     _by_name: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    allowlist: Allowlist | None = None  # .fp/.sfp/.ign2 (signatures/allowlist.py)
+    containers: tuple[ContainerInfo, ...] = ()  # .cvd/.cld/.cud loaded (signatures/containers.py)
 
     @property
     def signature_count(self) -> int:
@@ -239,19 +245,19 @@ def load_database(*paths: str | os.PathLike[str]) -> PatternDB:
     """
     if not paths:
         paths = (default_database_path(),)
-    files: list[tuple[str, str]] = []
+    from .containers import DatabaseSet  # also containers (.cvd/.cld/.cud) and allowlists
+
+    dbset = DatabaseSet()
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(
-                c for c in p.iterdir() if c.suffix.lower() in DATABASE_SUFFIXES and c.is_file()
-            )
+            found = sorted(c for c in p.iterdir() if dbset.loadable(c) and c.is_file())
             if not found:
                 raise SignatureError(f"{p}: no signature files ({', '.join(DATABASE_SUFFIXES)})")
             for c in found:
-                files.append((str(c), _read_text(c)))
+                dbset.add(c)
         else:
-            files.append((str(p), _read_text(p)))
-    return PatternDB.from_text(files)
+            dbset.add(p)
+    return dbset.build()
 
 
 def _read_text(path: Path) -> str:
