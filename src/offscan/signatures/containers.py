@@ -37,13 +37,17 @@ if TYPE_CHECKING:
     from . import NotApplied, PatternDB
 
 __all__ = [
+    "CLAMAV_INFO_KEY",
     "CLAMAV_KEY",
+    "CLAMAV_KEYS",
+    "ContainerKeys",
     "CONTAINER_SUFFIXES",
     "ContainerInfo",
     "DatabaseSet",
     "open_container",
     "parse_header",
     "verify_dsig",
+    "verify_pss",
 ]
 
 CONTAINER_SUFFIXES = (".cvd", ".cld", ".cud")
@@ -62,6 +66,33 @@ CLAMAV_KEY = (
     ),
     100001027,
 )
+# ClamAV's published key for the DSIG line of a container's .info member (libclamav/readdb.c:
+# INFO_NSTR, INFO_ESTR): RSA-PSS (SHA-256, 32-byte salt) over the .info lines before it.
+CLAMAV_INFO_KEY = (
+    int(
+        "1108889498304854547365955610662719492392894179179504762059165869741358104332271591217"
+        "2496806525381055880964520618400224333320534660299233983755341740679502866829909679955"
+        "7343913926683783612215242053966310901051516412708572770803107343209516537005089417174"
+        "1916872394250789070290470270758745162169105075430785038339986534648720379846417853739"
+        "2211402786481359824461197231102895415093770394216666324484593935762408468516826633192"
+        "1408266679234948220458053478099328484548458869717064243605586678627758760720594377033"
+        "65380209101697738577515476935085469455279994113145977994084618328482151013142393373316"
+        "337519977244732747977"
+    ),
+    100002049,
+)
+
+
+@dataclass(frozen=True)
+class ContainerKeys:
+    """The RSA public keys (n, e) a signed container must verify with: the header's (MD5) and
+    the .info member's (SHA-256). ClamAV's by default; tests sign with their own."""
+
+    cvd: tuple[int, int] = CLAMAV_KEY
+    info: tuple[int, int] = CLAMAV_INFO_KEY
+
+
+CLAMAV_KEYS = ContainerKeys()
 _DIGITS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/"
 _DIGIT = {c: i for i, c in enumerate(_DIGITS)}
 _SKIPPED_MEMBERS = ("COPYING",)
@@ -128,19 +159,50 @@ def parse_header(head: bytes, path: str) -> ContainerInfo:
     )
 
 
-def verify_dsig(md5_hex: str, dsig: str, key: tuple[int, int] = CLAMAV_KEY) -> bool:
-    """Whether ``dsig`` is ``md5_hex`` signed with ``key`` (n, e), as libclamav checks it."""
+def _decode(dsig: str, key: tuple[int, int]) -> int | None:
+    """``DSIG^e mod n`` from ClamAV's base-64 digits (least significant first)."""
     n, e = key
-    if len(md5_hex) != 32 or not dsig or len(dsig) > 1024:
-        return False
+    if not dsig or len(dsig) > 1024:
+        return None
     c = 0
     for i, ch in enumerate(dsig):
         d = _DIGIT.get(ch)
         if d is None:
-            return False
+            return None
         c |= d << (6 * i)
-    plain = pow(c, e, n) % (1 << 128)
-    return plain.to_bytes(16, "big").hex() == md5_hex.lower()
+    return pow(c, e, n)
+
+
+def verify_dsig(md5_hex: str, dsig: str, key: tuple[int, int] = CLAMAV_KEY) -> bool:
+    """Whether ``dsig`` is ``md5_hex`` signed with ``key`` (n, e), as libclamav checks it."""
+    plain = _decode(dsig, key) if len(md5_hex) == 32 else None
+    if plain is None:
+        return False
+    return (plain % (1 << 128)).to_bytes(16, "big").hex() == md5_hex.lower()
+
+
+def verify_pss(sha256: bytes, dsig: str, key: tuple[int, int] = CLAMAV_INFO_KEY) -> bool:
+    """Whether ``dsig`` is an RSA-PSS signature (SHA-256, MGF1, 32-byte salt, 2048-bit) of a
+    message whose SHA-256 is ``sha256``: libclamav's ``cli_versig2`` for .info DSIG lines."""
+    em_len, h_len, salt_len = 256, 32, 32
+    plain = _decode(dsig, key)
+    if plain is None or plain >= 1 << (8 * em_len):
+        return False
+    em = plain.to_bytes(em_len, "big")
+    if em[-1] != 0xBC:
+        return False
+    masked, h = em[: em_len - h_len - 1], em[em_len - h_len - 1 : -1]
+    mask = b"".join(
+        hashlib.sha256(h + i.to_bytes(4, "big")).digest()
+        for i in range((len(masked) + h_len - 1) // h_len)
+    )
+    db = bytearray(a ^ b for a, b in zip(masked, mask))
+    db[0] &= 0x7F
+    sep = db.find(1)
+    if sep < 0 or len(db) - sep - 1 != salt_len or any(db[:sep]):
+        return False
+    salt = bytes(db[sep + 1 :])
+    return hashlib.sha256(b"\0" * 8 + sha256 + salt).digest() == h
 
 
 def _members(body: bytes, path: str) -> list[tuple[str, bytes]]:
@@ -166,16 +228,36 @@ def _members(body: bytes, path: str) -> list[tuple[str, bytes]]:
     return out
 
 
-def _check_info(members: list[tuple[str, bytes]], info: ContainerInfo) -> bool:
-    """Check every member against the ``.info`` list (NAME:SIZE:SHA256); False if none."""
+def _check_info(
+    members: list[tuple[str, bytes]], info: ContainerInfo, keys: ContainerKeys
+) -> list[str]:
+    """Check every member against the ``.info`` list (NAME:SIZE:SHA256) and, in a signed
+    container (.cvd, .cld), the list's own DSIG line; what was verified."""
     infos = [data for name, data in members if name.lower().endswith(".info")]
+    signed = info.kind != "cud"
     if not infos:
-        return False
+        if signed:
+            raise _error(f"{info.path}: no .info member (a signed container lists its files)")
+        return []
     listed: dict[str, tuple[int, str]] = {}
-    for line in infos[0].decode("latin-1").splitlines()[1:]:
+    hashed = hashlib.sha256()
+    dsig: str | None = None
+    text = infos[0].decode("latin-1")
+    for line in text.split("\n")[: -1 if text.endswith("\n") else None]:
+        if line.startswith("DSIG:"):
+            dsig = line[5:].strip()
+            break
+        hashed.update(line.encode("latin-1") + b"\n")  # as libclamav hashes each line read
         parts = line.strip().split(":")
         if len(parts) == 3 and parts[1].isdigit():
             listed[parts[0]] = (int(parts[1]), parts[2].lower())
+    done = []
+    if signed:
+        if dsig is None:
+            raise _error(f"{info.path}: its .info has no digital signature (DSIG line)")
+        if not verify_pss(hashed.digest(), dsig, keys.info):
+            raise _error(f"{info.path}: the .info digital signature does not verify")
+        done.append("info signature")
     for name, data in members:
         if name in _SKIPPED_MEMBERS or name.lower().endswith(".info"):
             continue
@@ -184,11 +266,11 @@ def _check_info(members: list[tuple[str, bytes]], info: ContainerInfo) -> bool:
             raise _error(f"{info.path}: member {name} is not listed in its .info")
         if want != (len(data), hashlib.sha256(data).hexdigest()):
             raise _error(f"{info.path}: member {name} does not match its .info (size or SHA256)")
-    return True
+    return [*done, "info"]
 
 
 def open_container(
-    path: str | os.PathLike[str], *, key: tuple[int, int] = CLAMAV_KEY
+    path: str | os.PathLike[str], *, keys: ContainerKeys = CLAMAV_KEYS
 ) -> tuple[ContainerInfo, list[tuple[str, bytes]]]:
     """Read and verify one container; its header and members. SignatureError names the file
     and what failed (size, header, MD5, digital signature, damaged archive, .info)."""
@@ -210,12 +292,11 @@ def open_container(
             raise _error(f"{spath}: MD5 of the archive does not match the header (damaged?)")
         verified.append("md5")
     if info.kind == "cvd":
-        if not verify_dsig(info.md5, info.dsig, key):
+        if not verify_dsig(info.md5, info.dsig, keys.cvd):
             raise _error(f"{spath}: digital signature does not verify with ClamAV's public key")
         verified.append("signature")
     members = _members(body, spath)
-    if _check_info(members, info):
-        verified.append("info")
+    verified += _check_info(members, info, keys)
     return dataclasses.replace(info, verified=tuple(verified)), members
 
 
@@ -223,8 +304,8 @@ class DatabaseSet:
     """The files one :func:`~offscan.signatures.load_database` call reads: plain databases,
     containers (opened when built, so a directory's duplicates resolve first) and allowlists."""
 
-    def __init__(self, *, key: tuple[int, int] = CLAMAV_KEY) -> None:
-        self.key = key
+    def __init__(self, *, keys: ContainerKeys = CLAMAV_KEYS) -> None:
+        self.keys = keys
         self.files: list[tuple[str, str]] = []
         self.allow: list[tuple[str, str]] = []
         self.containers: dict[str, tuple[int, Path]] = {}  # dir/stem -> (version, path)
@@ -270,7 +351,7 @@ class DatabaseSet:
         infos: list[ContainerInfo] = []
         skipped: list[NotApplied] = []
         for _, path in sorted(self.containers.values(), key=lambda v: str(v[1])):
-            info, members = open_container(path, key=self.key)
+            info, members = open_container(path, keys=self.keys)
             infos.append(info)
             for name, data in members:
                 suffix = os.path.splitext(name)[1].lower()
