@@ -379,6 +379,9 @@ class Matcher:
         algos = {h.algorithm for h in hash_sigs}
         if digest:
             algos.add("sha256")
+        allow = self.db.allowlist  # .fp/.sfp: a match is reported only if the file is not listed
+        allow_algos = allow.algorithms_for(size) if allow is not None else frozenset()
+        algos |= allow_algos
         hashers = {a: hashlib.new(a) for a in algos}
         done = np.zeros(max(1, self.tables.n_parts), dtype=np.uint8)
         chain = _Chain(self, size, done)
@@ -391,7 +394,13 @@ class Matcher:
             scanned += len(new)
             parts, starts = self.core.find(view, carried, done)
             chain.feed(parts, starts, base)
-            if chain.matched and not allmatch and not digest and self._logic.named(chain.matched):
+            if (
+                chain.matched
+                and not allmatch
+                and not digest
+                and not allow_algos
+                and self._logic.named(chain.matched)
+            ):
                 stopped_early = True
                 break
             if time.monotonic() > deadline:
@@ -417,6 +426,8 @@ class Matcher:
             for hsig in hash_sigs:
                 if digests[hsig.algorithm] == hsig.digest and hsig.name not in names:
                     names.append(hsig.name)
+            if allow is not None and names:
+                names = list(allow.filter(names, digests, size))
         if not allmatch:
             names = names[:1]
         sha = hashers["sha256"].hexdigest() if digest and not stopped_early else None

@@ -47,9 +47,19 @@ class ApplianceConfig:
     updates: str | None = None
     trust: str | None = None
     poll: float = 60.0
+    # -- the clamd-compatible front (appliance/clamd.py); off unless a socket or port is set --
+    clamd_socket: str | None = None
+    clamd_listen: tuple[str, int] | None = None
+    clamd_roots: Sequence[str] = ()
+    clamd_socket_mode: int = 0o660
+    clamd_stream_max_length: int | None = None  # bytes; None: clamd's default (100M)
+    clamd_max_connections: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "databases", tuple(self.databases))  # frozen all the way down
+        object.__setattr__(self, "clamd_roots", tuple(self.clamd_roots))
+        if self.clamd_roots and not (self.clamd_socket or self.clamd_listen):
+            raise ValueError("--clamd-root needs --clamd-socket PATH or --clamd-listen HOST:PORT")
         if self.listen and not self.secret:
             raise ValueError("a TCP listener needs a shared secret (--secret or OFFSCAN_SECRET)")
         if self.updates and not self.trust:
@@ -95,3 +105,9 @@ class ApplianceOptions(TypedDict, total=False):
     updates: str | None
     trust: str | None
     poll: float
+    clamd_socket: str | None
+    clamd_listen: tuple[str, int] | None
+    clamd_roots: Sequence[str]
+    clamd_socket_mode: int
+    clamd_stream_max_length: int | None
+    clamd_max_connections: int | None

@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import socket
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Self, Unpack
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from ..protocol.messages import PatternSwap, StatusReport
     from ..quarantine import Vault
     from ..updates import AppliedUpdate
+    from .clamd import ClamdFront
     from .control import Reply
 
 
@@ -141,6 +142,12 @@ class Appliance:
         self.metrics_port: int | None = None
         self.metrics_registry: MetricsRegistry | None = None
         self._metrics_server: MetricsServer | None = None
+        self.clamd: ClamdFront | None = None  # the clamd-compatible front (clamd.py)
+        if cfg.clamd_socket or cfg.clamd_listen:
+            from .clamd import ClamdFront, ClamdOptions
+
+            self.clamd = ClamdFront(self, ClamdOptions.from_config(cfg))
+        self.request_shutdown: Callable[[], None] | None = None  # set by serve(): clamd SHUTDOWN
 
     @classmethod
     def from_config(cls, config: ApplianceConfig) -> Self:
@@ -178,6 +185,8 @@ class Appliance:
             srv = await protocol.start_tcp_server(cfg.listen[0], cfg.listen[1], self._handle)
             self.tcp_port = srv.port
             self._servers.append(srv)
+        if self.clamd is not None:
+            await self.clamd.start()
         where = [cfg.socket_path, cfg.listen and f"tcp {cfg.listen[0]}:{self.tcp_port}"]
         log.info(
             "appliance %s ready: %s; patterns %s",
@@ -196,6 +205,8 @@ class Appliance:
             log.info("metrics on http://%s:%s/metrics", cfg.metrics[0], self.metrics_port)
 
     async def stop(self) -> None:
+        if self.clamd is not None:
+            await self.clamd.stop()
         if self._metrics_server is not None:
             self._metrics_server.close()
             await self._metrics_server.wait_closed()
@@ -260,6 +271,7 @@ async def serve(appliance: Appliance, *, ready_file: str | None = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    appliance.request_shutdown = stop.set
     await appliance.start()
     if ready_file:
         # fsync=False: the ready file only tells a parent process (tests, the lab) that the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from ..signatures import SignatureError
 from ._common import EXIT_CLEAN, EXIT_ERROR, parse_host_port, setup_logging
@@ -55,9 +56,68 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--poll", type=float, default=60.0, metavar="SECONDS", help="update poll interval"
     )
+    _add_clamd_arguments(p)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(run=run)
+
+
+def _add_clamd_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("clamd-compatible front (clamdscan and clamd clients)")
+    g.add_argument("--clamd-socket", metavar="PATH", help="answer clamd's protocol on this socket")
+    g.add_argument(
+        "--clamd-listen", metavar="HOST:PORT", help="and on TCP (no FILDES, RELOAD or SHUTDOWN)"
+    )
+    g.add_argument(
+        "--clamd-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory SCAN/CONTSCAN/MULTISCAN may read (repeatable; none: path scans refused)",
+    )
+    g.add_argument(
+        "--clamd-socket-mode",
+        type=lambda v: int(v, 8),
+        default=0o660,
+        metavar="OCTAL",
+        help="clamd socket permissions (default 660)",
+    )
+    g.add_argument(
+        "--clamd-stream-max",
+        metavar="SIZE",
+        help="StreamMaxLength: longest INSTREAM accepted (default 100m)",
+    )
+    g.add_argument(
+        "--clamd-max-connections",
+        type=int,
+        metavar="N",
+        help="clamd clients served at once; more wait (default 32)",
+    )
+
+
+def _clamd_options(args: argparse.Namespace) -> dict[str, Any]:
+    from ..engine import parse_size
+
+    stream_max = None
+    if args.clamd_stream_max:
+        try:
+            stream_max = parse_size(args.clamd_stream_max)
+        except ValueError:
+            raise SystemExit(
+                f"offscan: --clamd-stream-max wants a size (64k, 25m), got {args.clamd_stream_max!r}"
+            ) from None
+    return {
+        "clamd_socket": args.clamd_socket,
+        "clamd_listen": (
+            parse_host_port(args.clamd_listen, option="--clamd-listen")
+            if args.clamd_listen
+            else None
+        ),
+        "clamd_roots": tuple(args.clamd_root),
+        "clamd_socket_mode": args.clamd_socket_mode,
+        "clamd_stream_max_length": stream_max,
+        "clamd_max_connections": args.clamd_max_connections,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,8 +126,11 @@ def run(args: argparse.Namespace) -> int:
     from ..appliance import Appliance, ApplianceConfig, serve
 
     setup_logging(args.verbose)
-    if not args.socket and not args.listen:
-        print("offscan: serve needs --socket PATH and/or --listen HOST:PORT", file=sys.stderr)
+    if not args.socket and not args.listen and not args.clamd_socket and not args.clamd_listen:
+        print(
+            "offscan: serve needs --socket PATH, --listen HOST:PORT or a --clamd-* listener",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     try:
         config = ApplianceConfig(
@@ -86,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             updates=args.updates,
             trust=args.trust,
             poll=args.poll,
+            **_clamd_options(args),
         )
         appliance = Appliance.from_config(config)
     except (SignatureError, ValueError, OSError, RuntimeError) as exc:

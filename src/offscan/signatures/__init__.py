@@ -81,19 +81,22 @@ def load_database(*paths: str | os.PathLike[str]) -> PatternDB:
     """
     if not paths:
         paths = (default_database_path(),)
-    files: list[tuple[str, str]] = []
+    from .containers import CONTAINER_SUFFIXES, DatabaseSet  # .cvd/.cld/.cud and allowlists
+
+    def text(path: Path) -> str | None:  # containers are binary; DatabaseSet reads them
+        return None if path.suffix.lower() in CONTAINER_SUFFIXES else _read_text(path)
+
+    dbset = DatabaseSet()
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(
-                c for c in p.iterdir() if c.suffix.lower() in DATABASE_SUFFIXES and c.is_file()
-            )
+            found = sorted(c for c in p.iterdir() if dbset.loadable(c) and c.is_file())
             if not found:
                 raise SignatureError(f"{p}: no signature files ({', '.join(DATABASE_SUFFIXES)})")
             for c in found:
-                files.append((str(c), _read_text(c)))
+                dbset.add(c, text(c))
         else:
-            files.append((str(p), _read_text(p)))
-    return PatternDB.from_text(files)
+            dbset.add(p, text(p))
+    return dbset.build()
 
 
 def _read_text(path: Path) -> str:

@@ -6,11 +6,16 @@ import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .fields import lines
 from .formats import parse_hash_line, parse_ndb_line
 from .ldb import LogicalSignature, ParsedLogical, parse_ldb_line
 from .model import BodySignature, HashSignature, NotApplied, SignatureError
+
+if TYPE_CHECKING:  # containers and allowlists (issue 12) import this module
+    from .allowlist import Allowlist
+    from .containers import ContainerInfo
 
 DATABASE_SUFFIXES = (".ndb", ".hdb", ".hsb", ".ldb")
 
@@ -30,6 +35,8 @@ class PatternDB:
     files: tuple[str, ...] = ()
     version: str = ""
     logical: tuple[LogicalSignature, ...] = ()
+    allowlist: Allowlist | None = None  # .fp/.sfp/.ign2 (signatures/allowlist.py)
+    containers: tuple[ContainerInfo, ...] = ()  # .cvd/.cld/.cud loaded (signatures/containers.py)
     _by_name: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
