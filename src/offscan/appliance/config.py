@@ -47,6 +47,12 @@ class ApplianceConfig:
     updates: str | None = None
     trust: str | None = None
     poll: float = 60.0
+    # The fleet's shared verdict tier in Redis (docs/fleet.md): URL, fleet key file, seconds.
+    cache_redis: str | None = None
+    cache_key: str | None = None
+    cache_redis_timeout: float = 0.25
+    cache_redis_ttl: float = 7 * 24 * 3600.0
+    cache_lock_ttl: float = 5.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "databases", tuple(self.databases))  # frozen all the way down
@@ -56,6 +62,14 @@ class ApplianceConfig:
             raise ValueError("--updates needs --trust PUB: bundles are verified before use")
         if self.trust and not self.state_path:
             raise ValueError("signed pattern updates need a --state directory")
+        if self.cache_redis:
+            from ..cache.redis_tier import check_url
+
+            check_url(self.cache_redis)
+            if not self.cache_key:
+                raise ValueError("--cache-redis needs --cache-key FILE: shared entries are signed")
+            if min(self.cache_redis_timeout, self.cache_redis_ttl, self.cache_lock_ttl) <= 0:
+                raise ValueError("--cache-redis-timeout, -ttl and --cache-lock-ttl must be > 0")
 
     @property
     def state_path(self) -> Path | None:
@@ -95,3 +109,8 @@ class ApplianceOptions(TypedDict, total=False):
     updates: str | None
     trust: str | None
     poll: float
+    cache_redis: str | None
+    cache_key: str | None
+    cache_redis_timeout: float
+    cache_redis_ttl: float
+    cache_lock_ttl: float
