@@ -14,11 +14,13 @@ from typing import Any
 import msgpack
 import pytest
 from fleet_support import fleet_appliances, fleet_key, needs_redis, redis_server
-from helpers import EICAR, ApplianceProc, run, run_async, status, wait_for
+from helpers import EICAR, ApplianceProc, async_wait_for, run, run_async, status, wait_for
 
+from offscan.appliance import Appliance
 from offscan.cache import CachedVerdict
 from offscan.cache.redis_entries import EntryKey, decode_entry, encode_entry, judged_by
 from offscan.protocol import ApplianceClient
+from offscan.signatures import PatternDB
 
 pytestmark = needs_redis
 
@@ -280,3 +282,81 @@ def test_cluster_url(tmp_path: Path, n: int) -> None:
             assert [v["status"] for v in va] == [v["status"] for v in vb]
             sb = status(b.sock)
             assert sb["contents_matched"] == 0 and sb["shared_cache"]["hits"] == n * len(data)
+
+
+# -- revalidation after a pattern update, once across the fleet ---------------------------------
+
+NEW_SIG = b"fleet-new-signature-0123"
+
+
+def test_revalidation_after_an_update_happens_once_across_the_fleet(tmp_path: Path) -> None:
+    """Two appliances know the same contents under version 1; both swap to version 2 (one
+    signature added). Each content is read through the delta matcher by one appliance only, the
+    other takes its verdict from Redis; a content the new signature matches becomes infected
+    on both."""
+    key = fleet_key(tmp_path / "fleet.key", KEY)
+    data = contents(10, size=32 * 1024) + [b"hello " + NEW_SIG + b" world"]
+    base_files = [(p.name, p.read_text()) for p in base_sources()]
+    added_text = ("new.ndb", f"Fleet.New:0:*:{NEW_SIG.hex()}\n")
+    v2 = PatternDB.from_text([*base_files, added_text])
+    added = PatternDB.from_text([added_text])
+    with redis_server(tmp_path / "redis") as redis:
+
+        async def main() -> None:
+            apps = []
+            for i in range(2):
+                d = tmp_path / f"app{i}"
+                d.mkdir()
+                apps.append(
+                    Appliance(
+                        socket_path=str(d / "a.sock"),
+                        state_dir=str(d / "state"),
+                        cache_redis=redis.url,
+                        cache_key=str(key),
+                    )
+                )
+            for app in apps:
+                await app.start()
+            try:
+                roots = []
+                for i, app in enumerate(apps):
+                    root = tmp_path / f"vm{i}"
+                    names = write_vm(root, data)
+                    roots.append(root)
+                    assert app.config.socket_path
+                    got = await scan_all(Path(app.config.socket_path), f"vm{i}", root, names)
+                    assert [v["status"] for v in got] == ["infected"] + ["clean"] * 10
+                assert sum(app.counters.contents_matched for app in apps) == len(data)
+                await asyncio.gather(*(app.swap(v2, "v2", added=added) for app in apps))
+                total = len(data)
+
+                def done() -> bool:
+                    return all(
+                        all(app.cache.get(d_, s_, "v2") for d_, s_ in digests(data)) for app in apps
+                    )
+
+                await async_wait_for(done, 30, "revalidated on both")
+                assert sum(app.counters.revalidations for app in apps) == total
+                read = sum(app.counters.revalidation_bytes for app in apps)
+                assert read == sum(len(d_) for d_ in data)  # each content read once
+                for app in apps:
+                    last = app.cache.get(*digests(data)[-1], "v2")
+                    assert last is not None and last.matches == ("Fleet.New",)
+            finally:
+                for app in apps:
+                    await app.stop()
+
+        run_async(main, timeout=90)
+
+
+def digests(data: list[bytes]) -> list[tuple[bytes, int]]:
+    return [(hashlib.sha256(d).digest(), len(d)) for d in data]
+
+
+def base_sources() -> list[Path]:
+    import offscan
+
+    root = Path(offscan.__file__).resolve().parent / "patterns"
+    if not root.is_dir():
+        root = Path(__file__).resolve().parents[1] / "patterns"
+    return sorted(p for p in root.iterdir() if p.suffix in (".ndb", ".hdb"))
