@@ -23,6 +23,7 @@ from .. import policy as policies
 from .. import protocol
 from .._fsutil import atomic_write
 from ..cache import IdentityMemo, VerdictCache
+from ..cache.memo_log import PersistentIdentityMemo
 from ..engine import Matcher
 from ..signatures import PatternDB
 from . import control as commands
@@ -107,7 +108,7 @@ class Appliance:
             hook_timeout=cfg.hook_timeout,
         )
         self.verdicts = Verdicts(self.events, self.counters, self.actions, self.clock)
-        self.memo = IdentityMemo()
+        self.memo = _identity_memo(cfg)
         self.inherited = IdentityMemo()  # clone file identity -> master digest (see clones.py)
         self.locations = LocationIndex()
         self.gate = PriorityGate(cfg.concurrency)
@@ -220,6 +221,8 @@ class Appliance:
         if self.shared is not None:
             await self.shared.close()
         self.cache.close()
+        if isinstance(self.memo, PersistentIdentityMemo):
+            self.memo.close()
         self.events.close()
 
     async def _handle(self, conn: protocol.Connection) -> None:
@@ -262,6 +265,13 @@ class Appliance:
 
     async def reload(self) -> dict[str, Any]:
         return await self.patterns.reload()
+
+
+def _identity_memo(cfg: ApplianceConfig) -> IdentityMemo:
+    """The identity memo: persisted beside the verdict cache when there is a state directory,
+    so a restart does not read every file again just to learn its digest."""
+    where = cfg.state_file("cache")
+    return PersistentIdentityMemo(where) if where else IdentityMemo()
 
 
 def _fleet_cache(cfg: ApplianceConfig, appliance_id: str) -> tuple[VerdictCache, SharedTier]:
