@@ -52,7 +52,7 @@ class ApplianceConfig:
     cache_key: str | None = None
     cache_redis_timeout: float = 0.25
     cache_redis_ttl: float = 7 * 24 * 3600.0
-    cache_lock_ttl: float = 5.0
+    cache_lock_ttl: float = 3.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "databases", tuple(self.databases))  # frozen all the way down

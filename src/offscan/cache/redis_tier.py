@@ -48,11 +48,12 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 0.25  # seconds a round trip may take before the tier counts Redis as down
 DEFAULT_TTL = 7 * 24 * 3600.0  # seconds an entry lives (a pattern version rarely lives longer)
-DEFAULT_LOCK_TTL = 5.0  # seconds a single-flight lock lives unless its holder refreshes it
+DEFAULT_LOCK_TTL = 3.0  # seconds a single-flight lock lives unless its holder refreshes it
 DEFAULT_RETRY = 1.0  # seconds between reconnect attempts
 DEFAULT_BATCH = 256  # keys per pipelined round trip
 DEFAULT_OUTBOX = 100_000  # verdicts waiting to be written; beyond that the oldest is dropped
-POLL_INTERVAL = 0.02  # seconds between a waiting loser's looks at the winner's entry
+POLL_FIRST = 0.01  # seconds before a waiting appliance first looks at the winner's entry...
+POLL_MAX = 0.1  # ...doubling up to this between looks
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
 
@@ -155,6 +156,7 @@ class SharedTier:
         self._outbox: OrderedDict[bytes, bytes] = OrderedDict()
         self._outbox_lock = threading.Lock()  # publish() may be called from a worker thread
         self._write_task: asyncio.Task[None] | None = None
+        self._held: set[bytes] = set()  # entries whose lock we hold: written on release
         self._reconnect_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counts: dict[str, int] = dict.fromkeys(
@@ -295,9 +297,11 @@ class SharedTier:
                 return found
         self.counts["locks_won"] += 1
         keeper = asyncio.create_task(self._keep_lock(key, token))
+        self._held.add(key.name)
         try:
             return await judge()
         finally:
+            self._held.discard(key.name)
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
@@ -306,8 +310,10 @@ class SharedTier:
     async def _wait(self, key: EntryKey) -> CachedVerdict | None:
         """Wait while another appliance holds ``key``'s lock: its verdict, or None once the
         lock is gone without one (or Redis is)."""
+        pause = POLL_FIRST
         while True:
-            await asyncio.sleep(POLL_INTERVAL)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, POLL_MAX)
             out = await self._call(lambda p: [p.get(key.name), p.exists(key.lock)])
             if out is None:
                 return None
@@ -358,8 +364,8 @@ class SharedTier:
                 self._outbox.popitem(last=False)
                 self.counts["dropped"] += 1
         loop = self._loop
-        if loop is None or loop.is_closed():
-            return
+        if loop is None or loop.is_closed() or name in self._held:
+            return  # a held entry goes out with its lock's release, in the same round trip
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:

@@ -81,9 +81,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fleet.add_argument(
         "--cache-lock-ttl",
         type=float,
-        default=5.0,
+        default=3.0,
         metavar="SECONDS",
-        help="single-flight lock lifetime when its holder stops refreshing it (default 5)",
+        help="single-flight lock lifetime when its holder stops refreshing it (default 3)",
     )
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
