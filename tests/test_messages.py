@@ -28,6 +28,7 @@ NESTED: tuple[Any, ...] = (
     M.PatternsSource,
     M.PatternSwap,
     M.PreventionStats,
+    M.SharedCacheStatus,
 )
 HEADING = re.compile(r"^#+\s+(?:`([^`]+)`|(.+?))\s*$")
 SPREAD = re.compile(r"^`\*\*(\w+)`$")

@@ -54,6 +54,12 @@ class ApplianceConfig:
     clamd_socket_mode: int = 0o660
     clamd_stream_max_length: int | None = None  # bytes; None: clamd's default (100M)
     clamd_max_connections: int | None = None
+    # The fleet's shared verdict tier in Redis (docs/fleet.md): URL, fleet key file, seconds.
+    cache_redis: str | None = None
+    cache_key: str | None = None
+    cache_redis_timeout: float = 0.25
+    cache_redis_ttl: float = 7 * 24 * 3600.0
+    cache_lock_ttl: float = 3.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "databases", tuple(self.databases))  # frozen all the way down
@@ -66,6 +72,14 @@ class ApplianceConfig:
             raise ValueError("--updates needs --trust PUB: bundles are verified before use")
         if self.trust and not self.state_path:
             raise ValueError("signed pattern updates need a --state directory")
+        if self.cache_redis:
+            from ..cache.redis_tier import check_url
+
+            check_url(self.cache_redis)
+            if not self.cache_key:
+                raise ValueError("--cache-redis needs --cache-key FILE: shared entries are signed")
+            if min(self.cache_redis_timeout, self.cache_redis_ttl, self.cache_lock_ttl) <= 0:
+                raise ValueError("--cache-redis-timeout, -ttl and --cache-lock-ttl must be > 0")
 
     @property
     def state_path(self) -> Path | None:
@@ -111,3 +125,8 @@ class ApplianceOptions(TypedDict, total=False):
     clamd_socket_mode: int
     clamd_stream_max_length: int | None
     clamd_max_connections: int | None
+    cache_redis: str | None
+    cache_key: str | None
+    cache_redis_timeout: float
+    cache_redis_ttl: float
+    cache_lock_ttl: float

@@ -23,6 +23,7 @@ from .. import policy as policies
 from .. import protocol
 from .._fsutil import atomic_write
 from ..cache import IdentityMemo, VerdictCache
+from ..cache.memo_log import PersistentIdentityMemo
 from ..engine import Matcher
 from ..signatures import PatternDB
 from . import control as commands
@@ -39,6 +40,7 @@ from .status import Counters
 from .verdicts import EventLog, Verdicts
 
 if TYPE_CHECKING:
+    from ..cache.redis_tier import SharedTier
     from ..metrics import MetricsServer
     from ..metrics import Registry as MetricsRegistry
     from ..protocol.messages import PatternSwap, StatusReport
@@ -80,7 +82,12 @@ class Appliance:
             from ..quarantine import Vault
 
             self.vault = Vault(cfg.vault_path)
-        self.cache = VerdictCache(cfg.cache_entries, state_dir=cfg.state_file("cache"))
+        self.appliance_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.shared: SharedTier | None = None  # the fleet's tier in Redis (docs/fleet.md)
+        if cfg.cache_redis:
+            self.cache, self.shared = _fleet_cache(cfg, self.appliance_id)
+        else:
+            self.cache = VerdictCache(cfg.cache_entries, state_dir=cfg.state_file("cache"))
         self.pool = ThreadPoolExecutor(
             max_workers=cfg.concurrency, thread_name_prefix="offscan-scan"
         )
@@ -102,7 +109,7 @@ class Appliance:
             hook_timeout=cfg.hook_timeout,
         )
         self.verdicts = Verdicts(self.events, self.counters, self.actions, self.clock)
-        self.memo = IdentityMemo()
+        self.memo = _identity_memo(cfg)
         self.inherited = IdentityMemo()  # clone file identity -> master digest (see clones.py)
         self.locations = LocationIndex()
         self.gate = PriorityGate(cfg.concurrency)
@@ -120,6 +127,7 @@ class Appliance:
             counters=self.counters,
             clock=self.clock,
             chunk_timeout=3 * cfg.heartbeat,
+            shared=self.shared,
         )
         self.patterns = Patterns(
             engine,
@@ -134,7 +142,6 @@ class Appliance:
         )
         self.connections = 0
         self.started = self.clock.time()
-        self.appliance_id = f"{socket.gethostname()}:{os.getpid()}"
         self.sessions: set[asyncio.Task[None]] = set()  # one per open connection
         self._background: set[asyncio.Task[None]] = set()
         self._servers: list[protocol.Server] = []
@@ -175,6 +182,8 @@ class Appliance:
 
     async def start(self) -> None:
         cfg = self.config
+        if self.shared is not None:
+            await self.shared.start()
         if cfg.socket_path:
             self._servers.append(
                 await protocol.start_unix_server(
@@ -220,7 +229,11 @@ class Appliance:
         await asyncio.gather(*self.sessions, *self._background, return_exceptions=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.stream_pool.shutdown(wait=False, cancel_futures=True)
+        if self.shared is not None:
+            await self.shared.close()
         self.cache.close()
+        if isinstance(self.memo, PersistentIdentityMemo):
+            self.memo.close()
         self.events.close()
 
     async def _handle(self, conn: protocol.Connection) -> None:
@@ -263,6 +276,30 @@ class Appliance:
 
     async def reload(self) -> dict[str, Any]:
         return await self.patterns.reload()
+
+
+def _identity_memo(cfg: ApplianceConfig) -> IdentityMemo:
+    """The identity memo: persisted beside the verdict cache when there is a state directory,
+    so a restart does not read every file again just to learn its digest."""
+    where = cfg.state_file("cache")
+    return PersistentIdentityMemo(where) if where else IdentityMemo()
+
+
+def _fleet_cache(cfg: ApplianceConfig, appliance_id: str) -> tuple[VerdictCache, SharedTier]:
+    """The L1 cache with the shared tier behind it (``--cache-redis``, ``--cache-key``)."""
+    from ..cache.redis_entries import load_fleet_key
+    from ..cache.redis_tier import TierSettings, open_fleet_cache
+
+    assert cfg.cache_redis and cfg.cache_key  # ApplianceConfig checked both
+    settings = TierSettings(
+        cfg.cache_redis,
+        load_fleet_key(cfg.cache_key),
+        appliance_id=appliance_id,
+        timeout=cfg.cache_redis_timeout,
+        ttl=cfg.cache_redis_ttl,
+        lock_ttl=cfg.cache_lock_ttl,
+    )
+    return open_fleet_cache(settings, cfg.cache_entries, state_dir=cfg.state_file("cache"))
 
 
 async def serve(appliance: Appliance, *, ready_file: str | None = None) -> None:

@@ -18,9 +18,9 @@ import errno
 import heapq
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .. import policy as policies
 from .. import protocol
@@ -34,6 +34,7 @@ from .status import Counters
 from .verdicts import Judged, Verdicts
 
 if TYPE_CHECKING:
+    from ..cache.redis_tier import SharedTier
     from ..protocol.messages import ApplianceVerdictSource, VerdictRecord
     from .patterns import Engine
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 DigestSource = Literal["identity", "clone", "digest"]
 
 PRIORITIES = {"access": 0, "demand": 1}
+T = TypeVar("T")
 
 
 class PriorityGate:
@@ -114,8 +116,10 @@ class Pipeline:
         locations: LocationIndex | None = None,
         clock: Clock = SYSTEM_CLOCK,
         chunk_timeout: float = 3 * protocol.DEFAULT_HEARTBEAT,
+        shared: SharedTier | None = None,
     ) -> None:
         self._engine = engine
+        self.shared = shared  # the fleet's L2 tier in Redis (cache/redis_tier.py), if any
         self.cache = cache
         self.memo = memo
         # clone file identity -> master digest (see clones.py)
@@ -233,6 +237,8 @@ class Pipeline:
             size = st.st_size
             self.locations.add(digest, vm.name, path, ident)
             cached = self.cache.get(digest, size, eng.version)
+            if cached is None and self.shared is not None:  # judged elsewhere in the fleet?
+                cached = await self.shared.get(digest, size, eng.version)
             if cached is None and eng.revalidation is not None:
                 cached = await self.revalidate(eng, digest, size, fd, ident)
                 if cached is not None:
@@ -271,7 +277,7 @@ class Pipeline:
 
     async def _match(
         self, eng: Engine, path: str, fd: int, ident: Identity, digest: bytes, size: int
-    ) -> ScanResult:
+    ) -> ScanResult | CachedVerdict:
         """Match the content once for every request asking for it now (single-flight); the
         verdict is cached unless the file changed while it was read."""
         led = False
@@ -295,12 +301,31 @@ class Pipeline:
                 )
             return res
 
-        res = await self.flights.run(key, match)
+        res = await self.flights.run(key, self._fleet_once(key, match))
         if not led:  # an identical content was being matched for another request
             self.counters.joined_in_flight += 1
         return res
 
+    def _fleet_once(
+        self, key: tuple[bytes, int, str], fn: Callable[[], Awaitable[T]]
+    ) -> Callable[[], Awaitable[T | CachedVerdict]]:
+        """``fn``, done once across the fleet when there is a shared tier (its verdict if
+        another appliance did it); ``fn`` itself otherwise."""
+        shared = self.shared
+        if shared is None:
+            return fn
+        return lambda: shared.once(*key, fn)
+
     async def revalidate(
+        self, eng: Engine, digest: bytes, size: int, fd: int, ident: Identity
+    ) -> CachedVerdict | None:
+        """:meth:`_revalidate`, once per content across the fleet."""
+        run = self._fleet_once(
+            (digest, size, eng.version), lambda: self._revalidate(eng, digest, size, fd, ident)
+        )
+        return await run()
+
+    async def _revalidate(
         self, eng: Engine, digest: bytes, size: int, fd: int, ident: Identity
     ) -> CachedVerdict | None:
         """Make the previous version's cached verdict for this content current, reading it

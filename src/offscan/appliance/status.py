@@ -119,6 +119,9 @@ def status(app: Appliance) -> messages.StatusReport:
         "hit_ratio": round(served / lookups, 4) if lookups else 0.0,
         "cache_entries": len(app.cache),
         "recent_detections": app.verdicts.detections[-10:],
+        "shared_cache": (
+            cast("messages.SharedCacheStatus", app.shared.status()) if app.shared else None
+        ),
         **c.message(),
     }
 
@@ -230,5 +233,25 @@ def build_metrics(app: Appliance) -> Registry:
     reg.gauge("offscan_in_flight", "Requests being read or matched.", fn=lambda: gate.active)
     reg.gauge("offscan_vms", "Registered VMs.", fn=lambda: len(app.inventory.vms))
     reg.gauge("offscan_cache_entries", "Verdict cache entries.", fn=lambda: len(app.cache))
+    shared = app.shared
+    if shared is not None:  # the fleet's tier in Redis (docs/fleet.md)
+        reg.register(
+            CounterView(
+                "offscan_shared_cache_total",
+                "Shared verdict tier (Redis) events: hits, misses, forged entries, round trips...",
+                ("event",),
+                lambda: {(k,): v for k, v in shared.counts.items()},
+            )
+        )
+        reg.gauge(
+            "offscan_shared_cache_up",
+            "Redis tier reachable (1) or not (0).",
+            fn=lambda: int(shared.up),
+        )
+        reg.gauge(
+            "offscan_shared_cache_outbox",
+            "Verdicts waiting for Redis.",
+            fn=lambda: shared.status()["outbox"],
+        )
     app.verdicts.latency = reg.histogram("offscan_verdict_seconds", "Request to verdict latency.")
     return reg

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def register(sub: Subparsers) -> None:
-    p = sub.add_parser("bench", help="the lab: agent vs agentless, clone storm")
+    p = sub.add_parser("bench", help="the lab: agent vs agentless, clone storm, fleet")
     add_bench_arguments(p)
     p.set_defaults(run=run)
 
@@ -63,6 +63,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     _add_agent_vs_agentless(sub)
     _add_clone_storm(sub)
+    _add_fleet(sub)
 
 
 def _common_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -238,6 +239,19 @@ def _add_clone_storm(sub: Subparsers) -> None:
         help=f"vm-clone requests in flight (default {DEFAULT_CLONE_PARALLEL}; 2 copies on both cores)",
     )
     _common_arguments(q, "offscan-clone-storm")
+
+
+def _add_fleet(sub: Subparsers) -> None:
+    f = sub.add_parser(
+        "fleet",
+        help="several appliances + one Redis: shared verdict tier and shim failover",
+        description="Several appliances (one per simulated host) protect N clone VMs each "
+        "from one master: isolated, with the verdict tier shared through Redis, and a "
+        "failover run (an appliance killed mid-storm). Needs redis-server.",
+    )
+    f.add_argument("--hosts", type=int, default=3, help="appliances (default 3)")
+    f.add_argument("--vms", type=int, default=5, help="clone VMs per host (default 5)")
+    _common_arguments(f, "offscan-fleet")
 
 
 def _command_line(args: argparse.Namespace) -> str:

@@ -57,6 +57,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--poll", type=float, default=60.0, metavar="SECONDS", help="update poll interval"
     )
     _add_clamd_arguments(p)
+    fleet = p.add_argument_group("fleet: a verdict tier shared through Redis (docs/fleet.md)")
+    fleet.add_argument(
+        "--cache-redis",
+        metavar="URL",
+        help="redis://HOST:PORT/DB, rediss://..., unix://PATH or redis+cluster://HOST:PORT",
+    )
+    fleet.add_argument(
+        "--cache-key", metavar="FILE", help="fleet key file: shared entries are HMAC-signed"
+    )
+    fleet.add_argument(
+        "--cache-redis-timeout",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="a Redis round trip slower than this degrades to the local cache (default 0.25)",
+    )
+    fleet.add_argument(
+        "--cache-redis-ttl",
+        type=float,
+        default=7 * 24 * 3600.0,
+        metavar="SECONDS",
+        help="how long a shared entry lives (default 7 days)",
+    )
+    fleet.add_argument(
+        "--cache-lock-ttl",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="single-flight lock lifetime when its holder stops refreshing it (default 3)",
+    )
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(run=run)
@@ -150,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
             trust=args.trust,
             poll=args.poll,
             **_clamd_options(args),
+            cache_redis=args.cache_redis,
+            cache_key=args.cache_key,
+            cache_redis_timeout=args.cache_redis_timeout,
+            cache_redis_ttl=args.cache_redis_ttl,
+            cache_lock_ttl=args.cache_lock_ttl,
         )
         appliance = Appliance.from_config(config)
     except (SignatureError, ValueError, OSError, RuntimeError) as exc:

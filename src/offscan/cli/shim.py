@@ -46,8 +46,10 @@ def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--appliance",
         required=True,
+        action="append",
         metavar="SOCKET|HOST:PORT",
-        help="the appliance: a unix socket path or HOST:PORT",
+        help="the appliance: a unix socket path or HOST:PORT; repeat for an ordered failover "
+        "list (the first healthy one is used)",
     )
     parser.add_argument(
         "--vm",
@@ -148,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> ShimConfig:
     vms: list[VMSpec] = args.vms
     clone_of: list[tuple[str, str]] = args.clone_of
     return ShimConfig(
-        appliance=args.appliance,
+        appliance=args.appliance[0] if len(args.appliance) == 1 else tuple(args.appliance),
         vms=tuple(vms),
         clone_of=tuple(clone_of),
         secret=args.secret,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 WORKLOADS = ("boot-storm", "steady", "clone-storm", "update")
-BENCHES = ("agent-vs-agentless", "clone-storm")  # the ``offscan bench`` subcommands
+BENCHES = ("agent-vs-agentless", "clone-storm", "fleet")  # the ``offscan bench`` subcommands
 DEFAULT_FILES = 200  # files per VM: modest, so N = 100 runs in minutes on 2 cores
 DEFAULT_SIGS = 5000  # generated body signatures (+ EICAR)
 DEFAULT_SHARED = 0.8  # share of a VM's files identical on every VM (ESET: 70-80 %)
@@ -54,4 +54,5 @@ class BenchConfig:
     repeat: int = 1  # runs of every (setup, N), interleaved, to show run-to-run spread
     clones: int = 500  # clone-storm
     parallel: int = DEFAULT_CLONE_PARALLEL  # clone-storm: vm-clone requests in flight
+    hosts: int = 3  # fleet: appliances (one per simulated host), --vms clone VMs each
     command: str = ""

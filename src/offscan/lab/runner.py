@@ -220,6 +220,10 @@ def run_bench(bench: str, cfg: BenchConfig, console: Console | None = None) -> i
     console = console or Console()
     with _sigterm_as_interrupt():
         try:
+            if bench == "fleet":
+                from .fleet_report import fleet_complete, run_fleet
+
+                return EXIT_COMPLETE if fleet_complete(run_fleet(cfg, console)) else EXIT_INCOMPLETE
             if bench == "clone-storm":
                 res = run_clone_storm(cfg, console)
                 return EXIT_COMPLETE if res["storm"]["complete"] else EXIT_INCOMPLETE

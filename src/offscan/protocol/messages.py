@@ -57,6 +57,7 @@ __all__ = [
     "Report",
     "ScanMode",
     "ScanRequest",
+    "SharedCacheStatus",
     "ShimVerdict",
     "ShimVerdictSource",
     "StatusReport",
@@ -463,6 +464,32 @@ PatternSwap = TypedDict(
 )
 
 
+class SharedCacheStatus(TypedDict):
+    """``status.shared_cache``: the fleet's verdict tier in Redis (docs/fleet.md), its health
+    and its books since the appliance started."""
+
+    url: str  # password redacted
+    state: Literal["up", "down"]
+    last_error: str | None
+    outbox: int  # verdicts waiting to be written to Redis
+    ttl: float  # seconds an entry lives
+    hits: int
+    misses: int
+    skipped: int  # lookups answered "unknown" at once because Redis was down
+    forged: int  # entries ignored because the fleet key did not sign them
+    round_trips: int
+    keys_looked_up: int
+    writes: int
+    dropped: int  # verdicts the full outbox dropped during an outage (kept in L1)
+    oversize: int  # verdicts too big to share (kept in L1)
+    locks_won: int
+    lock_waits: int
+    served_by_peer: int  # waited for another appliance's verdict and got it
+    takeovers: int  # a lock expired without a verdict and this appliance took over
+    outages: int
+    errors: int
+
+
 class StatusReport(Counters):
     """The ``status`` reply without its envelope (``t``, ``id``): what the appliance reports
     about itself in process (``Appliance.status()``, an agent's status file). Not a message:
@@ -486,6 +513,7 @@ class StatusReport(Counters):
     hit_ratio: float
     cache_entries: int
     recent_detections: list[Detection]
+    shared_cache: SharedCacheStatus | None  # None: no --cache-redis
 
 
 class ApplianceStatus(StatusReport):

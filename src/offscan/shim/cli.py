@@ -40,6 +40,9 @@ STATS_LINE_KEYS = (
     "replayed",
     "reconnects",
     "dropped",
+    "appliance",
+    "failovers",
+    "failbacks",
 )
 
 
@@ -51,7 +54,7 @@ class ShimConfig:
     clone must be one of ``vms``. The rest are :class:`~offscan.shim.shim.Shim`'s options.
     """
 
-    appliance: str
+    appliance: str | tuple[str, ...]  # several: in priority order, failover between them
     vms: tuple[VMSpec, ...]
     clone_of: tuple[tuple[str, str], ...] = ()
     secret: str | None = None

@@ -52,7 +52,7 @@ class Shim:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],  # several: an ordered failover list (shim/connection.py)
         vms: Sequence[VMSpec],
         *,
         shim_id: str | None = None,
@@ -289,6 +289,9 @@ class Shim:
             **counts,
             "replayed": sent["replayed"],
             "reconnects": self._link.reconnects,
+            "appliance": self._link.in_use,  # None while offline
+            "failovers": self._link.failovers,
+            "failbacks": self._link.failbacks,
             "dropped": self._backlog.dropped,
             "walks": self._walks,
             "connected": self._link.online,

@@ -1,0 +1,496 @@
+"""The fleet's shared verdict tier: an L2 in Redis behind each appliance's in-process cache.
+
+:class:`SharedTier` answers three questions for the scan pipeline, on the event loop:
+
+- :meth:`~SharedTier.get`: *has any appliance of the fleet judged this content under this
+  pattern version?* Lookups that arrive while a round trip is out are sent together in the
+  next one (one pipelined ``GET`` per key), so a boot storm costs a few round trips, not one a
+  file.
+- :meth:`~SharedTier.once`: cluster-wide single-flight. Before matching, an appliance takes a
+  short lock key (``SET NX PX``, refreshed while it works); another appliance asking for the
+  same content waits for the winner's verdict, or takes over if the lock expires without one.
+- :meth:`~SharedTier.publish`: every verdict the appliance caches is written to Redis (``SET
+  PX ttl``) by a background writer, from a bounded outbox that survives an outage.
+
+Every entry is signed with the fleet key (:mod:`.redis_entries`); one that fails the check is
+ignored and counted. Redis down or slow: every round trip has a deadline; the first failure
+marks the tier down, logs once, and from then on lookups answer "unknown" at once (the
+appliance works from L1 alone, nothing is lost) while a reconnect loop pings Redis and, once it
+answers, sends the outbox and brings the tier back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from .records import CachedVerdict
+from .redis_entries import (
+    DEFAULT_NAMESPACE,
+    MAX_ENTRY_BYTES,
+    EntryKey,
+    decode_entry,
+    encode_entry,
+)
+from .verdicts import VerdictCache
+
+log = logging.getLogger("offscan.cache.redis")
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 0.25  # seconds a round trip may take before the tier counts Redis as down
+DEFAULT_TTL = 7 * 24 * 3600.0  # seconds an entry lives (a pattern version rarely lives longer)
+DEFAULT_LOCK_TTL = 3.0  # seconds a single-flight lock lives unless its holder refreshes it
+DEFAULT_RETRY = 1.0  # seconds between reconnect attempts
+DEFAULT_BATCH = 256  # keys per pipelined round trip
+DEFAULT_OUTBOX = 100_000  # verdicts waiting to be written; beyond that the oldest is dropped
+POLL_FIRST = 0.01  # seconds before a waiting appliance first looks at the winner's entry...
+POLL_MAX = 0.1  # ...doubling up to this between looks
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
+
+# Delete (or refresh) a lock only if it still holds our token: an expired lock another
+# appliance took over must not be released by its previous holder.
+_RELEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+_REFRESH = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
+
+_ERRORS: tuple[type[BaseException], ...]
+try:
+    from redis.exceptions import RedisError
+
+    _ERRORS = (RedisError, OSError, TimeoutError)
+except ImportError:  # pragma: no cover - redis is a dependency
+    _ERRORS = (OSError, TimeoutError)
+
+
+def check_url(url: str) -> str:
+    """``url`` if it names a Redis this tier can use, else ValueError with the schemes."""
+    scheme = urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"--cache-redis {redact(url)}: scheme must be one of "
+            + ", ".join(f"{s}://" for s in SCHEMES)
+        )
+    return url
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for logs and status)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    """How the tier talks to Redis (``offscan serve --cache-redis*`` options)."""
+
+    url: str
+    fleet_key: bytes
+    appliance_id: str = ""
+    timeout: float = DEFAULT_TIMEOUT
+    ttl: float = DEFAULT_TTL
+    lock_ttl: float = DEFAULT_LOCK_TTL
+    retry: float = DEFAULT_RETRY
+    batch: int = DEFAULT_BATCH
+    outbox: int = DEFAULT_OUTBOX
+    namespace: str = DEFAULT_NAMESPACE
+
+
+def _connect(url: str, timeout: float) -> Any:
+    """A redis.asyncio client (or cluster client) for ``url``, without retries: the tier
+    decides what a failure means."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    scheme = urlsplit(url).scheme
+    if scheme in CLUSTER_SCHEMES:
+        from redis.asyncio.cluster import RedisCluster
+
+        plain = CLUSTER_SCHEMES[scheme] + url[len(scheme) :]
+        return RedisCluster.from_url(plain, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def _getter(names: list[bytes]) -> Callable[[Any], list[Any]]:
+    return lambda p: [p.get(n) for n in names]
+
+
+class SharedTier:
+    """The L2 verdict tier (see the module docstring). ``fill`` puts a verdict read from Redis
+    into L1 without publishing it again. :meth:`start` and :meth:`close` run on the loop."""
+
+    def __init__(self, settings: TierSettings, *, fill: Callable[[CachedVerdict], None]) -> None:
+        self.settings = s = settings
+        self._fill = fill
+        self._lock_ms = max(1, int(s.lock_ttl * 1000))
+        self._ttl_ms = max(1, int(s.ttl * 1000))
+        self._client: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.up = False
+        self.last_error: str | None = None
+        self._gets: list[tuple[EntryKey, asyncio.Future[CachedVerdict | None]]] = []
+        self._get_task: asyncio.Task[None] | None = None
+        self._outbox: OrderedDict[bytes, bytes] = OrderedDict()
+        self._outbox_lock = threading.Lock()  # publish() may be called from a worker thread
+        self._write_task: asyncio.Task[None] | None = None
+        self._held: set[bytes] = set()  # entries whose lock we hold: written on release
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.counts: dict[str, int] = dict.fromkeys(
+            (
+                "hits",
+                "misses",
+                "skipped",
+                "forged",
+                "round_trips",
+                "keys_looked_up",
+                "writes",
+                "dropped",
+                "oversize",
+                "locks_won",
+                "lock_waits",
+                "served_by_peer",
+                "takeovers",
+                "outages",
+                "errors",
+            ),
+            0,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and check Redis answers; if it does not, start degraded and keep trying."""
+        self._loop = asyncio.get_running_loop()
+        self._client = _connect(self.settings.url, self.settings.timeout)
+        if await self._ping():
+            self.up = True
+            log.info("shared verdict tier %s up", redact(self.settings.url))
+        else:
+            self._went_down(self.last_error or "no answer")
+
+    async def close(self) -> None:
+        """Send what the outbox holds (one bounded try), stop the background tasks, close."""
+        if self.up and self._outbox:
+            await self._write_batch(len(self._outbox))
+        for t in [self._get_task, self._write_task, self._reconnect_task, *self._tasks]:
+            if t is not None:
+                t.cancel()
+        for t in [self._get_task, self._write_task, self._reconnect_task, *self._tasks]:
+            if t is not None:
+                with contextlib.suppress(BaseException):
+                    await t
+        for f in self._gets:
+            if not f[1].done():
+                f[1].set_result(None)
+        self._gets.clear()
+        if self._client is not None:
+            with contextlib.suppress(*_ERRORS):
+                await self._client.aclose()
+            self._client = None
+        self.up = False
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def key(self, digest: bytes, size: int, version: str) -> EntryKey:
+        return EntryKey(digest, size, version, self.settings.namespace)
+
+    async def get(self, digest: bytes, size: int, version: str) -> CachedVerdict | None:
+        """The fleet's verdict for this content and version (also put into L1), or None:
+        unknown, forged, or Redis unreachable (answered at once while the tier is down)."""
+        if not self.up:
+            self.counts["skipped"] += 1
+            return None
+        fut: asyncio.Future[CachedVerdict | None] = asyncio.get_running_loop().create_future()
+        self._gets.append((self.key(digest, size, version), fut))
+        if self._get_task is None or self._get_task.done():
+            self._get_task = asyncio.create_task(self._drain_gets())
+        return await fut
+
+    async def _drain_gets(self) -> None:
+        """Send queued lookups, up to ``batch`` keys a round trip, until none are left; the
+        lookups that arrive during a round trip go in the next one."""
+        while self._gets:
+            batch = self._gets[: self.settings.batch]
+            del self._gets[: len(batch)]
+            batch = [(k, f) for k, f in batch if not f.done()]
+            if not batch:
+                continue
+            out = await self._call(_getter([k.name for k, _ in batch]))
+            self.counts["keys_looked_up"] += len(batch)
+            for i, (k, fut) in enumerate(batch):
+                v = self._accept(k, out[i]) if out is not None else None
+                if not fut.done():
+                    fut.set_result(v)
+
+    def _accept(self, key: EntryKey, raw: Any) -> CachedVerdict | None:
+        """The verdict in a value read from Redis (put into L1), or None if there is none or
+        the fleet key did not sign it."""
+        if raw is None:
+            self.counts["misses"] += 1
+            return None
+        v = decode_entry(key, raw, self.settings.fleet_key)
+        if v is None:
+            self.counts["forged"] += 1
+            log.warning("ignored a shared cache entry that fails the fleet key check: %r", key.name)
+            return None
+        self.counts["hits"] += 1
+        self._fill(v)
+        return v
+
+    # -- cluster-wide single-flight ------------------------------------------------------------
+
+    async def once(
+        self, digest: bytes, size: int, version: str, judge: Callable[[], Awaitable[T]]
+    ) -> T | CachedVerdict:
+        """``judge()`` unless another appliance of the fleet has judged, or is judging, this
+        content under ``version``: then its verdict. The judging appliance holds a lock key
+        while it works; the others wait for its entry and take over if the lock expires (or is
+        released) without one. With Redis unreachable the content is judged here."""
+        key = self.key(digest, size, version)
+        token = os.urandom(16).hex()
+        waited = False
+        while True:
+            out = await self._call(
+                lambda p: [p.set(key.lock, token, nx=True, px=self._lock_ms), p.get(key.name)]
+            )
+            if out is None:
+                return await judge()
+            won, raw = bool(out[0]), out[1]
+            found = self._accept(key, raw) if raw is not None else None
+            if found is not None:
+                if won:
+                    await self._release(key, token)
+                self.counts["served_by_peer"] += waited
+                return found
+            if won:
+                self.counts["takeovers"] += waited
+                break
+            self.counts["lock_waits"] += 1
+            waited = True
+            found = await self._wait(key)
+            if found is not None:
+                self.counts["served_by_peer"] += 1
+                return found
+        self.counts["locks_won"] += 1
+        keeper = asyncio.create_task(self._keep_lock(key, token))
+        self._held.add(key.name)
+        try:
+            return await judge()
+        finally:
+            self._held.discard(key.name)
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            await self._release(key, token)
+
+    async def _wait(self, key: EntryKey) -> CachedVerdict | None:
+        """Wait while another appliance holds ``key``'s lock: its verdict, or None once the
+        lock is gone without one (or Redis is)."""
+        pause = POLL_FIRST
+        while True:
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, POLL_MAX)
+            out = await self._call(lambda p: [p.get(key.name), p.exists(key.lock)])
+            if out is None:
+                return None
+            if out[0] is not None:
+                found = self._accept(key, out[0])
+                if found is not None:
+                    return found
+            if not out[1]:
+                return None
+
+    async def _keep_lock(self, key: EntryKey, token: str) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lock_ttl / 3)
+            await self._call(lambda p: [p.eval(_REFRESH, 1, key.lock, token, self._lock_ms)])
+
+    async def _release(self, key: EntryKey, token: str) -> None:
+        """Write this content's verdict if it still waits in the outbox, then drop the lock,
+        in one round trip: a waiting appliance finds the entry before it finds the lock gone."""
+        with self._outbox_lock:
+            value = self._outbox.pop(key.name, None)
+
+        def build(p: Any) -> list[Any]:
+            ops = [] if value is None else [p.set(key.name, value, px=self._ttl_ms)]
+            return [*ops, p.eval(_RELEASE, 1, key.lock, token)]
+
+        if await self._call(build) is None:
+            if value is not None:
+                self._queue(key.name, value)  # the lock expires by itself
+        elif value is not None:
+            self.counts["writes"] += 1
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def publish(self, verdict: CachedVerdict) -> None:
+        """Queue ``verdict`` for Redis (any thread; returns at once)."""
+        key = self.key(verdict.digest, verdict.size, verdict.pattern_version)
+        value = encode_entry(key, verdict, self.settings.fleet_key, self.settings.appliance_id)
+        if len(value) > MAX_ENTRY_BYTES:
+            self.counts["oversize"] += 1
+            return
+        self._queue(key.name, value)
+
+    def _queue(self, name: bytes, value: bytes) -> None:
+        with self._outbox_lock:
+            self._outbox[name] = value
+            self._outbox.move_to_end(name)
+            while len(self._outbox) > self.settings.outbox:
+                self._outbox.popitem(last=False)
+                self.counts["dropped"] += 1
+        loop = self._loop
+        if loop is None or loop.is_closed() or name in self._held:
+            return  # a held entry goes out with its lock's release, in the same round trip
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._kick_writer()
+        else:
+            loop.call_soon_threadsafe(self._kick_writer)
+
+    def _kick_writer(self) -> None:
+        if self.up and (self._write_task is None or self._write_task.done()):
+            self._write_task = asyncio.create_task(self._drain_writes())
+
+    async def _drain_writes(self) -> None:
+        while self._outbox and self.up:
+            if not await self._write_batch(self.settings.batch):
+                return
+
+    async def _write_batch(self, n: int) -> bool:
+        with self._outbox_lock:
+            batch = [self._outbox.popitem(last=False) for _ in range(min(n, len(self._outbox)))]
+        if not batch:
+            return True
+        if await self._call(lambda p: [p.set(k, v, px=self._ttl_ms) for k, v in batch]) is None:
+            with self._outbox_lock:  # back at the front, unless a newer verdict replaced one
+                for k, v in reversed(batch):
+                    if k not in self._outbox:
+                        self._outbox[k] = v
+                        self._outbox.move_to_end(k, last=False)
+            return False
+        self.counts["writes"] += len(batch)
+        return True
+
+    # -- round trips and health ----------------------------------------------------------------
+
+    async def _call(self, build: Callable[[Any], list[Any]]) -> list[Any] | None:
+        """One pipelined round trip (``build`` queues the commands), or None if the tier is
+        down or Redis fails to answer in time (which marks it down)."""
+        if not self.up or self._client is None:
+            return None
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                pipe = self._client.pipeline(transaction=False)
+                build(pipe)
+                out: list[Any] = await pipe.execute()
+        except _ERRORS as exc:
+            self._went_down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return None
+        self.counts["round_trips"] += 1
+        return out
+
+    def _went_down(self, why: str) -> None:
+        self.counts["errors"] += 1
+        self.last_error = why
+        if self.up or self._reconnect_task is None:
+            self.counts["outages"] += 1
+            log.warning(
+                "shared verdict tier %s unreachable (%s): serving from the local cache alone, "
+                "reconnecting every %.1f s",
+                redact(self.settings.url),
+                why,
+                self.settings.retry,
+            )
+        self.up = False
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.create_task(self._reconnect())
+
+    async def _ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                await self._client.ping()
+        except _ERRORS as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return False
+        return True
+
+    async def _reconnect(self) -> None:
+        while not self.up:
+            await asyncio.sleep(self.settings.retry)
+            if await self._ping():
+                self.up = True
+                self.last_error = None
+                log.warning(
+                    "shared verdict tier %s back; sending %d queued verdict(s)",
+                    redact(self.settings.url),
+                    len(self._outbox),
+                )
+                self._kick_writer()
+
+    def status(self) -> dict[str, Any]:
+        """What ``status.shared_cache`` reports (see docs/fleet.md)."""
+        return {
+            "url": redact(self.settings.url),
+            "state": "up" if self.up else "down",
+            "last_error": self.last_error,
+            "outbox": len(self._outbox),
+            "ttl": self.settings.ttl,
+            **self.counts,
+        }
+
+
+class FleetVerdictCache(VerdictCache):
+    """The L1 verdict cache of an appliance in a fleet: every verdict it caches is also
+    published to the shared tier (set :attr:`shared`); :meth:`put_local` caches one read
+    from the tier without writing it back."""
+
+    shared: SharedTier | None = None
+
+    def put(self, verdict: CachedVerdict) -> None:
+        super().put(verdict)
+        if self.shared is not None:
+            self.shared.publish(verdict)
+
+    def put_local(self, verdict: CachedVerdict) -> None:
+        super().put(verdict)
+
+
+def open_fleet_cache(
+    settings: TierSettings,
+    max_entries: int,
+    *,
+    state_dir: str | os.PathLike[str] | None = None,
+) -> tuple[FleetVerdictCache, SharedTier]:
+    """An L1 cache and the shared tier behind it, wired both ways (start the tier on the loop)."""
+    cache = FleetVerdictCache(max_entries, state_dir=state_dir)
+    tier = SharedTier(settings, fill=cache.put_local)
+    cache.shared = tier
+    return cache, tier
