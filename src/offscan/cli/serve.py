@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from ..appliance.config import DEFAULT_VM_AREAS
+from ..appliance.limits import DEFAULT_CONNECTIONS_PER_CLIENT, DEFAULT_STREAMS_PER_CLIENT
 from ..signatures import SignatureError
 from ._common import EXIT_CLEAN, EXIT_ERROR, parse_host_port, setup_logging
 
@@ -55,6 +57,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--poll", type=float, default=60.0, metavar="SECONDS", help="update poll interval"
     )
+    # -- hardening (issue 14): the operator's socket, where VM roots may be, client limits --
+    p.add_argument(
+        "--admin-socket",
+        metavar="PATH",
+        help="unix socket (mode 600) for operator commands: vm, policy, quarantine, reload, "
+        "status (default: SOCKET.admin; '' for none)",
+    )
+    p.add_argument(
+        "--vm-area",
+        action="append",
+        metavar="DIR",
+        help="a directory VM roots may lie under (repeatable; default: "
+        + ", ".join(DEFAULT_VM_AREAS)
+        + ")",
+    )
+    p.add_argument(
+        "--connections-per-client",
+        type=int,
+        default=DEFAULT_CONNECTIONS_PER_CLIENT,
+        metavar="N",
+        help=f"open connections one uid or address may hold (default {DEFAULT_CONNECTIONS_PER_CLIENT})",
+    )
+    p.add_argument(
+        "--streams-per-client",
+        type=int,
+        default=DEFAULT_STREAMS_PER_CLIENT,
+        metavar="N",
+        help=f"stream scans one client may have open (default {DEFAULT_STREAMS_PER_CLIENT})",
+    )
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(run=run)
@@ -86,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
             updates=args.updates,
             trust=args.trust,
             poll=args.poll,
+            admin_socket=args.admin_socket,
+            vm_areas=tuple(args.vm_area or DEFAULT_VM_AREAS),
+            connections_per_client=args.connections_per_client,
+            streams_per_client=args.streams_per_client,
         )
         appliance = Appliance.from_config(config)
     except (SignatureError, ValueError, OSError, RuntimeError) as exc:
