@@ -276,7 +276,11 @@ async def serve(appliance: Appliance, *, ready_file: str | None = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await appliance.start()
+    try:
+        await appliance.start()
+    except BaseException:  # a listener failed: close those already open, remove their files
+        await appliance.stop()
+        raise
     if ready_file:
         # fsync=False: the ready file only tells a parent process (tests, the lab) that the
         # appliance is listening; it must appear whole (atomic), it need not survive a crash.

@@ -70,8 +70,8 @@ def admin_address(args: argparse.Namespace) -> str:
 def parse_host_port(text: str, *, option: str = "--listen") -> tuple[str, int]:
     """``HOST:PORT`` → ``(host, port)``; a bad value ends the command with a one-line error."""
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(f"offscan: {option} wants HOST:PORT, got {text!r}")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise SystemExit(f"offscan: {option} wants HOST:PORT (port 0..65535), got {text!r}")
     return host, int(port)
 
 

@@ -267,8 +267,8 @@ def run_quarantine(args: argparse.Namespace) -> int:
 def run_reload(args: argparse.Namespace) -> int:
     rc, r = control(args, "reload")
     if rc == 0 and not args.json:
-        print(
-            f"pattern version {r['pattern_version']}"
-            + (f" (update error: {r['error']})" if r.get("error") else "")
-        )
+        print(f"pattern version {r['pattern_version']}")
+    if rc == 0 and r.get("error"):  # the old patterns keep serving, but the update failed
+        print(f"offscan reload: update failed: {r['error']}", file=sys.stderr)
+        return EXIT_ERROR
     return rc

@@ -100,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.socket and not args.listen:
         print("offscan: serve needs --socket PATH and/or --listen HOST:PORT", file=sys.stderr)
         return EXIT_ERROR
+    for option, path in (("--socket", args.socket), ("--admin-socket", args.admin_socket)):
+        where = os.path.dirname(os.path.abspath(path)) if path else None
+        if where and not os.path.isdir(where):
+            print(f"offscan: {option} {path}: no directory {where}", file=sys.stderr)
+            return EXIT_ERROR
     try:
         config = ApplianceConfig(
             socket_path=args.socket,
@@ -126,5 +131,13 @@ def run(args: argparse.Namespace) -> int:
     except (SignatureError, ValueError, OSError, RuntimeError) as exc:
         print(f"offscan: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    asyncio.run(serve(appliance, ready_file=args.ready_file))
+    try:
+        asyncio.run(serve(appliance, ready_file=args.ready_file))
+    except OSError as exc:  # a listener that cannot be opened (address in use, permissions)
+        print(f"offscan: serve: {exc.strerror or exc}{_where(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_CLEAN
+
+
+def _where(exc: OSError) -> str:
+    return f": {exc.filename}" if exc.filename else ""
