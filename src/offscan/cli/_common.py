@@ -58,12 +58,15 @@ def admin_address(args: argparse.Namespace) -> str:
     try:
         kind, _ = parse_address(socket_address(args.appliance))
     except ValueError as exc:
-        raise SystemExit(f"offscan: --appliance: {exc}") from None
+        print(f"offscan: --appliance: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
     if kind != "unix":
-        raise SystemExit(
+        print(
             f"offscan: operator commands go to the appliance's admin socket (a unix socket "
-            f"on its host), not to TCP {args.appliance}: give --admin-socket PATH"
+            f"on its host), not to TCP {args.appliance}: give --admin-socket PATH",
+            file=sys.stderr,
         )
+        raise SystemExit(EXIT_ERROR)
     return admin_socket_for(socket_address(args.appliance))
 
 
@@ -71,7 +74,8 @@ def parse_host_port(text: str, *, option: str = "--listen") -> tuple[str, int]:
     """``HOST:PORT`` → ``(host, port)``; a bad value ends the command with a one-line error."""
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
-        raise SystemExit(f"offscan: {option} wants HOST:PORT (port 0..65535), got {text!r}")
+        print(f"offscan: {option} wants HOST:PORT (port 0..65535), got {text!r}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
     return host, int(port)
 
 

@@ -23,7 +23,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=os.environ.get("OFFSCAN_SECRET"),
         help="shared secret for TCP clients (default: $OFFSCAN_SECRET)",
     )
-    p.add_argument("-d", "--database", action="append", default=[], metavar="DB")
+    p.add_argument(
+        "-d",
+        "--database",
+        action="append",
+        default=[],
+        metavar="DB",
+        help="signature database file or directory (repeatable; default: the bundled EICAR)",
+    )
     p.add_argument(
         "--state", metavar="DIR", help="state directory: inventory, verdict cache, event log"
     )
@@ -43,7 +50,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="CMD",
         help="run as CMD VM TAG... with JSON on stdin when a VM's tags change",
     )
-    p.add_argument("--hook-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument(
+        "--hook-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long the isolation hook may run (default 10)",
+    )
     p.add_argument(
         "--quarantine", metavar="DIR", help="quarantine vault (default: STATE/quarantine)"
     )
@@ -87,7 +100,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help=f"stream scans one client may have open (default {DEFAULT_STREAMS_PER_CLIENT})",
     )
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(run=run)
 
 
