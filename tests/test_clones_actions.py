@@ -15,7 +15,7 @@ import pytest
 from helpers import EICAR, ApplianceProc, status, wait_for
 
 from offscan import protocol
-from offscan.protocol import ApplianceClient
+from offscan.protocol import ApplianceClient, admin_socket_for
 from offscan.shim import Shim, VMSpec
 
 
@@ -36,7 +36,7 @@ def _hook(tmp_path: Path) -> tuple[str, Path]:
 
 
 async def _control(sock: Path, op: str, **args):
-    c = ApplianceClient(str(sock), shim_id="operator")
+    c = ApplianceClient(admin_socket_for(str(sock)), shim_id="operator")
     await c.connect()
     try:
         return await c.control(op, timeout=300, **args)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import EICAR, ApplianceProc, Proc, status, wait_for
 
-from offscan.protocol import ApplianceClient
+from offscan.protocol import ApplianceClient, admin_socket_for
 from offscan.shim import Shim, VMSpec
 from offscan.updates import UpdateServer, build_delta, build_full, generate_key, load_private_key
 
@@ -87,7 +87,7 @@ def test_v2_revalidates_100_clones_by_delta_content_matched_once(tmp_path, publi
             task = asyncio.create_task(shim.run())
             try:
                 assert await shim.wait_idle(60)
-                c = ApplianceClient(str(a.sock), shim_id="operator")
+                c = ApplianceClient(admin_socket_for(str(a.sock)), shim_id="operator")
                 await c.connect()
                 made = await c.control(
                     "vm-clone",
@@ -277,7 +277,7 @@ def test_one_appliance_vs_n_agents_update_distribution(tmp_path, publisher):
 
     async def reload_all(points):
         async def one(sock):
-            c = ApplianceClient(str(sock), shim_id="operator")
+            c = ApplianceClient(admin_socket_for(str(sock)), shim_id="operator")
             await c.connect()
             try:
                 return await c.control("reload", timeout=60)
@@ -359,7 +359,7 @@ def test_swap_under_a_steady_stream_drops_nothing(tmp_path, publisher):
             tasks = [asyncio.create_task(stream(k)) for k in range(4)]
             await asyncio.sleep(0.5)
             publisher["publish"]("v2-full.osb", build_full(V2, 2))
-            op = ApplianceClient(str(a.sock), shim_id="operator")
+            op = ApplianceClient(admin_socket_for(str(a.sock)), shim_id="operator")
             await op.connect()
             await op.control("reload", timeout=60)
             await op.close()

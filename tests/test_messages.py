@@ -279,6 +279,8 @@ def test_real_appliance_messages_carry_documented_keys(
     async def run() -> dict[str, Any]:
         c = P.ApplianceClient(str(appliance.sock), shim_id="contracts")
         seen: dict[str, Any] = {"welcome": await c.connect()}
+        admin = P.ApplianceClient(P.admin_socket_for(str(appliance.sock)), shim_id="operator")
+        await admin.connect()
         try:
             seen["ok"] = await c.register("vm", str(root))
             seen["clean"] = await c.scan_path("vm", "ok.txt")
@@ -296,15 +298,16 @@ def test_real_appliance_messages_carry_documented_keys(
                     if op is None:
                         await c.scan_path("ghost", "x")
                     else:
-                        await c.control(op, **args)
+                        await admin.control(op, **args)
                 assert ei.value.code == what and ei.value.reply is not None
                 seen[what] = ei.value.reply
-            seen["vm-show"] = await c.control("vm-show", name="vm")
-            seen["status"] = await c.status()
+            seen["vm-show"] = await admin.control("vm-show", name="vm")
+            seen["status"] = await admin.status()
             await c.ping()
             return seen
         finally:
             await c.close()
+            await admin.close()
 
     seen = asyncio.run(run())
     for msg in seen.values():

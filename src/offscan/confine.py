@@ -11,7 +11,7 @@ import errno
 import os
 import stat
 
-__all__ = ["ConfinementError", "check_relpath", "open_confined"]
+__all__ = ["ConfinementError", "check_relpath", "open_confined", "open_root"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -37,14 +37,44 @@ def check_relpath(relpath: str) -> list[str]:
     return parts
 
 
-def open_confined(root: str, relpath: str) -> int:
+def open_root(root: str) -> int:
+    """A directory descriptor of the (resolved, absolute) VM root, opened from ``/`` one
+    component at a time with ``O_NOFOLLOW``: a root, or a directory above it, swapped for a
+    symlink after registration is refused instead of followed (ConfinementError)."""
+    if not os.path.isabs(root):
+        raise ConfinementError(f"VM root {root!r} is not absolute")
+    dirfd = os.open("/", _DIR_FLAGS)
+    try:
+        for name in [p for p in root.split("/") if p]:
+            try:
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ConfinementError(
+                        f"VM root {root!r}: {name!r} is a symlink or not a directory"
+                    ) from None
+                raise
+            os.close(dirfd)
+            dirfd = nxt
+    except BaseException:
+        os.close(dirfd)
+        raise
+    return dirfd
+
+
+def open_confined(root: str, relpath: str, *, strict_root: bool = False) -> int:
     """Open ``root/relpath`` read-only as a regular file, never leaving ``root``.
 
+    With ``strict_root`` (the appliance: a root a client registered) the root itself is
+    opened by :func:`open_root`, so no symlink on its own path is followed either.
     Raises ConfinementError for escapes, symlinks and special files (FIFOs are never opened),
     FileNotFoundError when it vanished, other OSErrors as they come.
     """
     parts = check_relpath(relpath)
-    dirfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if strict_root:
+        dirfd = open_root(root)
+    else:  # a root the caller trusts (the shim's own --vm): resolved by the kernel
+        dirfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name in parts[:-1]:
             try:

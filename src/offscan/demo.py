@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .protocol import ApplianceClient
+from .protocol import ApplianceClient, admin_socket_for
 from .shim import Shim, VMSpec
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
             master_status = await _status(sock)
             progress.update(task, description=f"cloning {clones} VMs on the appliance")
             t = time.monotonic()
-            op = ApplianceClient(str(sock), shim_id="demo-operator")
+            op = ApplianceClient(admin_socket_for(str(sock)), shim_id="demo-operator")
             await op.connect()
             made = await op.control(
                 "vm-clone",
@@ -185,7 +185,7 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
 
         status = await _status(sock)
         tags = {}
-        op = ApplianceClient(str(sock), shim_id="demo-operator")
+        op = ApplianceClient(admin_socket_for(str(sock)), shim_id="demo-operator")
         await op.connect()
         for vm, _, _, _ in detections:
             tags[vm] = (await op.control("vm-show", name=vm))["tags"]
@@ -217,7 +217,7 @@ async def _demo(work: Path, clones: int, files: int, console: Console) -> dict[s
 
 
 async def _status(sock: Path) -> ApplianceStatus:
-    client = ApplianceClient(str(sock), shim_id="demo-status")
+    client = ApplianceClient(admin_socket_for(str(sock)), shim_id="demo-status")
     await client.connect()
     try:
         return await client.status()

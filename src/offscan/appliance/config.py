@@ -9,16 +9,23 @@ arguments, for the ``Appliance(socket_path=..., ...)`` form.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
 from .. import protocol
+from . import limits
 
 DEFAULT_CONCURRENCY = 4  # concurrent reads+scans; DSVA's recommended value, degrading above 8
 DEFAULT_CREDITS = 256  # outstanding scan requests per connection
 DEFAULT_CACHE_ENTRIES = 1_000_000
+# -- hardening (issue 14): where VM roots may be, the admin socket, per-client limits --------
+# VM roots must lie under one of these (``--vm-area``, repeatable); the default allows the
+# usual places for VM disks and clones and the temp directory, and nothing of the system.
+DEFAULT_VM_AREAS = ("/srv", "/var/lib/offscan", "/var/lib/libvirt", tempfile.gettempdir())
+ADMIN_SUFFIX = protocol.ADMIN_SUFFIX  # the admin socket's default: the main socket's path + this
 
 
 @dataclass(frozen=True)
@@ -60,12 +67,23 @@ class ApplianceConfig:
     cache_redis_timeout: float = 0.25
     cache_redis_ttl: float = 7 * 24 * 3600.0
     cache_lock_ttl: float = 3.0
+    # hardening (issue 14)
+    admin_socket: str | None = None  # None: next to socket_path; "" : no admin socket
+    vm_areas: Sequence[str] = DEFAULT_VM_AREAS
+    connections_per_client: int = limits.DEFAULT_CONNECTIONS_PER_CLIENT
+    streams_per_client: int = limits.DEFAULT_STREAMS_PER_CLIENT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "databases", tuple(self.databases))  # frozen all the way down
         object.__setattr__(self, "clamd_roots", tuple(self.clamd_roots))
         if self.clamd_roots and not (self.clamd_socket or self.clamd_listen):
             raise ValueError("--clamd-root needs --clamd-socket PATH or --clamd-listen HOST:PORT")
+        areas = tuple(os.path.realpath(a) for a in self.vm_areas)
+        if not areas or not all(os.path.isabs(a) for a in self.vm_areas):
+            raise ValueError("--vm-area needs absolute directories")
+        object.__setattr__(self, "vm_areas", areas)
+        if self.connections_per_client < 1 or self.streams_per_client < 1:
+            raise ValueError("per-client limits must be at least 1")
         if self.listen and not self.secret:
             raise ValueError("a TCP listener needs a shared secret (--secret or OFFSCAN_SECRET)")
         if self.updates and not self.trust:
@@ -90,6 +108,14 @@ class ApplianceConfig:
         """``STATE/name``, or None without a state directory."""
         state = self.state_path
         return state / name if state else None
+
+    @property
+    def admin_socket_path(self) -> str | None:
+        """Where operator commands are accepted: ``admin_socket``, else the main socket's
+        path plus :data:`ADMIN_SUFFIX`; None with neither (no operator commands)."""
+        if self.admin_socket is not None:
+            return self.admin_socket or None
+        return self.socket_path + ADMIN_SUFFIX if self.socket_path else None
 
     @property
     def vault_path(self) -> str | Path | None:
@@ -130,3 +156,7 @@ class ApplianceOptions(TypedDict, total=False):
     cache_redis_timeout: float
     cache_redis_ttl: float
     cache_lock_ttl: float
+    admin_socket: str | None
+    vm_areas: Sequence[str]
+    connections_per_client: int
+    streams_per_client: int

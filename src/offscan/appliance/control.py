@@ -120,6 +120,7 @@ async def clone(
         raise RequestFailed("malformed", "count must be between 1 and 10000")
     if not os.path.isabs(into):
         raise RequestFailed("malformed", "--into must be an absolute directory")
+    app.registry.check_area(os.path.join(os.path.realpath(into), prefix))
     loop = asyncio.get_running_loop()
     clock, vms = app.clock, app.inventory.vms
     made, t0 = [], clock.monotonic()

@@ -32,6 +32,7 @@ from .actions import Actions
 from .common import SYSTEM_CLOCK, Clock, log
 from .config import ApplianceConfig, ApplianceOptions
 from .inventory import Inventory, LocationIndex
+from .limits import ClientBudget
 from .patterns import Engine, Patterns, initial_engine, open_pattern_source
 from .pipeline import Pipeline, PriorityGate
 from .registry import Registry
@@ -98,8 +99,13 @@ class Appliance:
         self.events = EventLog(cfg.state_file("events.jsonl"))
         self.counters = Counters()
         self.registry = Registry(
-            self.inventory, default_policy=default_policy, vm_policies=vm_policies, vault=self.vault
+            self.inventory,
+            default_policy=default_policy,
+            vm_policies=vm_policies,
+            vault=self.vault,
+            vm_areas=cfg.vm_areas,
         )
+        self.client_budget = ClientBudget(cfg.connections_per_client, cfg.streams_per_client)
         self.actions = Actions(
             self.registry,
             self.counters,
@@ -190,13 +196,20 @@ class Appliance:
                     cfg.socket_path, self._handle, mode=cfg.socket_mode
                 )
             )
+        admin = cfg.admin_socket_path
+        if admin:  # operator commands: 0600 whatever --socket-mode says (see limits.py)
+            self._servers.append(await protocol.start_unix_server(admin, self._handle_admin))
         if cfg.listen:
             srv = await protocol.start_tcp_server(cfg.listen[0], cfg.listen[1], self._handle)
             self.tcp_port = srv.port
             self._servers.append(srv)
         if self.clamd is not None:
             await self.clamd.start()
-        where = [cfg.socket_path, cfg.listen and f"tcp {cfg.listen[0]}:{self.tcp_port}"]
+        where = [
+            cfg.socket_path,
+            admin and f"admin {admin}",
+            cfg.listen and f"tcp {cfg.listen[0]}:{self.tcp_port}",
+        ]
         log.info(
             "appliance %s ready: %s; patterns %s",
             self.appliance_id,
@@ -236,15 +249,18 @@ class Appliance:
             self.memo.close()
         self.events.close()
 
-    async def _handle(self, conn: protocol.Connection) -> None:
+    async def _handle(self, conn: protocol.Connection, *, admin: bool = False) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.sessions.add(task)
         self.connections += 1
         try:
-            await Session(self, conn).run()
+            await Session(self, conn, admin=admin).run()
         finally:
             self.sessions.discard(task)
+
+    async def _handle_admin(self, conn: protocol.Connection) -> None:
+        await self._handle(conn, admin=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -258,7 +274,7 @@ class Appliance:
         return reports.status(self)
 
     async def control(self, op: str, args: dict[str, Any]) -> Reply:
-        """Operator commands from ``offscan vm|policy|quarantine`` (same socket permissions)."""
+        """Operator commands from ``offscan vm|policy|quarantine`` (the admin socket's)."""
         return await commands.dispatch(self, op, args)
 
     async def swap(
@@ -309,7 +325,11 @@ async def serve(appliance: Appliance, *, ready_file: str | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     appliance.request_shutdown = stop.set
-    await appliance.start()
+    try:
+        await appliance.start()
+    except BaseException:  # a listener failed: close those already open, remove their files
+        await appliance.stop()
+        raise
     if ready_file:
         # fsync=False: the ready file only tells a parent process (tests, the lab) that the
         # appliance is listening; it must appear whole (atomic), it need not survive a crash.

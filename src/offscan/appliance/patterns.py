@@ -11,6 +11,7 @@ the verdict cache up to date by matching cached contents against the added signa
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -286,7 +287,9 @@ class Patterns:
             if vm is None:
                 continue
             try:
-                fd = await loop.run_in_executor(pipe.pool, open_confined, vm.root, path)
+                fd = await loop.run_in_executor(
+                    pipe.pool, functools.partial(open_confined, vm.root, path, strict_root=True)
+                )
             except OSError:
                 continue
             try:

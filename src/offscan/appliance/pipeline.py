@@ -13,11 +13,14 @@ passed by the shim) and writes only through the verdict cache.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import heapq
 import itertools
 import os
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -29,6 +32,7 @@ from ..confine import ConfinementError, check_relpath, open_confined
 from ..engine import ScanResult
 from .common import SYSTEM_CLOCK, Clock, RequestFailed, close_fds
 from .inventory import LocationIndex, VMRecord
+from .limits import StreamAborted, StreamItem
 from .registry import Registry
 from .status import Counters
 from .verdicts import Judged, Verdicts
@@ -43,6 +47,10 @@ DigestSource = Literal["identity", "clone", "digest"]
 
 PRIORITIES = {"access": 0, "demand": 1}
 T = TypeVar("T")
+
+
+class _StreamStalled(Exception):
+    """No chunk arrived within the chunk timeout."""
 
 
 class PriorityGate:
@@ -86,6 +94,34 @@ class PriorityGate:
                 fut.set_result(None)
                 return
         self.active -= 1
+
+
+def _unfit_descriptor(fd: int) -> str | None:
+    """Why a descriptor a shim passed cannot be judged (not a regular file, not open for
+    reading), or None. Only a regular file's content is identified by its stat, so anything
+    else (a pipe, a socket, ``/dev/zero``) would poison the identity memo and the cache."""
+    try:
+        st = os.fstat(fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as exc:
+        return f"descriptor cannot be examined: {_reason(exc)}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"descriptor is not a regular file ({_file_kind(st.st_mode)})"
+    if flags & os.O_ACCMODE == os.O_WRONLY or flags & os.O_PATH:
+        return "descriptor is not open for reading"
+    return None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_IFIFO: "a pipe",
+        stat.S_IFSOCK: "a socket",
+        stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device",
+        stat.S_IFDIR: "a directory",
+        stat.S_IFLNK: "a symlink",
+    }
+    return kinds.get(stat.S_IFMT(mode), "not a file")
 
 
 def _reason(exc: OSError) -> str:
@@ -164,10 +200,14 @@ class Pipeline:
                 if len(fds) != 1:
                     raise RequestFailed("malformed", "fd mode needs exactly one descriptor")
                 fd = fds.pop()
+                unfit = _unfit_descriptor(fd)  # before anything reads, hashes or caches it
+                if unfit:
+                    res = ScanResult(path, "error", reason=unfit)
+                    return await self._finish(vm, path, res, "scan", None, t0, self.engine)
             elif mode == "path":
                 try:
                     fd = await asyncio.get_running_loop().run_in_executor(
-                        self.pool, open_confined, vm.root, path
+                        self.pool, lambda: open_confined(vm.root, path, strict_root=True)
                     )
                 except ConfinementError as exc:
                     self.verdicts.refused(vm, shim, path, exc)
@@ -176,9 +216,20 @@ class Pipeline:
                     return await self._finish(vm, path, res, "scan", None, t0, self.engine)
             else:
                 raise RequestFailed("unsupported", f"content mode {mode!r} is not supported")
-            why = policies.excluded(policy, path, os.fstat(fd).st_size)
+            size = os.fstat(fd).st_size
+            why = policies.excluded(policy, path, size)
             if why:
                 return await self._excluded(vm, path, why, t0)
+            eng = self.engine
+            if size > eng.matcher.max_file_size:  # refused from fstat: never read nor hashed
+                limit = eng.matcher.max_file_size
+                res = ScanResult(
+                    path,
+                    "error",
+                    reason=f"file size {size} exceeds max file size {limit} bytes",
+                    size=size,
+                )
+                return await self._finish(vm, path, res, "scan", None, t0, eng)
             return await self.judge(vm, path, fd, prio, t0)
         finally:
             if fd >= 0:
@@ -186,11 +237,13 @@ class Pipeline:
             close_fds(fds)
 
     async def scan_stream(
-        self, shim: str, msg: dict[str, Any], chunks: asyncio.Queue[bytes | None]
+        self, shim: str, msg: dict[str, Any], chunks: asyncio.Queue[StreamItem]
     ) -> VerdictRecord:
         """Content streamed in chunk frames (remote shims): matched and hashed as it arrives in
         one pass, never spooled. It runs on a thread of its own rather than behind the
-        admission gate, so a stream waiting for its chunks cannot starve the others."""
+        admission gate, so a stream waiting for its chunks cannot starve the others. A stream
+        silent for ``chunk_timeout`` is an error; one whose connection went away
+        (:data:`~.limits.ABORT`) raises StreamAborted at once."""
         t0 = self.clock.monotonic()
         vm = self.registry.owned(shim, msg["vm"])
         self.request_kinds["stream"] += 1
@@ -203,17 +256,27 @@ class Pipeline:
 
         def pieces() -> Iterator[bytes]:
             while True:
-                item = asyncio.run_coroutine_threadsafe(chunks.get(), loop).result(timeout)
+                fut = asyncio.run_coroutine_threadsafe(chunks.get(), loop)
+                try:
+                    item = fut.result(timeout)
+                except concurrent.futures.TimeoutError:
+                    fut.cancel()  # or the pending get would swallow the next chunk
+                    raise _StreamStalled from None
+                except concurrent.futures.CancelledError:
+                    raise StreamAborted from None
                 if item is None:
                     return
-                yield item
+                if isinstance(item, bytes):
+                    yield item
+                else:
+                    raise StreamAborted
 
-        res: ScanResult = await loop.run_in_executor(
-            self.stream_pool,
-            lambda: eng.matcher.scan_chunks(
-                pieces(), size, path=msg["path"], allmatch=True, digest=True
-            ),
-        )
+        try:
+            res = await self._scan_pieces(eng, msg["path"], size, pieces)
+        except _StreamStalled:
+            raise RequestFailed(
+                "malformed", f"stream sent no chunk for {timeout:g} s; scan abandoned"
+            ) from None
         self.counters.contents_matched += 1
         self.counters.bytes_matched += res.bytes_scanned
         digest = bytes.fromhex(res.digest) if res.digest else None
@@ -222,6 +285,15 @@ class Pipeline:
                 CachedVerdict(res.status, res.matches, eng.version, digest, size, self.clock.time())
             )
         return await self._finish(vm, msg["path"], res, "scan", digest, t0, eng)
+
+    async def _scan_pieces(
+        self, eng: Engine, path: str, size: int, pieces: Callable[[], Iterator[bytes]]
+    ) -> ScanResult:
+        res: ScanResult = await asyncio.get_running_loop().run_in_executor(
+            self.stream_pool,
+            lambda: eng.matcher.scan_chunks(pieces(), size, path=path, allmatch=True, digest=True),
+        )
+        return res
 
     # -- one open file --------------------------------------------------------------------
 

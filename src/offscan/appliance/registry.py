@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import policy as policies
@@ -78,8 +78,10 @@ class Registry:
         default_policy: Mapping[str, Any] | None = None,
         vm_policies: Mapping[str, dict[str, Any]] | None = None,
         vault: Vault | None = None,
+        vm_areas: Sequence[str] = (),
     ) -> None:
         self.inventory = inventory
+        self.vm_areas = tuple(vm_areas)  # allowed prefixes of VM roots (empty: anywhere)
         self.default_policy: dict[str, Any] = dict(default_policy or {})
         self.vm_policies: dict[str, dict[str, Any]] = dict(vm_policies or {})
         self.vault = vault
@@ -110,6 +112,7 @@ class Registry:
         except policies.PolicyError as exc:
             raise RequestFailed("malformed", str(exc)) from None
         real = os.path.realpath(root)
+        self.check_area(real)
         if self.vault and (self.vault.inside(real) or _is_within(str(self.vault.directory), real)):
             raise RequestFailed("malformed", "a VM root must not overlap the quarantine vault")
         rec = VMRecord(
@@ -131,6 +134,15 @@ class Registry:
             f", clone of {clone_of}" if clone_of else "",
         )
         return {"vm": vm, "root": rec.root, "policy": self.effective_policy(rec)}
+
+    def check_area(self, real: str) -> None:
+        """Refuse (``confined``) a resolved VM root outside every ``--vm-area``."""
+        if self.vm_areas and not any(_is_within(real, a) and real != a for a in self.vm_areas):
+            raise RequestFailed(
+                "confined",
+                f"VM root {real!r} is outside the areas this appliance allows "
+                f"({', '.join(self.vm_areas)}; serve --vm-area DIR adds one)",
+            )
 
     def unregister(self, shim: str, vm: str) -> dict[str, Any]:
         rec = self.owned(shim, vm)

@@ -17,6 +17,7 @@ import hmac
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import protocol
+from . import limits
 from .common import RequestFailed, close_fds, log
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds
 STREAM_QUEUE_CHUNKS = 8  # chunk frames buffered per stream (at most 2 MiB)
+MAX_CONTROLS = 4  # operator commands running at once per connection; the next one waits
+MAX_DRAINING = 1024  # answered streams whose remaining chunks are still being discarded
 
 
 def _frame(msg: Welcome | Pong | Verdict | ApplianceStatus | ErrorMessage) -> dict[str, Any]:
@@ -37,17 +40,27 @@ def _frame(msg: Welcome | Pong | Verdict | ApplianceStatus | ErrorMessage) -> di
 class Session:
     """The per-connection handler; :meth:`run` returns when the connection is done."""
 
-    def __init__(self, app: Appliance, conn: protocol.Connection) -> None:
+    def __init__(self, app: Appliance, conn: protocol.Connection, *, admin: bool = False) -> None:
         self.app = app
         self.conn = conn
+        self.admin = admin  # accepted on the operator's admin socket: control allowed
+        self.client = limits.client_key(conn)
         self.inflight: dict[int, asyncio.Task[None]] = {}
-        self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
-        self.draining: set[int] = set()  # streams answered before their end chunk arrived
+        self.streams: dict[int, asyncio.Queue[limits.StreamItem]] = {}
+        # streams answered before their end chunk arrived (insertion-ordered, bounded)
+        self.draining: dict[int, None] = {}
+        self.stream_slots: set[int] = set()  # stream scans holding one of the client's slots
         self.controls: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         conn = self.conn
+        budget = self.app.client_budget
+        admitted = False
         try:
+            if self.admin:
+                limits.check_operator(conn)
+            budget.admit_connection(self.client)
+            admitted = True
             shim = await self._handshake()
             if shim is not None:
                 await self._serve(shim)
@@ -64,6 +77,11 @@ class Session:
         finally:
             for st in [*self.inflight.values(), *self.controls]:
                 st.cancel()
+            for q in self.streams.values():  # wake stream threads at once: none outlives us
+                limits.abort_stream(q)
+            self.streams.clear()
+            if admitted:
+                budget.release_connection(self.client)
             conn.close()
 
     async def _handshake(self) -> str | None:
@@ -112,7 +130,7 @@ class Session:
                 close_fds(fds)  # only an fd-mode scan may pass descriptors
             if t == "ping":
                 pong: Pong = {"t": "pong", "id": msg["id"]}  # validated: a ping has one
-                await self.conn.send(_frame(pong))
+                await self._send(_frame(pong))
             elif t == "scan":
                 self._start_scan(shim, msg, fds)
             elif t == "chunk":
@@ -121,6 +139,8 @@ class Session:
                 await asyncio.gather(*self.inflight.values(), return_exceptions=True)
                 return
             elif t == "control":  # may run for minutes (clones): keep reading frames
+                while len(self.controls) >= MAX_CONTROLS:  # backpressure: stop reading
+                    await asyncio.wait(self.controls, return_when=asyncio.FIRST_COMPLETED)
                 ct = asyncio.create_task(self._serve_control(shim, msg))
                 self.controls.add(ct)
                 ct.add_done_callback(self.controls.discard)
@@ -137,21 +157,59 @@ class Session:
             close_fds(fds)
             raise protocol.ProtocolError("backpressure", f"more than {credits} outstanding scans")
         if msg.get("mode") == "stream":
+            refusal = self.app.client_budget.take_stream(self.client)
+            if refusal is not None:  # answered at once; its chunks are discarded
+                self._drain(rid)
+                st = asyncio.create_task(self._refuse(rid, refusal))
+                self.inflight[rid] = st
+                st.add_done_callback(lambda _task: self.inflight.pop(rid, None))
+                return
             self.streams[rid] = asyncio.Queue(maxsize=STREAM_QUEUE_CHUNKS)
+            self.stream_slots.add(rid)
         st = asyncio.create_task(self._serve_scan(shim, msg, fds, self.streams.get(rid)))
         self.inflight[rid] = st
         st.add_done_callback(lambda _task: self._finished(rid))
 
     def _finished(self, rid: int) -> None:
         self.inflight.pop(rid, None)
-        if self.streams.pop(rid, None) is not None:
-            self.draining.add(rid)
+        if rid in self.stream_slots:
+            self.stream_slots.discard(rid)
+            self.app.client_budget.release_stream(self.client)
+        q = self.streams.pop(rid, None)
+        if q is not None:  # answered before its end chunk: discard the rest
+            self._drain(rid)
+            limits.abort_stream(q)
+
+    def _drain(self, rid: int) -> None:
+        self.draining[rid] = None
+        while len(self.draining) > MAX_DRAINING:  # a later chunk for the oldest: sequence
+            del self.draining[next(iter(self.draining))]
+
+    async def _refuse(self, rid: int, message: str) -> None:
+        refused: ErrorMessage = {
+            "t": "error",
+            "id": rid,
+            "code": "backpressure",
+            "message": message,
+        }
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            await self._send(_frame(refused))
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        """Send one frame; a client that does not take it within three heartbeats stopped
+        reading: its connection is closed, so unread replies cannot pile up here."""
+        try:
+            await asyncio.wait_for(self.conn.send(frame), 3 * self.app.config.heartbeat)
+        except TimeoutError:
+            log.warning("%s: not reading its replies; closing", self.conn.peer)
+            self.conn.close()
+            raise
 
     async def _chunk(self, msg: dict[str, Any]) -> None:
         rid = msg["id"]
         if rid in self.draining:  # answered early (e.g. an error): drop the rest
             if msg.get("end"):
-                self.draining.discard(rid)
+                self.draining.pop(rid, None)
             return
         q = self.streams.get(rid)
         if q is None:
@@ -159,16 +217,17 @@ class Session:
         await q.put(bytes(msg["data"]))  # full queue: TCP backpressure on this client
         if msg.get("end"):
             await q.put(None)
-            self.streams.pop(rid, None)
+            self.streams.pop(rid, None)  # its slot is held until it is answered
 
     async def _serve_control(self, shim: str, msg: dict[str, Any]) -> None:
-        conn, app = self.conn, self.app
+        app = self.app
         rid = msg.get("id")
         try:
             t = msg["t"]
             if t == "status":  # the one reply here the protocol types in full
-                status: ApplianceStatus = {**app.status(), "t": "status", "id": msg["id"]}
-                await conn.send(_frame(status))
+                report = app.status() if self.admin else limits.own_status(app, shim)
+                status: ApplianceStatus = {**report, "t": "status", "id": msg["id"]}
+                await self._send(_frame(status))
                 return
             reply: Reply  # ``ok`` plus the request's own keys
             if t == "register":
@@ -183,14 +242,16 @@ class Session:
                     "pattern_version": app.pattern_version,
                 }
             elif t == "control":
+                if not self.admin:
+                    raise RequestFailed("auth", limits.NOT_ADMIN)
                 reply = await app.control(msg["op"], msg.get("args") or {})
             else:
                 raise RequestFailed("unsupported", f"message type {t!r} not supported here")
-            await conn.send({**reply, "t": "ok", "id": rid})
+            await self._send({**reply, "t": "ok", "id": rid})
         except RequestFailed as exc:
             failed: ErrorMessage = {"t": "error", "id": rid, "code": exc.code, "message": str(exc)}
-            await conn.send(_frame(failed))
-        except (ConnectionError, OSError):
+            await self._send(_frame(failed))
+        except (ConnectionError, OSError, TimeoutError):
             pass
         except Exception as exc:  # a failed command must not end the connection
             log.exception("%s %s failed", msg.get("t"), msg.get("op", ""))
@@ -201,14 +262,14 @@ class Session:
                 "message": str(exc),
             }
             with contextlib.suppress(Exception):
-                await conn.send(_frame(internal))
+                await self._send(_frame(internal))
 
     async def _serve_scan(
         self,
         shim: str,
         msg: dict[str, Any],
         fds: list[int],
-        stream: asyncio.Queue[bytes | None] | None,
+        stream: asyncio.Queue[limits.StreamItem] | None,
     ) -> None:
         rid = msg["id"]
         pipeline = self.app.pipeline
@@ -221,8 +282,10 @@ class Session:
             reply = {"t": "verdict", "id": rid, **verdict}
         except RequestFailed as exc:
             reply = {"t": "error", "id": rid, "code": exc.code, "message": str(exc)}
+        except limits.StreamAborted:  # its connection is gone: nobody to answer
+            return
         except Exception as exc:  # one bad request must not end the connection
             log.exception("scan %r failed", msg.get("path"))
             reply = {"t": "error", "id": rid, "code": "internal", "message": str(exc)}
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.conn.send(_frame(reply))
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            await self._send(_frame(reply))

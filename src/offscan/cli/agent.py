@@ -30,11 +30,20 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         type=VMSpec.parse,
         help="the VM this agent protects",
     )
-    p.add_argument("-d", "--database", action="append", default=[], metavar="DB")
+    p.add_argument(
+        "-d",
+        "--database",
+        action="append",
+        default=[],
+        metavar="DB",
+        help="signature database file or directory (repeatable)",
+    )
     p.add_argument("--state", metavar="DIR", help="the agent's own state (default: a temp dir)")
     p.add_argument("--updates", metavar="URL", help="pattern update server")
     p.add_argument("--trust", metavar="PUB", help="public key that signs pattern bundles")
-    p.add_argument("--poll", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument(
+        "--poll", type=float, default=60.0, metavar="SECONDS", help="update poll interval"
+    )
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("--status-file", help="write the agent's counters here (JSON) on exit")
 

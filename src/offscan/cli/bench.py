@@ -8,7 +8,9 @@ defined here and turned into a :class:`~offscan.lab.BenchConfig`; the lab itself
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``offscan bench ...``; 0 when every phase completed, 1 if one did not, 2 on errors."""
     from ..lab import run_bench
 
+    work = getattr(args, "work", None)
+    if work and not os.path.isdir(work):  # before minutes of building the master image
+        print(f"offscan bench: --work {work}: no such directory", file=sys.stderr)
+        return 2
     return run_bench(args.bench_command, config_from_args(args))
 
 

@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="50 clones protected by one appliance, end to end")
-    p.add_argument("--clones", type=int, default=50)
+    p.add_argument("--clones", type=int, default=50, help="clones of the master (default 50)")
     p.add_argument("--files", type=int, default=300, help="files in the master image")
     p.add_argument(
         "--keep", metavar="DIR", help="build in DIR and keep it (default: temp, removed)"

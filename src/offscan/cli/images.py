@@ -55,10 +55,18 @@ def add_scan_image_arguments(parser: argparse.ArgumentParser) -> None:
         help="matcher core (default: native when built)",
     )
     parser.add_argument(
-        "--max-filesize", type=parse_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE"
+        "--max-filesize",
+        type=parse_size,
+        default=DEFAULT_MAX_FILE_SIZE,
+        metavar="SIZE",
+        help="larger files are an error, unread (default 100m)",
     )
     parser.add_argument(
-        "--max-scantime", type=float, default=DEFAULT_SCAN_TIMEOUT, metavar="SECONDS"
+        "--max-scantime",
+        type=float,
+        default=DEFAULT_SCAN_TIMEOUT,
+        metavar="SECONDS",
+        help="time limit per file",
     )
 
 

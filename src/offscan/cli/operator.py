@@ -10,7 +10,14 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._common import EXIT_CLEAN, EXIT_ERROR, add_appliance_arguments, control
+from ._common import (
+    EXIT_CLEAN,
+    EXIT_ERROR,
+    add_appliance_arguments,
+    admin_address,
+    control,
+    socket_address,
+)
 
 if TYPE_CHECKING:
     from ..protocol.messages import ApplianceStatus, PatternsSource, PreventionStats
@@ -19,10 +26,23 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="show a running appliance's VMs, queue and cache")
     p.add_argument(
-        "--appliance", "--socket", dest="appliance", required=True, metavar="SOCKET|HOST:PORT"
+        "--appliance",
+        "--socket",
+        dest="appliance",
+        required=True,
+        metavar="SOCKET|HOST:PORT",
+        help="the appliance's socket (status is read from its admin socket next to it) or, "
+        "for a remote appliance, HOST:PORT (then only the counters, no VMs)",
     )
-    p.add_argument("--secret", default=os.environ.get("OFFSCAN_SECRET"))
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--admin-socket", metavar="PATH", help="the admin socket, if not SOCKET + '.admin'"
+    )
+    p.add_argument(
+        "--secret",
+        default=os.environ.get("OFFSCAN_SECRET"),
+        help="shared secret for a TCP appliance (default: $OFFSCAN_SECRET)",
+    )
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(run=run_status)
 
     p = sub.add_parser("vm", help="VM inventory: clone, list, show, unregister, untag")
@@ -31,20 +51,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q = vsub.add_parser(
         "clone", help="make N clones of a registered master; they inherit its verdicts"
     )
-    q.add_argument("base")
-    q.add_argument("--count", type=int, required=True)
-    q.add_argument("--into", required=True, metavar="DIR")
-    q.add_argument("--prefix", help="clone names: PREFIX001... (default BASE-clone)")
+    q.add_argument("base", help="the registered VM to clone")
+    q.add_argument("--count", type=int, required=True, help="how many clones (1..10000)")
+    q.add_argument(
+        "--into", required=True, metavar="DIR", help="directory for the clones (in a --vm-area)"
+    )
+    q.add_argument(
+        "--prefix",
+        help="clone names: PREFIX001... (default BASE-clone; numbering continues "
+        "after the clones that exist)",
+    )
     add_appliance_arguments(q)
-    q = vsub.add_parser("list")
+    q = vsub.add_parser("list", help="every registered VM, its root, owner and tags")
     add_appliance_arguments(q)
-    for action in ("show", "unregister"):
-        q = vsub.add_parser(action)
-        q.add_argument("name")
+    for action, what in (
+        ("show", "one VM: root, owner, tags, effective policy, clones"),
+        ("unregister", "forget a VM (its shim stops being answered for it)"),
+    ):
+        q = vsub.add_parser(action, help=what)
+        q.add_argument("name", help="the VM's name")
         add_appliance_arguments(q)
     q = vsub.add_parser("untag", help="remove tags (all by default) and rerun the isolation hook")
-    q.add_argument("name")
-    q.add_argument("tags", nargs="*")
+    q.add_argument("name", help="the VM's name")
+    q.add_argument("tags", nargs="*", help="the tags to remove (default: all)")
     add_appliance_arguments(q)
 
     p = sub.add_parser("policy", help="per-VM policy at run time")
@@ -53,27 +82,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q = psub.add_parser(
         "set", help="e.g. policy set vm1 actions=quarantine,deny exclude_ext=iso max_size=1000000"
     )
-    q.add_argument("vm")
-    q.add_argument("settings", nargs="+", metavar="KEY=VALUE")
+    q.add_argument("vm", help="the VM's name")
+    q.add_argument("settings", nargs="+", metavar="KEY=VALUE", help="policy settings to set")
     add_appliance_arguments(q)
     q = psub.add_parser("unset", help="drop the VM's own setting (inherit again)")
-    q.add_argument("vm")
-    q.add_argument("keys", nargs="+")
+    q.add_argument("vm", help="the VM's name")
+    q.add_argument("keys", nargs="+", help="the policy keys to drop")
     add_appliance_arguments(q)
-    q = psub.add_parser("show")
-    q.add_argument("vm")
+    q = psub.add_parser("show", help="the VM's effective policy")
+    q.add_argument("vm", help="the VM's name")
     add_appliance_arguments(q)
 
     p = sub.add_parser("quarantine", help="the quarantine vault: list, restore, delete")
     p.set_defaults(run=run_quarantine)
     qsub = p.add_subparsers(dest="quarantine_command", required=True, metavar="ACTION")
-    q = qsub.add_parser("list")
+    q = qsub.add_parser("list", help="the files in the vault")
     add_appliance_arguments(q)
-    for action in ("restore", "delete"):
-        q = qsub.add_parser(action)
-        q.add_argument("id")
+    for action, what in (
+        ("restore", "put a quarantined file back where it was"),
+        ("delete", "delete a quarantined file for good"),
+    ):
+        q = qsub.add_parser(action, help=what)
+        q.add_argument("id", help="the quarantine id (from quarantine list)")
         if action == "restore":
-            q.add_argument("--overwrite", action="store_true")
+            q.add_argument(
+                "--overwrite", action="store_true", help="replace a file now at that path"
+            )
         add_appliance_arguments(q)
 
     p = sub.add_parser(
@@ -86,12 +120,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run_status(args: argparse.Namespace) -> int:
     import asyncio
 
-    from ..protocol import ApplianceClient, ProtocolError, RequestError
+    from ..protocol import ApplianceClient, ProtocolError, RequestError, parse_address
+
+    try:
+        remote = parse_address(socket_address(args.appliance))[0] == "tcp"
+    except ValueError as exc:
+        print(f"offscan: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    address = socket_address(args.appliance) if remote and not args.admin_socket else None
+    address = address or admin_address(args)
 
     async def fetch() -> ApplianceStatus:
-        client = ApplianceClient(
-            args.appliance, shim_id=f"status-{os.getpid()}", secret=args.secret
-        )
+        client = ApplianceClient(address, shim_id=f"status-{os.getpid()}", secret=args.secret)
         await client.connect()
         try:
             return await client.status()
@@ -101,7 +141,7 @@ def run_status(args: argparse.Namespace) -> int:
     try:
         st = asyncio.run(fetch())
     except (OSError, ConnectionError, TimeoutError, RequestError, ProtocolError) as exc:
-        print(f"offscan: cannot get status from {args.appliance}: {exc}", file=sys.stderr)
+        print(f"offscan: cannot get status from {address}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if args.json:
         print(json.dumps(st, indent=1))
@@ -241,8 +281,8 @@ def run_quarantine(args: argparse.Namespace) -> int:
 def run_reload(args: argparse.Namespace) -> int:
     rc, r = control(args, "reload")
     if rc == 0 and not args.json:
-        print(
-            f"pattern version {r['pattern_version']}"
-            + (f" (update error: {r['error']})" if r.get("error") else "")
-        )
+        print(f"pattern version {r['pattern_version']}")
+    if rc == 0 and r.get("error"):  # the old patterns keep serving, but the update failed
+        print(f"offscan reload: update failed: {r['error']}", file=sys.stderr)
+        return EXIT_ERROR
     return rc

@@ -28,7 +28,9 @@ def add_patterns_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="patterns_command", required=True, metavar="ACTION")
 
     p = sub.add_parser("build", help="build a full bundle from a directory of signature files")
-    p.add_argument("directory", metavar="DIR")
+    p.add_argument(
+        "directory", metavar="DIR", help="directory of signature files (build) or bundles (serve)"
+    )
     p.add_argument(
         "--version",
         type=int,
@@ -36,15 +38,15 @@ def add_patterns_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="pattern version (integer, increasing)",
     )
-    p.add_argument("-o", "--output", required=True, metavar="BUNDLE")
+    p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle to write")
     p.add_argument("--key", metavar="KEY", help="sign with this private key")
 
     p = sub.add_parser(
         "diff", help="build a delta bundle from OLD to NEW (full bundles or directories)"
     )
-    p.add_argument("old", metavar="OLD")
-    p.add_argument("new", metavar="NEW")
-    p.add_argument("-o", "--output", required=True, metavar="DELTA")
+    p.add_argument("old", metavar="OLD", help="old full bundle or signature directory")
+    p.add_argument("new", metavar="NEW", help="new full bundle or signature directory")
+    p.add_argument("-o", "--output", required=True, metavar="DELTA", help="delta bundle to write")
     p.add_argument(
         "--version", type=int, metavar="N", help="NEW's version (required if NEW is a directory)"
     )
@@ -59,43 +61,71 @@ def add_patterns_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "keygen", help="create an Ed25519 signing key pair PREFIX.key and PREFIX.pub"
     )
-    p.add_argument("-o", "--output", required=True, metavar="PREFIX")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="PREFIX", help="writes PREFIX.key and PREFIX.pub"
+    )
     p.add_argument("--force", action="store_true", help="replace existing files")
 
     p = sub.add_parser("sign", help="sign a bundle in place (or to -o)")
-    p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--key", required=True, metavar="KEY")
-    p.add_argument("-o", "--output", metavar="OUT")
+    p.add_argument("bundle", metavar="BUNDLE", help="the bundle file")
+    p.add_argument("--key", required=True, metavar="KEY", help="the private key")
+    p.add_argument("-o", "--output", metavar="OUT", help="write here (default: in place)")
 
     _add_store_arguments(sub)
 
     p = sub.add_parser("serve", help="serve a directory of bundles over HTTP")
-    p.add_argument("directory", metavar="DIR")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument(
+        "directory", metavar="DIR", help="directory of signature files (build) or bundles (serve)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
 
 
 def _add_store_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The actions that check bundles against trusted keys: verify, apply, fetch, status."""
     p = sub.add_parser("verify", help="check a bundle's signature and digests")
-    p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--trust", action="append", required=True, metavar="PUB")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("bundle", metavar="BUNDLE", help="the bundle file")
+    p.add_argument(
+        "--trust",
+        action="append",
+        required=True,
+        metavar="PUB",
+        help="trusted public key (repeatable)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("apply", help="apply a bundle to a pattern store")
-    p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--store", required=True, metavar="DIR")
-    p.add_argument("--trust", action="append", required=True, metavar="PUB")
+    p.add_argument("bundle", metavar="BUNDLE", help="the bundle file")
+    p.add_argument("--store", required=True, metavar="DIR", help="the pattern store directory")
+    p.add_argument(
+        "--trust",
+        action="append",
+        required=True,
+        metavar="PUB",
+        help="trusted public key (repeatable)",
+    )
 
     p = sub.add_parser("fetch", help="update a pattern store from an update server, once")
-    p.add_argument("url", metavar="URL")
-    p.add_argument("--store", required=True, metavar="DIR")
-    p.add_argument("--trust", action="append", required=True, metavar="PUB")
+    p.add_argument("url", metavar="URL", help="the update server")
+    p.add_argument("--store", required=True, metavar="DIR", help="the pattern store directory")
+    p.add_argument(
+        "--trust",
+        action="append",
+        required=True,
+        metavar="PUB",
+        help="trusted public key (repeatable)",
+    )
 
     p = sub.add_parser("status", help="show a pattern store's version and origin")
-    p.add_argument("--store", required=True, metavar="DIR")
-    p.add_argument("--trust", action="append", required=True, metavar="PUB")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--store", required=True, metavar="DIR", help="the pattern store directory")
+    p.add_argument(
+        "--trust",
+        action="append",
+        required=True,
+        metavar="PUB",
+        help="trusted public key (repeatable)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from ._common import EXIT_CLEAN, EXIT_ERROR, EXIT_FOUND
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("scan", help="scan files and directories (clamscan-like)")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files and directories to scan")
     p.add_argument(
         "-d",
         "--database",
@@ -45,8 +45,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="auto",
         help="matcher core (default: native when built)",
     )
-    p.add_argument("--max-filesize", type=parse_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE")
-    p.add_argument("--max-scantime", type=float, default=DEFAULT_SCAN_TIMEOUT, metavar="SECONDS")
+    p.add_argument(
+        "--max-filesize",
+        type=parse_size,
+        default=DEFAULT_MAX_FILE_SIZE,
+        metavar="SIZE",
+        help="larger files are an error, unread (default 100m)",
+    )
+    p.add_argument(
+        "--max-scantime",
+        type=float,
+        default=DEFAULT_SCAN_TIMEOUT,
+        metavar="SECONDS",
+        help="time limit per file",
+    )
     p.add_argument(
         "--window-size",
         type=parse_size,

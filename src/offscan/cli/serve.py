@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Any
 
+from ..appliance.config import DEFAULT_VM_AREAS
+from ..appliance.limits import DEFAULT_CONNECTIONS_PER_CLIENT, DEFAULT_STREAMS_PER_CLIENT
 from ..signatures import SignatureError
 from ._common import EXIT_CLEAN, EXIT_ERROR, parse_host_port, setup_logging
 
@@ -22,7 +24,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=os.environ.get("OFFSCAN_SECRET"),
         help="shared secret for TCP clients (default: $OFFSCAN_SECRET)",
     )
-    p.add_argument("-d", "--database", action="append", default=[], metavar="DB")
+    p.add_argument(
+        "-d",
+        "--database",
+        action="append",
+        default=[],
+        metavar="DB",
+        help="signature database file or directory (repeatable; default: the bundled EICAR)",
+    )
     p.add_argument(
         "--state", metavar="DIR", help="state directory: inventory, verdict cache, event log"
     )
@@ -42,7 +51,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="CMD",
         help="run as CMD VM TAG... with JSON on stdin when a VM's tags change",
     )
-    p.add_argument("--hook-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument(
+        "--hook-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long the isolation hook may run (default 10)",
+    )
     p.add_argument(
         "--quarantine", metavar="DIR", help="quarantine vault (default: STATE/quarantine)"
     )
@@ -87,8 +102,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="single-flight lock lifetime when its holder stops refreshing it (default 3)",
     )
+    # -- hardening (issue 14): the operator's socket, where VM roots may be, client limits --
+    p.add_argument(
+        "--admin-socket",
+        metavar="PATH",
+        help="unix socket (mode 600) for operator commands: vm, policy, quarantine, reload, "
+        "status (default: SOCKET.admin; '' for none)",
+    )
+    p.add_argument(
+        "--vm-area",
+        action="append",
+        metavar="DIR",
+        help="a directory VM roots may lie under (repeatable; default: "
+        + ", ".join(DEFAULT_VM_AREAS)
+        + ")",
+    )
+    p.add_argument(
+        "--connections-per-client",
+        type=int,
+        default=DEFAULT_CONNECTIONS_PER_CLIENT,
+        metavar="N",
+        help=f"open connections one uid or address may hold (default {DEFAULT_CONNECTIONS_PER_CLIENT})",
+    )
+    p.add_argument(
+        "--streams-per-client",
+        type=int,
+        default=DEFAULT_STREAMS_PER_CLIENT,
+        metavar="N",
+        help=f"stream scans one client may have open (default {DEFAULT_STREAMS_PER_CLIENT})",
+    )
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(run=run)
 
 
@@ -162,6 +206,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
+    for option, path in (("--socket", args.socket), ("--admin-socket", args.admin_socket)):
+        where = os.path.dirname(os.path.abspath(path)) if path else None
+        if where and not os.path.isdir(where):
+            print(f"offscan: {option} {path}: no directory {where}", file=sys.stderr)
+            return EXIT_ERROR
     try:
         config = ApplianceConfig(
             socket_path=args.socket,
@@ -185,10 +234,22 @@ def run(args: argparse.Namespace) -> int:
             cache_redis_timeout=args.cache_redis_timeout,
             cache_redis_ttl=args.cache_redis_ttl,
             cache_lock_ttl=args.cache_lock_ttl,
+            admin_socket=args.admin_socket,
+            vm_areas=tuple(args.vm_area or DEFAULT_VM_AREAS),
+            connections_per_client=args.connections_per_client,
+            streams_per_client=args.streams_per_client,
         )
         appliance = Appliance.from_config(config)
     except (SignatureError, ValueError, OSError, RuntimeError) as exc:
         print(f"offscan: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    asyncio.run(serve(appliance, ready_file=args.ready_file))
+    try:
+        asyncio.run(serve(appliance, ready_file=args.ready_file))
+    except OSError as exc:  # a listener that cannot be opened (address in use, permissions)
+        print(f"offscan: serve: {exc.strerror or exc}{_where(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_CLEAN
+
+
+def _where(exc: OSError) -> str:
+    return f": {exc.filename}" if exc.filename else ""

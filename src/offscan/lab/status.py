@@ -44,9 +44,9 @@ COUNTERS: tuple[CounterName, ...] = get_args(CounterName)
 
 async def appliance_status(sock: str, *, timeout: float = 30.0) -> ApplianceStatus:
     """The ``status`` of the scanning point listening on ``sock``."""
-    from ..protocol import ApplianceClient
+    from ..protocol import ApplianceClient, admin_socket_for
 
-    c = ApplianceClient(sock, shim_id=f"lab-status-{os.getpid()}")
+    c = ApplianceClient(admin_socket_for(sock), shim_id=f"lab-status-{os.getpid()}")
     await c.connect(timeout=timeout)
     try:
         return await asyncio.wait_for(c.status(), timeout)
@@ -58,9 +58,9 @@ async def appliance_control(
     sock: str, op: str, *, timeout: float = 600.0, **args: Any
 ) -> dict[str, Any]:
     """Run operator command ``op`` on the scanning point listening on ``sock``; its reply."""
-    from ..protocol import ApplianceClient
+    from ..protocol import ApplianceClient, admin_socket_for
 
-    c = ApplianceClient(sock, shim_id=f"lab-operator-{os.getpid()}")
+    c = ApplianceClient(admin_socket_for(sock), shim_id=f"lab-operator-{os.getpid()}")
     await c.connect(timeout=30.0)
     try:
         return await c.control(op, timeout=timeout, **args)

@@ -486,9 +486,9 @@ async def agentless_storm(
     """Clone ``base`` ``n`` times through the appliance, ``batch`` clones per ``vm-clone``
     request and ``parallel`` requests in flight, handing each batch to the shim as soon as
     its reply arrives."""
-    from ..protocol import ApplianceClient
+    from ..protocol import ApplianceClient, admin_socket_for
 
-    client = ApplianceClient(sock, shim_id=f"lab-operator-{os.getpid()}")
+    client = ApplianceClient(admin_socket_for(sock), shim_id=f"lab-operator-{os.getpid()}")
     await client.connect(timeout=30.0)
     made: list[str] = []
     requests: list[dict[str, Any]] = []

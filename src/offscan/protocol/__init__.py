@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from .address import Address, parse_address
+from .address import ADMIN_SUFFIX, Address, admin_socket_for, parse_address
 from .client import STREAM_PREFETCH, ApplianceClient
 from .client import _Pending as _Pending
 from .client import _remaining as _remaining
@@ -87,6 +87,7 @@ from .validation import MESSAGE_TYPES, SCHEMAS, validate
 from .validation import _Schema as _Schema
 
 __all__ = [
+    "ADMIN_SUFFIX",
     "DEAD_AFTER_HEARTBEATS",
     "DEFAULT_HEARTBEAT",
     "ENVELOPE_FIELDS",
@@ -150,6 +151,7 @@ __all__ = [
     "VerdictSource",
     "VerdictStatus",
     "Welcome",
+    "admin_socket_for",
     "connect",
     "pack",
     "parse_address",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["Address", "parse_address"]
+__all__ = ["ADMIN_SUFFIX", "Address", "admin_socket_for", "parse_address"]
+
+ADMIN_SUFFIX = ".admin"  # an appliance's admin socket is, by default, its socket's path + this
 
 Address = tuple[Literal["unix"], str] | tuple[Literal["tcp"], tuple[str, int]]
 
@@ -30,3 +32,14 @@ def parse_address(address: str) -> Address:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return "tcp", (host or "localhost", int(port_text))
+
+
+def admin_socket_for(address: str) -> str:
+    """The default admin socket of the appliance at ``address``: its unix socket's path plus
+    :data:`ADMIN_SUFFIX` (unchanged if it already is one). A TCP address has no admin socket
+    and is returned as it is: there, ``status`` shows the counters only and operator
+    commands are refused."""
+    kind, target = parse_address(address)
+    if kind != "unix" or not isinstance(target, str):
+        return address
+    return target if target.endswith(ADMIN_SUFFIX) else target + ADMIN_SUFFIX

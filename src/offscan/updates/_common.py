@@ -19,6 +19,11 @@ class UpdateError(Exception):
     """A bundle, store or update server that cannot be used; the message says why and what to do."""
 
 
+class InputMissing(UpdateError):
+    """A file or store that is not there or cannot be read: a usage error (exit 2), not a
+    rejected bundle (exit 1)."""
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

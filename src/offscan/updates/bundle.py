@@ -24,7 +24,7 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ._common import HEX64, UpdateError, is_int, sha256_hex
+from ._common import HEX64, InputMissing, UpdateError, is_int, sha256_hex
 from .canonical import canonical_lines, check_db_name, join_lines, read_signature_dir
 from .keys import KEY_ID, key_id
 
@@ -39,6 +39,7 @@ MAX_BUNDLE_SIZE = 512 << 20  # bytes; ClamAV's whole main+daily+bytecode set is 
 MAX_UNPACKED_SIZE = 1 << 30  # bytes, all members of one bundle together
 MAX_MANIFEST_SIZE = 8 << 20  # bytes; a manifest line per file, a few hundred bytes each
 MAX_MEMBERS = 4096
+MAX_SIGNATURE_SIZE = 1 << 10  # bytes; "offscan-ed25519 KEYID BASE64" is ~110
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: same input, same bundle bytes
 _DELTA_DIRS = ("added", "removed")
@@ -252,44 +253,37 @@ class Bundle:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Bundle:
-        """Parse a bundle; raises :class:`UpdateError` on anything malformed or oversized."""
+    def from_bytes(
+        cls, data: bytes, *, trust: Mapping[str, Ed25519PublicKey] | None = None
+    ) -> Bundle:
+        """Parse a bundle; raises :class:`UpdateError` on anything malformed or oversized.
+
+        Nothing is inflated before it is vouched for: the manifest (at most
+        :data:`MAX_MANIFEST_SIZE`) and signature are read first and, with ``trust``, the
+        signature is verified before any other member is read. Every member must then be
+        listed in the manifest with the size its zip entry declares, and is inflated at most
+        to that size, so a bundle can never unpack to more than its manifest says."""
         if len(data) > MAX_BUNDLE_SIZE:
             raise UpdateError(
                 f"bundle of {len(data)} bytes exceeds the {MAX_BUNDLE_SIZE}-byte limit"
             )
-        members: dict[str, bytes] = {}
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                infos = zf.infolist()
-                if len(infos) > MAX_MEMBERS:
+                infos = _check_entries(zf.infolist())
+                manifest = _read_member(zf, infos.pop(MANIFEST_NAME, None), MAX_MANIFEST_SIZE)
+                if manifest is None:
                     raise UpdateError(
-                        f"bundle has {len(infos)} members; the limit is {MAX_MEMBERS}"
+                        f"bundle is corrupt or not an offscan bundle: no {MANIFEST_NAME}"
                     )
-                total = 0
-                for info in infos:
-                    name = info.filename
-                    if name in members:
-                        raise UpdateError(f"bundle holds {name!r} twice")
-                    if info.is_dir() or info.flag_bits & 0x1:
-                        raise UpdateError(f"bundle member {name!r} is a directory or encrypted")
-                    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                        raise UpdateError(f"bundle member {name!r}: unsupported compression")
-                    total += info.file_size
-                    if total > MAX_UNPACKED_SIZE:
-                        raise UpdateError(f"bundle unpacks to more than {MAX_UNPACKED_SIZE} bytes")
-                    # zipfile stops at the declared size and checks the CRC
-                    members[name] = zf.read(info)
+                signature = _read_member(zf, infos.pop(SIGNATURE_NAME, None), MAX_SIGNATURE_SIZE)
+                parsed = Manifest.parse(manifest)
+                if trust is not None:  # vouched for before a single member is inflated
+                    _verify_manifest(parsed, manifest, signature, trust)
+                members = _read_members(zf, infos, parsed)
         except UpdateError:
             raise
         except Exception as exc:  # untrusted input: any parser failure means corrupt
             raise UpdateError(f"bundle is corrupt or not an offscan bundle: {exc}") from None
-        manifest = members.pop(MANIFEST_NAME, None)
-        if manifest is None:
-            raise UpdateError(f"bundle is corrupt or not an offscan bundle: no {MANIFEST_NAME}")
-        if len(manifest) > MAX_MANIFEST_SIZE:
-            raise UpdateError(f"{MANIFEST_NAME} exceeds {MAX_MANIFEST_SIZE} bytes")
-        signature = members.pop(SIGNATURE_NAME, None)
         return cls(manifest, members, signature)
 
     # -- signing and verification ---------------------------------------------------------
@@ -304,25 +298,7 @@ class Bundle:
     def verify(self, trust: Mapping[str, Ed25519PublicKey]) -> str:
         """Check the signature against ``trust`` (from :func:`load_trust`) and every member
         against the manifest; returns the signer's key id or raises :class:`UpdateError`."""
-        if self.signature is None:
-            raise UpdateError(
-                f"bundle version {self.version} is not signed (no {SIGNATURE_NAME}); "
-                "sign it with 'offscan patterns sign BUNDLE --key KEY'"
-            )
-        kid, sig = parse_signature(self.signature)
-        key = trust.get(kid)
-        if key is None:
-            raise UpdateError(
-                f"bundle version {self.version} is signed by key {kid}, which is not trusted "
-                f"(trusted: {', '.join(sorted(trust)) or 'none'})"
-            )
-        try:
-            key.verify(sig, self.manifest_bytes)
-        except InvalidSignature:
-            raise UpdateError(
-                f"bundle version {self.version}: signature does not verify with trusted key "
-                f"{kid}: the manifest was modified after signing"
-            ) from None
+        kid = _verify_manifest(self.manifest, self.manifest_bytes, self.signature, trust)
         self.check_digests()
         return kid
 
@@ -353,6 +329,91 @@ class Bundle:
         return {n: canonical_lines(d) for n, d in self.members.items()}
 
 
+def _check_entries(infos: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
+    """The zip's entries by name, from its directory alone (nothing inflated yet)."""
+    if len(infos) > MAX_MEMBERS:
+        raise UpdateError(f"bundle has {len(infos)} members; the limit is {MAX_MEMBERS}")
+    out: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        name = info.filename
+        if name in out:
+            raise UpdateError(f"bundle holds {name!r} twice")
+        if info.is_dir() or info.flag_bits & 0x1:
+            raise UpdateError(f"bundle member {name!r} is a directory or encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise UpdateError(f"bundle member {name!r}: unsupported compression")
+        out[name] = info
+    return out
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo | None, limit: int) -> bytes | None:
+    """One member, inflated to at most ``limit`` bytes (more is an error, found before
+    inflating: the entry's declared size, or while inflating: its actual size)."""
+    if info is None:
+        return None
+    if info.file_size > limit:
+        raise UpdateError(f"bundle member {info.filename!r} exceeds {limit} bytes")
+    with zf.open(info) as f:  # zipfile stops at the declared size and checks the CRC
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UpdateError(f"bundle member {info.filename!r} exceeds {limit} bytes")
+    return data
+
+
+def _read_members(
+    zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], manifest: Manifest
+) -> dict[str, bytes]:
+    """The members the manifest lists, each bounded by the size the manifest gives it."""
+    extra = sorted(set(infos) - set(manifest.files))
+    if extra:
+        raise UpdateError(f"bundle member {extra[0]!r} is not listed in the manifest")
+    total = sum(e.size for e in manifest.files.values())
+    if total > MAX_UNPACKED_SIZE:
+        raise UpdateError(f"bundle unpacks to more than {MAX_UNPACKED_SIZE} bytes")
+    members: dict[str, bytes] = {}
+    for name, info in infos.items():
+        want = manifest.files[name].size
+        if info.file_size != want:
+            raise UpdateError(
+                f"bundle member {name!r} is {info.file_size} bytes; its manifest says {want}"
+            )
+        data = _read_member(zf, info, want)
+        assert data is not None
+        members[name] = data
+    return members
+
+
+def _verify_manifest(
+    manifest: Manifest,
+    manifest_bytes: bytes,
+    signature: bytes | None,
+    trust: Mapping[str, Ed25519PublicKey],
+) -> str:
+    """The key id that signed ``manifest_bytes``, checked against ``trust``; UpdateError
+    for an unsigned bundle, an untrusted key or a signature that does not verify."""
+    version = manifest.version
+    if signature is None:
+        raise UpdateError(
+            f"bundle version {version} is not signed (no {SIGNATURE_NAME}); "
+            "sign it with 'offscan patterns sign BUNDLE --key KEY'"
+        )
+    kid, sig = parse_signature(signature)
+    key = trust.get(kid)
+    if key is None:
+        raise UpdateError(
+            f"bundle version {version} is signed by key {kid}, which is not trusted "
+            f"(trusted: {', '.join(sorted(trust)) or 'none'})"
+        )
+    try:
+        key.verify(sig, manifest_bytes)
+    except InvalidSignature:
+        raise UpdateError(
+            f"bundle version {version}: signature does not verify with trusted key "
+            f"{kid}: the manifest was modified after signing"
+        ) from None
+    return kid
+
+
 def parse_signature(data: bytes) -> tuple[str, bytes]:
     try:
         scheme, kid, b64 = data.decode("ascii").split()
@@ -364,9 +425,14 @@ def parse_signature(data: bytes) -> tuple[str, bytes]:
     return kid, sig
 
 
-def read_bundle(source: bytes | str | os.PathLike[str]) -> Bundle:
-    """Parse a bundle from bytes or a file path (structure only; see :meth:`Bundle.verify`)."""
-    return Bundle.from_bytes(bundle_bytes(source))
+def read_bundle(
+    source: bytes | str | os.PathLike[str],
+    *,
+    trust: Mapping[str, Ed25519PublicKey] | None = None,
+) -> Bundle:
+    """Parse a bundle from bytes or a file path: structure only, or with ``trust`` its
+    signature first (see :meth:`Bundle.from_bytes`; :meth:`Bundle.verify` checks digests)."""
+    return Bundle.from_bytes(bundle_bytes(source), trust=trust)
 
 
 def bundle_bytes(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> bytes:
@@ -376,7 +442,7 @@ def bundle_bytes(source: bytes | bytearray | memoryview | str | os.PathLike[str]
         with open(source, "rb") as f:
             data = f.read(MAX_BUNDLE_SIZE + 1)
     except OSError as exc:
-        raise UpdateError(f"{source}: cannot read: {exc.strerror or exc}") from None
+        raise InputMissing(f"{source}: cannot read: {exc.strerror or exc}") from None
     if len(data) > MAX_BUNDLE_SIZE:
         raise UpdateError(f"{source}: larger than the {MAX_BUNDLE_SIZE}-byte bundle limit")
     return data

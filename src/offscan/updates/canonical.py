@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..signatures import DATABASE_SUFFIXES, PatternDB
-from ._common import FILE_NAME, UpdateError
+from ._common import FILE_NAME, InputMissing, UpdateError
 
 
 def canonical_lines(text: str | bytes) -> list[str]:
@@ -68,6 +68,6 @@ def read_signature_dir(directory: str | os.PathLike[str]) -> dict[str, list[str]
         try:
             texts.append((p.name, p.read_bytes().decode("latin-1")))
         except OSError as exc:
-            raise UpdateError(f"{p}: cannot read: {exc.strerror or exc}") from None
+            raise InputMissing(f"{p}: cannot read: {exc.strerror or exc}") from None
     PatternDB.from_text(texts)
     return {name: canonical_lines(text) for name, text in texts}

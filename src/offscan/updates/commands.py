@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .._fsutil import atomic_write
 from ..signatures import SignatureError
-from ._common import UpdateError
+from ._common import InputMissing, UpdateError
 from .bundle import Bundle, build_delta, build_full, read_bundle
 from .canonical import read_signature_dir
 from .client import UpdateClient
@@ -40,7 +40,8 @@ def run_action(action: str, work: Callable[[], int]) -> int:
         return int(work())
     except (UpdateError, SignatureError) as exc:
         print(f"offscan patterns {action}: {exc}", file=sys.stderr)
-        return EXIT_REJECTED if action in REJECTING_ACTIONS else EXIT_ERROR
+        rejected = action in REJECTING_ACTIONS and not isinstance(exc, InputMissing)
+        return EXIT_REJECTED if rejected else EXIT_ERROR
     except OSError as exc:
         print(f"offscan patterns {action}: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -78,7 +79,7 @@ def _side(
         if version is None:
             raise UpdateError(f"{path} is a directory: give its version with --{what}")
         return read_signature_dir(path), version
-    b = read_bundle(path)
+    b = read_bundle(path, trust=trust or None)
     if trust:
         b.verify(trust)
     else:
@@ -135,8 +136,9 @@ def sign(bundle_path: str, *, key: str, output: str | None = None) -> int:
 
 def verify(bundle_path: str, *, trust: Sequence[str], as_json: bool = False) -> int:
     """``verify``: check a bundle's signature, digests and canonical form."""
-    bundle = read_bundle(bundle_path)
-    kid = bundle.verify(load_trust(trust))
+    trusted = load_trust(trust)
+    bundle = read_bundle(bundle_path, trust=trusted)
+    kid = bundle.verify(trusted)
     bundle.check_canonical()
     m = bundle.manifest
     if as_json:
@@ -179,7 +181,9 @@ def fetch(url: str, *, store: str, trust: Sequence[str]) -> int:
 
 
 def status(*, store: str, trust: Sequence[str], as_json: bool = False) -> int:
-    """``status``: a pattern store's version and where it came from."""
+    """``status``: a pattern store's version and where it came from (never creates one)."""
+    if not Path(store).is_dir():
+        raise InputMissing(f"{store}: no pattern store there (apply or fetch creates one)")
     st = PatternStore(store, trust).status()
     if as_json:
         print(json.dumps(st))

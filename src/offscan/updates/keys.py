@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .._fsutil import atomic_write
-from ._common import UpdateError
+from ._common import InputMissing, UpdateError
 
 KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 PRIVATE_KEY_MODE = 0o600  # from creation: the private key is never readable by others
@@ -51,6 +51,10 @@ def generate_key(prefix: str | os.PathLike[str], *, force: bool = False) -> tupl
     for path in (key_path, pub_path):
         if path.exists() and not force:
             raise UpdateError(f"{path} exists; use --force to replace it")
+    try:
+        key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise UpdateError(f"{key_path.parent}: cannot create: {exc.strerror or exc}") from None
     # Durable (fsync): a lost signing key cannot be recreated, and a crash must not leave a
     # half-written one. The mode is set at creation, so the key is never readable by others.
     atomic_write(key_path, pem, fsync=True, mode=PRIVATE_KEY_MODE)
@@ -63,7 +67,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise UpdateError(f"{path}: cannot read key: {exc.strerror or exc}") from None
+        raise InputMissing(f"{path}: cannot read key: {exc.strerror or exc}") from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -84,7 +88,7 @@ def _load_public_key(spec: TrustSpec) -> Ed25519PublicKey:
         try:
             data = Path(spec).read_bytes()
         except OSError as exc:
-            raise UpdateError(f"{spec}: cannot read trusted key: {exc.strerror or exc}") from None
+            raise InputMissing(f"{spec}: cannot read trusted key: {exc.strerror or exc}") from None
     if data.lstrip().startswith(b"-----BEGIN"):
         try:
             key = serialization.load_pem_public_key(data)

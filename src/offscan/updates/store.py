@@ -273,7 +273,7 @@ class PatternStore:
             data = bundle_bytes(bundle)
             if source is None and not isinstance(bundle, (bytes, bytearray, memoryview)):
                 source = str(Path(bundle).resolve())
-            b = Bundle.from_bytes(data)
+            b = Bundle.from_bytes(data, trust=self.trust)  # signature before inflating
         signer = b.verify(self.trust)
         b.check_canonical()
         m = b.manifest
