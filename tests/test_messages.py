@@ -21,7 +21,15 @@ from offscan.protocol import messages as M
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 ENVELOPE = M.ENVELOPE_FIELDS
 # Shapes inside replies, documented in tables of their own (Counters is spread into status).
-NESTED: tuple[Any, ...] = (M.VMInfo, M.Detection, M.Counters, M.PatternsSource, M.PatternSwap)
+NESTED: tuple[Any, ...] = (
+    M.VMInfo,
+    M.Detection,
+    M.Counters,
+    M.PatternsSource,
+    M.PatternSwap,
+    M.BatchScan,
+    M.BatchVerdict,
+)
 HEADING = re.compile(r"^#+\s+(?:`([^`]+)`|(.+?))\s*$")
 SPREAD = re.compile(r"^`\*\*(\w+)`$")
 CODE = re.compile(r"`([^`]+)`")

@@ -17,6 +17,7 @@ import hmac
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import protocol
+from .batch import BATCH_LIMIT, BatchScans
 from .common import RequestFailed, close_fds, log
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Session:
         self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
         self.draining: set[int] = set()  # streams answered before their end chunk arrived
         self.controls: set[asyncio.Task[None]] = set()
+        self.batches = BatchScans(self)  # scan-batch frames and their verdict-batch replies
 
     async def run(self) -> None:
         conn = self.conn
@@ -94,6 +96,7 @@ class Session:
             "credits": app.config.credits,
             "heartbeat": app.config.heartbeat,
             "pattern_version": app.pattern_version,
+            "batch": min(BATCH_LIMIT, app.config.credits),
         }
         await conn.send(_frame(welcome))
         return str(msg["shim"])
@@ -108,6 +111,9 @@ class Session:
                 log.warning("%s: no frame for %.0f s, closing", self.conn.peer, silence)
                 return
             t = msg["t"]
+            if t == "scan-batch":  # its fd-mode scans' descriptors (validated count)
+                await self.batches.serve(shim, msg, fds)
+                continue
             if t != "scan" or msg.get("mode") != "fd":
                 close_fds(fds)  # only an fd-mode scan may pass descriptors
             if t == "ping":
@@ -119,6 +125,7 @@ class Session:
                 await self._chunk(msg)
             elif t == "bye":
                 await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+                await self.batches.drain()
                 return
             elif t == "control":  # may run for minutes (clones): keep reading frames
                 ct = asyncio.create_task(self._serve_control(shim, msg))
@@ -219,5 +226,6 @@ class Session:
         except Exception as exc:  # one bad request must not end the connection
             log.exception("scan %r failed", msg.get("path"))
             reply = {"t": "error", "id": rid, "code": "internal", "message": str(exc)}
+        self.app.events.flush()  # a verdict is logged before it is sent (docs/protocol.md)
         with contextlib.suppress(ConnectionError, OSError):
             await self.conn.send(_frame(reply))
