@@ -24,6 +24,7 @@ from .. import protocol
 from .._fsutil import atomic_write
 from ..cache import IdentityMemo, VerdictCache
 from ..engine import Matcher
+from ..eventloop import loop_name
 from ..signatures import PatternDB
 from . import control as commands
 from . import status as reports
@@ -180,10 +181,11 @@ class Appliance:
             self._servers.append(srv)
         where = [cfg.socket_path, cfg.listen and f"tcp {cfg.listen[0]}:{self.tcp_port}"]
         log.info(
-            "appliance %s ready: %s; patterns %s",
+            "appliance %s ready: %s; patterns %s; event loop %s",
             self.appliance_id,
             ", ".join(filter(None, where)),
             self.db.summary(),
+            loop_name(),
         )
         if self.patterns.update_client is not None:
             self._spawn(self.patterns.update_loop())

@@ -55,17 +55,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--poll", type=float, default=60.0, metavar="SECONDS", help="update poll interval"
     )
+    p.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default=os.environ.get("OFFSCAN_LOOP") or "auto",
+        help="event loop: uvloop if installed (auto, the default), or the stdlib's "
+        "(default: $OFFSCAN_LOOP or auto)",
+    )
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-
     from ..appliance import Appliance, ApplianceConfig, serve
+    from ..eventloop import EventLoopError, loop_factory
+    from ..eventloop import run as run_loop
 
     setup_logging(args.verbose)
+    try:
+        loop_factory(args.loop)  # refuse a loop that is not there before building anything
+    except EventLoopError as exc:
+        print(f"offscan: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     if not args.socket and not args.listen:
         print("offscan: serve needs --socket PATH and/or --listen HOST:PORT", file=sys.stderr)
         return EXIT_ERROR
@@ -91,5 +103,5 @@ def run(args: argparse.Namespace) -> int:
     except (SignatureError, ValueError, OSError, RuntimeError) as exc:
         print(f"offscan: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    asyncio.run(serve(appliance, ready_file=args.ready_file))
+    run_loop(serve(appliance, ready_file=args.ready_file), loop=args.loop)
     return EXIT_CLEAN
