@@ -71,6 +71,8 @@ class Sender:
             "infected": 0,
             "errors": 0,
             "replayed": 0,
+            "batches": 0,  # scan-batch deliveries
+            "batched": 0,  # entries sent in them
         }
 
     async def run(self) -> None:
@@ -152,6 +154,8 @@ class Sender:
             sending.append((entry, vm, fd))
         if not sending:
             return
+        self.counts["batches"] += 1
+        self.counts["batched"] += len(sending)
         try:
             results = await client.scan_batch(
                 [(vm.name, e.relpath, e.prio, fd) for e, vm, fd in sending]
