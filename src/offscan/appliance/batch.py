@@ -23,6 +23,7 @@ from .. import policy as policies
 from .. import protocol
 from ..cache import Identity
 from ..confine import ConfinementError, check_relpath, open_confined_many
+from .bulk import NewFile, judge_new
 from .common import RequestFailed, close_fds, log
 from .fastpath import VerdictCodec, batch_frame, encode_item
 
@@ -86,7 +87,9 @@ class BatchScans:
                     self._slow(shim, scan, None, t0)
                 else:
                     opened.append((scan, vm, got[0], got[1]))
-        items, lines = self._answer(opened, t0)
+        items, lines, new = self._answer(opened, t0)
+        if new:
+            self._spawn_new(new, t0)
         if items:
             self.app.events.flush()  # logged before sent (docs/protocol.md, Batches)
             for line in lines:
@@ -145,7 +148,7 @@ class BatchScans:
 
     def _answer(
         self, opened: list[tuple[dict[str, Any], VMRecord, int, os.stat_result]], t0: float
-    ) -> tuple[list[bytes], list[str]]:
+    ) -> tuple[list[bytes], list[str], list[tuple[int, NewFile]]]:
         """Cache hits answered here (encoded items and their event lines); the rest handed
         to the pipeline with their open descriptors. Long-ish: it is the hot loop, kept
         flat on purpose (one pass, locals bound once)."""
@@ -163,22 +166,30 @@ class BatchScans:
         log_on = app.events.enabled
         items: list[bytes] = []
         lines: list[str] = []
+        new: list[tuple[int, NewFile]] = []
         for scan, vm, fd, st in opened:
             path = scan["path"]
             policy = policy_of.get(vm.name)
             if policy is None:
                 policy = policy_of[vm.name] = app.registry.effective_policy(vm)
+            size_rules = policy.get("max_size") is not None
+            why = policies.excluded(policy, path, st.st_size) if size_rules else None
+            if why:
+                os.close(fd)
+                self._spawn(scan["id"], pipeline._excluded(vm, path, why, t0), [])
+                continue
             ident = Identity.from_stat("local", st)
             source = "identity"
             digest = memo_get(ident)
             if digest is None:
                 digest, source = inherited_get(ident), "clone"
+            if digest is None:
+                prio = 0 if scan.get("prio", "access") == "access" else 1
+                kinds["access" if prio == 0 else "demand"] += 1
+                new.append((scan["id"], NewFile(vm, path, fd, st, prio)))
+                continue
             cached = None if digest is None else cache_get(digest, st.st_size, version)
-            if (
-                cached is None
-                or cached.status != "clean"
-                or policies.excluded(policy, path, st.st_size)
-            ):
+            if cached is None or cached.status != "clean":
                 self._slow_opened(scan, vm, fd, t0)
                 continue
             os.close(fd)
@@ -196,7 +207,7 @@ class BatchScans:
                 histogram.observe(latency)
         counters.verdicts += len(items)
         self.fast += len(items)
-        return items, lines
+        return items, lines, new
 
     # -- the slow path: one task per scan, as for single scans ----------------------------
 
@@ -209,6 +220,43 @@ class BatchScans:
         prio = 0 if scan.get("prio", "access") == "access" else 1
         self.app.pipeline.request_kinds["access" if prio == 0 else "demand"] += 1
         self._spawn(scan["id"], self.app.pipeline.judge(vm, scan["path"], fd, prio, t0), [fd])
+
+    def _spawn_new(self, new: list[tuple[int, NewFile]], t0: float) -> None:
+        """New contents of a batch, judged in bulk (:mod:`.bulk`) by one task; every scan
+        of it stays in flight (holds its credit) until that task is done."""
+        self.slow += len(new)
+        task = asyncio.create_task(self._new_replies(new, t0))
+        inflight = self.session.inflight
+        for rid, _ in new:
+            inflight[rid] = task
+
+        def done(_t: object) -> None:
+            for rid, _ in new:
+                inflight.pop(rid, None)
+
+        task.add_done_callback(done)
+
+    async def _new_replies(self, new: list[tuple[int, NewFile]], t0: float) -> None:
+        try:
+            results = await judge_new(self.app.pipeline, [f for _, f in new], t0)
+        finally:
+            for _, f in new:
+                with contextlib.suppress(OSError):
+                    os.close(f.fd)
+        errors: list[ErrorMessage] = []
+        for (rid, _), res in zip(new, results, strict=True):
+            if isinstance(res, RequestFailed):
+                errors.append({"t": "error", "id": rid, "code": res.code, "message": str(res)})
+            elif isinstance(res, BaseException):
+                log.error("scan %r failed: %r", rid, res)
+                errors.append({"t": "error", "id": rid, "code": "internal", "message": str(res)})
+            else:
+                item: BatchVerdict = {"id": rid, **res}
+                self._outbox.append(encode_item(item))
+        await self.drain()
+        for failed in errors:
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.session.conn.send(dict(failed))
 
     def _spawn(self, rid: int, work: Any, fds: list[int]) -> None:
         self.slow += 1
