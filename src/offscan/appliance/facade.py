@@ -213,6 +213,7 @@ class Appliance:
         self.stream_pool.shutdown(wait=False, cancel_futures=True)
         self.cache.close()
         self.events.close()
+        self.inventory.close()
 
     async def _handle(self, conn: protocol.Connection) -> None:
         task = asyncio.current_task()
