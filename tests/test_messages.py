@@ -29,6 +29,8 @@ NESTED: tuple[Any, ...] = (
     M.PatternSwap,
     M.PreventionStats,
     M.SharedCacheStatus,
+    M.BatchScan,
+    M.BatchVerdict,
 )
 HEADING = re.compile(r"^#+\s+(?:`([^`]+)`|(.+?))\s*$")
 SPREAD = re.compile(r"^`\*\*(\w+)`$")

@@ -120,6 +120,14 @@ SAMPLES: list[dict[str, Any]] = [
     {"t": "ok", "id": 2, "vm": "vm1", "root": "/srv/vms/vm1"},
     VERDICT,
     {**VERDICT, "status": "clean", "matches": [], "action": "allow", "source": "identity"},
+    {
+        "t": "scan-batch",
+        "scans": [
+            {"id": 20, "vm": "vm1", "path": "a", "mode": "path"},
+            {"id": 21, "vm": "vm1", "path": "b", "mode": "path", "prio": "demand"},
+        ],
+    },
+    {"t": "verdict-batch", "verdicts": [{k: v for k, v in VERDICT.items() if k != "t"}]},
     {"t": "error", "id": 5, "code": "confined", "message": "path escapes the VM root"},
     {"t": "error", "code": "auth", "message": "bad or missing shared secret"},
 ]

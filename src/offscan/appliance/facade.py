@@ -25,6 +25,7 @@ from .._fsutil import atomic_write
 from ..cache import IdentityMemo, VerdictCache
 from ..cache.memo_log import PersistentIdentityMemo
 from ..engine import Matcher
+from ..eventloop import loop_name
 from ..signatures import PatternDB
 from . import control as commands
 from . import status as reports
@@ -211,10 +212,11 @@ class Appliance:
             cfg.listen and f"tcp {cfg.listen[0]}:{self.tcp_port}",
         ]
         log.info(
-            "appliance %s ready: %s; patterns %s",
+            "appliance %s ready: %s; patterns %s; event loop %s",
             self.appliance_id,
             ", ".join(filter(None, where)),
             self.db.summary(),
+            loop_name(),
         )
         if self.patterns.update_client is not None:
             self._spawn(self.patterns.update_loop())
@@ -248,6 +250,7 @@ class Appliance:
         if isinstance(self.memo, PersistentIdentityMemo):
             self.memo.close()
         self.events.close()
+        self.inventory.close()
 
     async def _handle(self, conn: protocol.Connection, *, admin: bool = False) -> None:
         task = asyncio.current_task()

@@ -125,7 +125,7 @@ class Registry:
             old.registered_at if old else time.time(),
         )
         self.vms[vm] = rec
-        self.inventory.save()
+        self.inventory.save(vm)  # one appended line, however many VMs there are
         log.info(
             "VM %s registered by %s: root %s%s",
             vm,
@@ -147,7 +147,7 @@ class Registry:
     def unregister(self, shim: str, vm: str) -> dict[str, Any]:
         rec = self.owned(shim, vm)
         del self.vms[rec.name]
-        self.inventory.save()
+        self.inventory.save(rec.name)
         log.info("VM %s unregistered", vm)
         return {"vm": vm}
 

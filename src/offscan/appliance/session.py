@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .. import protocol
 from . import limits
+from .batch import BATCH_LIMIT, BatchScans
 from .common import RequestFailed, close_fds, log
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Session:
         self.draining: dict[int, None] = {}
         self.stream_slots: set[int] = set()  # stream scans holding one of the client's slots
         self.controls: set[asyncio.Task[None]] = set()
+        self.batches = BatchScans(self)  # scan-batch frames and their verdict-batch replies
 
     async def run(self) -> None:
         conn = self.conn
@@ -112,6 +114,7 @@ class Session:
             "credits": app.config.credits,
             "heartbeat": app.config.heartbeat,
             "pattern_version": app.pattern_version,
+            "batch": min(BATCH_LIMIT, app.config.credits),
         }
         await conn.send(_frame(welcome))
         return str(msg["shim"])
@@ -126,6 +129,9 @@ class Session:
                 log.warning("%s: no frame for %.0f s, closing", self.conn.peer, silence)
                 return
             t = msg["t"]
+            if t == "scan-batch":  # its fd-mode scans' descriptors (validated count)
+                await self.batches.serve(shim, msg, fds)
+                continue
             if t != "scan" or msg.get("mode") != "fd":
                 close_fds(fds)  # only an fd-mode scan may pass descriptors
             if t == "ping":
@@ -137,6 +143,7 @@ class Session:
                 await self._chunk(msg)
             elif t == "bye":
                 await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+                await self.batches.drain()
                 return
             elif t == "control":  # may run for minutes (clones): keep reading frames
                 while len(self.controls) >= MAX_CONTROLS:  # backpressure: stop reading
@@ -287,5 +294,6 @@ class Session:
         except Exception as exc:  # one bad request must not end the connection
             log.exception("scan %r failed", msg.get("path"))
             reply = {"t": "error", "id": rid, "code": "internal", "message": str(exc)}
+        self.app.events.flush()  # a verdict is logged before it is sent (docs/protocol.md)
         with contextlib.suppress(ConnectionError, OSError, TimeoutError):
             await self._send(_frame(reply))

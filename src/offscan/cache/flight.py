@@ -32,6 +32,19 @@ class SingleFlight:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._calls
 
+    def lead(self, key: Hashable) -> asyncio.Future[Any] | None:
+        """Claim ``key`` for a result the caller produces itself (a bulk match of many
+        contents in one thread-pool job): returns the future to complete (``set_result`` /
+        ``set_exception``; it may have been cancelled by then, if every joiner left), or None
+        if the key is already being worked on (join it with :meth:`run`). Until the future is
+        done, :meth:`run` callers with this key wait for it instead of running ``fn``."""
+        if key in self._calls:
+            return None
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[key] = _Call(fut)
+        fut.add_done_callback(lambda f: self._forget(key, f))
+        return fut
+
     async def run(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
         call = self._calls.get(key)
         if call is None:
@@ -57,7 +70,7 @@ class SingleFlight:
             # Forget the key before the task completes, so no new caller joins a finished run.
             self._forget(key, asyncio.current_task())
 
-    def _forget(self, key: Hashable, task: asyncio.Task[Any] | None) -> None:
+    def _forget(self, key: Hashable, task: asyncio.Future[Any] | None) -> None:
         call = self._calls.get(key)
         if call is not None and call.task is task:
             del self._calls[key]
@@ -66,6 +79,6 @@ class SingleFlight:
 class _Call:
     __slots__ = ("task", "waiters")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(self, task: asyncio.Future[Any]) -> None:
         self.task = task
         self.waiters = 0

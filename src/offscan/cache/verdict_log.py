@@ -204,6 +204,33 @@ class VerdictLog:
             self._dirty = True
         self._maybe_request_compaction()
 
+    def _append_many(self, records: list[bytes]) -> None:
+        """Write several records with one ``write(2)`` (caller holds _write_lock): a group
+        commit, durable exactly as :meth:`_append` (in the OS at once, fsynced on the
+        interval); a failed write is cut back off as a whole."""
+        if len(records) == 1:
+            self._append(records[0])
+            return
+        data = b"".join(records)
+        try:
+            write_all(self._log_fd, data)
+        except OSError as exc:
+            self._persist_errors += 1
+            try:
+                os.ftruncate(self._log_fd, self._log_size)
+            except OSError:
+                pass
+            if self._persist_errors == 1 or exc.errno != errno.ENOSPC:
+                log.warning("%s: cannot persist %d verdicts: %s", self.log_path, len(records), exc)
+            return
+        self._log_size += len(data)
+        self._log_records += len(records)
+        if self.fsync_interval == 0:
+            os.fsync(self._log_fd)
+        else:
+            self._dirty = True
+        self._maybe_request_compaction()
+
     def _needs_compaction(self) -> bool:
         threshold = max(COMPACT_RATIO * len(self), self.compact_min_records)
         return self._log_records > threshold

@@ -133,6 +133,23 @@ class VerdictCache(VerdictLog):
             if record:
                 self._append(record)
 
+    def put_many(self, verdicts: list[CachedVerdict]) -> None:
+        """:meth:`put` for several verdicts, their log records appended in one write."""
+        records = []
+        for verdict in verdicts:
+            if not isinstance(verdict, CachedVerdict):
+                raise TypeError(f"put takes a CachedVerdict, not {type(verdict).__name__}")
+            record = encode_record(verdict) if self._log_fd >= 0 else b""
+            if record and len(record) <= RECORD_HEADER.size + MAX_RECORD_BYTES:
+                records.append(record)
+        with self._write_lock:
+            if self._closed:
+                raise CacheError("VerdictCache is closed")
+            for verdict in verdicts:
+                self._insert(verdict)
+            if records:
+                self._append_many(records)
+
     def _insert(self, verdict: CachedVerdict) -> None:
         key = (verdict.digest, verdict.size, verdict.pattern_version)
         shard = self._shards[verdict.digest[0] % self._nshards]

@@ -131,6 +131,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help=f"stream scans one client may have open (default {DEFAULT_STREAMS_PER_CLIENT})",
     )
+    p.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default=os.environ.get("OFFSCAN_LOOP") or "auto",
+        help="event loop: uvloop if installed (auto, the default), or the stdlib's "
+        "(default: $OFFSCAN_LOOP or auto)",
+    )
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(run=run)
@@ -195,11 +202,16 @@ def _clamd_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-
     from ..appliance import Appliance, ApplianceConfig, serve
+    from ..eventloop import EventLoopError, loop_factory
+    from ..eventloop import run as run_loop
 
     setup_logging(args.verbose)
+    try:
+        loop_factory(args.loop)  # refuse a loop that is not there before building anything
+    except EventLoopError as exc:
+        print(f"offscan: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     if not args.socket and not args.listen and not args.clamd_socket and not args.clamd_listen:
         print(
             "offscan: serve needs --socket PATH, --listen HOST:PORT or a --clamd-* listener",
@@ -244,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"offscan: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        asyncio.run(serve(appliance, ready_file=args.ready_file))
+        run_loop(serve(appliance, ready_file=args.ready_file), loop=args.loop)
     except OSError as exc:  # a listener that cannot be opened (address in use, permissions)
         print(f"offscan: serve: {exc.strerror or exc}{_where(exc)}", file=sys.stderr)
         return EXIT_ERROR

@@ -173,9 +173,15 @@ async def run_shim_cli(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
+    import sys
 
-    from ._common import setup_logging
+    from ..eventloop import EventLoopError
+    from ..eventloop import run as run_loop  # uvloop where installed ($OFFSCAN_LOOP)
+    from ._common import EXIT_ERROR, setup_logging
 
     setup_logging(getattr(args, "verbose", False))
-    return asyncio.run(run_shim_cli(args))
+    try:
+        return run_loop(run_shim_cli(args))
+    except EventLoopError as exc:
+        print(f"offscan: {exc}", file=sys.stderr)
+        return EXIT_ERROR

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 
 from .address import ADMIN_SUFFIX, Address, admin_socket_for, parse_address
-from .client import STREAM_PREFETCH, ApplianceClient
+from .client import STREAM_PREFETCH, ApplianceClient, BatchItem
 from .client import _Pending as _Pending
 from .client import _remaining as _remaining
 from .connection import MAX_PENDING_FD_BATCHES, RECV_SIZE, Connection, connect
@@ -35,6 +35,7 @@ from .messages import (
     DEFAULT_HEARTBEAT,
     ENVELOPE_FIELDS,
     ERROR_CODES,
+    MAX_BATCH,
     MAX_CHUNK,
     MAX_FDS_PER_FRAME,
     MAX_FRAME,
@@ -48,6 +49,8 @@ from .messages import (
     VERDICT_STATUSES,
     ApplianceStatus,
     ApplianceVerdictSource,
+    BatchScan,
+    BatchVerdict,
     Bye,
     Chunk,
     Control,
@@ -68,6 +71,7 @@ from .messages import (
     Pong,
     Priority,
     Register,
+    ScanBatch,
     ScanMode,
     ScanRequest,
     ShimVerdictSource,
@@ -76,6 +80,7 @@ from .messages import (
     Unregister,
     Verdict,
     VerdictAction,
+    VerdictBatch,
     VerdictSource,
     VerdictStatus,
     VMInfo,
@@ -93,6 +98,7 @@ __all__ = [
     "ENVELOPE_FIELDS",
     "ERROR_CODES",
     "HEADER",
+    "MAX_BATCH",
     "MAX_CHUNK",
     "MAX_FDS_PER_FRAME",
     "MAX_FRAME",
@@ -112,7 +118,10 @@ __all__ = [
     "Address",
     "ApplianceClient",
     "ApplianceStatus",
+    "BatchItem",
     "ApplianceVerdictSource",
+    "BatchScan",
+    "BatchVerdict",
     "Bye",
     "Chunk",
     "Connection",
@@ -138,6 +147,7 @@ __all__ = [
     "ProtocolError",
     "Register",
     "RequestError",
+    "ScanBatch",
     "ScanMode",
     "ScanRequest",
     "Server",
@@ -148,6 +158,7 @@ __all__ = [
     "VMInfo",
     "Verdict",
     "VerdictAction",
+    "VerdictBatch",
     "VerdictSource",
     "VerdictStatus",
     "Welcome",

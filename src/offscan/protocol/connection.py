@@ -261,32 +261,63 @@ class Connection:
         anc = (
             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         )
+        await self._write_frame(data, anc)
+
+    async def send_encoded(self, payload: bytes) -> None:
+        """Send one frame whose msgpack ``payload`` the caller built itself (the appliance's
+        batched replies, assembled from pre-encoded parts): framed, not validated, no
+        descriptors. The caller vouches for it being a valid message."""
+        if len(payload) > self.max_frame:
+            raise ProtocolError("oversized", f"frame of {len(payload)} bytes exceeds limit")
+        await self._write_frame(HEADER.pack(len(payload)) + payload, [])
+
+    async def _write_frame(self, data: bytes, anc: list[tuple[int, int, bytes]]) -> None:
+        """Write one whole frame (descriptors on its first byte), frames one at a time."""
+        if not self._send_lock.locked() and not anc and not self._closed:
+            try:  # the common case: the socket takes the whole frame at once
+                n = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self.close()
+                raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
+            if n == len(data):
+                return
+            if n:  # a partial frame is on the wire: the rest must follow before any other
+                data = data[n:]
+                async with self._send_lock:
+                    await self._write_locked(data, anc, sent_any=True)
+                return
         async with self._send_lock:
-            view = memoryview(data)
-            sent_any = False
-            try:
-                while view:
-                    if self._closed:
-                        raise ConnectionClosed(f"connection to {self.peer} is closed")
-                    try:
-                        if anc and not sent_any:
-                            n = self._sock.sendmsg([view], anc)
-                        else:
-                            n = self._sock.send(view)
-                    except (BlockingIOError, InterruptedError):
-                        await self._wait_writable()
-                        continue
-                    except OSError as exc:
-                        self.close()
-                        raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
-                    sent_any = True
-                    view = view[n:]
-            except BaseException:
-                if sent_any and view:
-                    self.close()  # a partial frame on the wire: nothing after it could be parsed
-                raise
-            finally:
-                view.release()
+            await self._write_locked(data, anc, sent_any=False)
+
+    async def _write_locked(
+        self, data: bytes, anc: list[tuple[int, int, bytes]], *, sent_any: bool
+    ) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                if self._closed:
+                    raise ConnectionClosed(f"connection to {self.peer} is closed")
+                try:
+                    if anc and not sent_any:
+                        n = self._sock.sendmsg([view], anc)
+                    else:
+                        n = self._sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait_writable()
+                    continue
+                except OSError as exc:
+                    self.close()
+                    raise ConnectionClosed(f"connection to {self.peer} lost: {exc}") from exc
+                sent_any = True
+                view = view[n:]
+        except BaseException:
+            if sent_any and view:
+                self.close()  # a partial frame on the wire: nothing after it could be parsed
+            raise
+        finally:
+            view.release()
 
     async def _wait_writable(self) -> None:
         loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "ENVELOPE_FIELDS",
     "ERROR_CODES",
+    "MAX_BATCH",
     "MAX_CHUNK",
     "MAX_FDS_PER_FRAME",
     "MAX_FRAME",
@@ -32,6 +33,8 @@ __all__ = [
     "VERDICT_STATUSES",
     "ApplianceStatus",
     "ApplianceVerdictSource",
+    "BatchScan",
+    "BatchVerdict",
     "Bye",
     "Chunk",
     "Control",
@@ -55,6 +58,7 @@ __all__ = [
     "Priority",
     "Register",
     "Report",
+    "ScanBatch",
     "ScanMode",
     "ScanRequest",
     "SharedCacheStatus",
@@ -67,6 +71,7 @@ __all__ = [
     "VMInfo",
     "Verdict",
     "VerdictAction",
+    "VerdictBatch",
     "VerdictRecord",
     "VerdictSource",
     "VerdictStatus",
@@ -81,6 +86,7 @@ MAX_CHUNK = 256 << 10  # bytes of content per chunk frame
 DEFAULT_HEARTBEAT = 5.0  # seconds
 MAX_FDS_PER_FRAME = 8  # descriptors one frame may carry (a scan carries exactly one)
 DEAD_AFTER_HEARTBEATS = 3  # silence of this many heartbeats means the peer is gone
+MAX_BATCH = 1024  # scans one scan-batch frame may carry (each still takes one credit)
 
 # -- enumerations ---------------------------------------------------------------------------
 
@@ -101,6 +107,8 @@ MessageType = Literal[
     "ok",
     "verdict",
     "report",
+    "scan-batch",
+    "verdict-batch",
 ]
 
 # What an ``error`` frame's ``code`` says. Senders use these; receivers accept any string, so
@@ -177,6 +185,7 @@ class Welcome(TypedDict):
     credits: int
     heartbeat: float
     pattern_version: NotRequired[str | None]
+    batch: NotRequired[int | None]  # most scans per scan-batch; absent: no batches
 
 
 class Ping(TypedDict):
@@ -261,6 +270,27 @@ class StreamScanRequest(TypedDict):
 ScanRequest = PathScanRequest | FdScanRequest | StreamScanRequest
 
 
+class BatchScan(TypedDict):
+    """One scan inside a ``scan-batch``: a ``scan`` in ``path`` or ``fd`` mode without its
+    envelope. It holds one credit until its own reply (in a ``verdict-batch`` or an
+    ``error`` with its ``id``) arrives."""
+
+    id: int
+    vm: str
+    path: str
+    mode: Literal["path", "fd"]
+    prio: NotRequired[Priority]
+    size: NotRequired[int | None]
+
+
+class ScanBatch(TypedDict):
+    """Many scans in one frame (what a shim sends whenever more than one event is ready);
+    the fd-mode ones' descriptors ride along in order (``fds``, at most MAX_FDS_PER_FRAME)."""
+
+    t: Literal["scan-batch"]
+    scans: list[BatchScan]
+
+
 class Chunk(TypedDict):
     t: Literal["chunk"]
     id: int
@@ -338,6 +368,31 @@ class Verdict(TypedDict):
     pattern_version: NotRequired[str | None]
     quarantine_id: NotRequired[str]  # the file was moved into the quarantine vault
     action_errors: NotRequired[list[str]]  # actions that failed before the one taken
+
+
+class BatchVerdict(TypedDict):
+    """One verdict inside a ``verdict-batch``: a :class:`Verdict` without its envelope."""
+
+    id: int
+    vm: str
+    path: str
+    status: VerdictStatus
+    action: VerdictAction
+    matches: NotRequired[list[str]]
+    reason: NotRequired[str | None]
+    source: NotRequired[ApplianceVerdictSource]
+    digest: NotRequired[str | None]
+    pattern_version: NotRequired[str | None]
+    quarantine_id: NotRequired[str]
+    action_errors: NotRequired[list[str]]
+
+
+class VerdictBatch(TypedDict):
+    """Verdicts for scans of ``scan-batch`` frames, in any order and any grouping; a scan
+    that failed is answered by an ``error`` frame with its ``id`` instead."""
+
+    t: Literal["verdict-batch"]
+    verdicts: list[BatchVerdict]
 
 
 class VerdictRecord(TypedDict):
@@ -543,4 +598,6 @@ MESSAGES: dict[MessageType, tuple[type, ...]] = {
     "ok": (Ok,),
     "verdict": (Verdict,),
     "report": (Report,),
+    "scan-batch": (ScanBatch,),
+    "verdict-batch": (VerdictBatch,),
 }

@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import ProtocolError
 from .messages import (
+    MAX_BATCH,
     MAX_CHUNK,
     MAX_FDS_PER_FRAME,
     PRIORITIES,
@@ -25,7 +26,7 @@ from .messages import (
     StatusRequest,
 )
 
-__all__ = ["MESSAGE_TYPES", "SCHEMAS", "validate"]
+__all__ = ["BATCH_SCAN", "BATCH_VERDICT", "MESSAGE_TYPES", "SCHEMAS", "validate"]
 
 _Check = Callable[[str, Any], None]
 
@@ -143,6 +144,100 @@ def _keys(typed_dict: Any) -> frozenset[str]:
     return frozenset(typed_dict.__required_keys__ | typed_dict.__optional_keys__)
 
 
+def _items(schema: _Schema, what: str, plain: Callable[[Any], bool]) -> _Check:
+    """An array of at most MAX_BATCH maps, each checked against ``schema`` (a batch frame).
+    ``plain(item)`` is a quick test passing the common well-formed item; an item it does not
+    pass gets the full schema check (which names what is wrong, or lets it through)."""
+
+    def check(field: str, value: Any) -> None:
+        if not isinstance(value, list) or not value:
+            _fail(field, f"a non-empty array of {what}", value)
+        if len(value) > MAX_BATCH:
+            raise ProtocolError("oversized", f"{field}: {len(value)} items exceed {MAX_BATCH}")
+        for i, item in enumerate(value):
+            if plain(item):
+                continue
+            if not isinstance(item, dict):
+                _fail(f"{field}[{i}]", f"a map ({what})", item)
+            _check_fields(schema, f"{field}[{i}]", item)
+
+    return check
+
+
+_SCAN_KEYS = frozenset({"id", "vm", "path", "mode", "prio", "size"})
+_VERDICT_KEYS = frozenset(
+    {"id", "vm", "path", "status", "action", "matches", "reason", "source", "digest"}
+    | {"pattern_version", "quarantine_id", "action_errors"}
+)
+_BATCH_MODES = frozenset({"path", "fd"})
+_PRIOS = frozenset(PRIORITIES)
+_STATUSES = frozenset(VERDICT_STATUSES)
+_ACTIONS = frozenset(VERDICT_ACTIONS)
+_SOURCES = frozenset(VERDICT_SOURCES)
+
+
+def _plain_scan(item: Any) -> bool:
+    """A batched scan with only known keys, each of the right type (the full check's
+    verdict on it would be the same: it passes)."""
+    if type(item) is not dict or not item.keys() <= _SCAN_KEYS:
+        return False
+    rid, vm, path = item.get("id"), item.get("vm"), item.get("path")
+    return (
+        type(rid) is int
+        and 0 <= rid < 1 << 63
+        and type(vm) is str
+        and vm != ""
+        and "\x00" not in vm
+        and type(path) is str
+        and "\x00" not in path
+        and type(item.get("mode")) is str
+        and item["mode"] in _BATCH_MODES
+        and type(item.get("prio", "access")) is str
+        and item.get("prio", "access") in _PRIOS
+        and item.get("size") is None
+    )
+
+
+def _plain_verdict(item: Any) -> bool:
+    """A batched verdict as the appliance sends it: known keys, right types."""
+    if type(item) is not dict or not item.keys() <= _VERDICT_KEYS:
+        return False
+    rid = item.get("id")
+    matches = item.get("matches", [])
+    return (
+        type(rid) is int
+        and 0 <= rid < 1 << 63
+        and type(item.get("vm")) is str
+        and type(item.get("path")) is str
+        and type(item.get("status")) is str
+        and item["status"] in _STATUSES
+        and type(item.get("action")) is str
+        and item["action"] in _ACTIONS
+        and type(matches) is list
+        and all(type(m) is str for m in matches)
+        and type(item.get("reason", "")) in (str, type(None))
+        and type(item.get("source", "scan")) is str
+        and item.get("source", "scan") in _SOURCES
+        and type(item.get("digest", "")) in (str, type(None))
+        and type(item.get("pattern_version", "")) in (str, type(None))
+        and "quarantine_id" not in item
+        and "action_errors" not in item
+    )
+
+
+def _check_fields(schema: _Schema, where: str, msg: dict[str, Any]) -> None:
+    for key in msg:
+        if not isinstance(key, str):
+            raise ProtocolError("malformed", f"{where}: map keys must be str, got {_describe(key)}")
+    for field, check in schema.required.items():
+        if field not in msg:
+            raise ProtocolError("malformed", f"{where}: missing required field {field!r}")
+        check(f"{where}.{field}", msg[field])
+    for field, check in schema.optional.items():
+        if field in msg:
+            check(f"{where}.{field}", msg[field])
+
+
 # The status reply's keys beyond the request's, derived from ApplianceStatus: listed so the
 # schema names every field of the contract, and checked by nothing, as when they were unlisted.
 _STATUS_REPLY: dict[str, _Check] = dict.fromkeys(
@@ -150,13 +245,35 @@ _STATUS_REPLY: dict[str, _Check] = dict.fromkeys(
 )
 
 _S = _Schema
+_VERDICT_REQUIRED: dict[str, _Check] = {
+    "id": _req_id,
+    "vm": _text,
+    "path": _text,
+    "status": _one_of(*VERDICT_STATUSES),
+    "action": _one_of(*VERDICT_ACTIONS),
+}
+_VERDICT_OPTIONAL: dict[str, _Check] = {
+    "matches": _str_list,
+    "reason": _nullable(_text),
+    "source": _one_of(*VERDICT_SOURCES),
+    "digest": _nullable(_text),
+    "pattern_version": _nullable(_text),
+    "quarantine_id": _text,
+    "action_errors": _str_list,
+}
+# The items of batch frames: a scan in path or fd mode, a verdict, each without "t".
+BATCH_SCAN = _S(
+    {"id": _req_id, "vm": _name, "path": _path, "mode": _one_of("path", "fd")},
+    {"prio": _one_of(*PRIORITIES), "size": _nullable(_uint)},
+)
+BATCH_VERDICT = _S(_VERDICT_REQUIRED, _VERDICT_OPTIONAL)
 # Keys not listed are allowed and ignored (forward compatibility, free-form replies).
 SCHEMAS: dict[str, _Schema] = {
     # handshake
     "hello": _S({"v": _uint, "shim": _name}, {"secret": _nullable(_text)}),
     "welcome": _S(
         {"v": _uint, "appliance": _text, "credits": _uint, "heartbeat": _positive_number},
-        {"pattern_version": _nullable(_text)},
+        {"pattern_version": _nullable(_text), "batch": _nullable(_uint)},
     ),
     # either direction
     "ping": _S({"id": _req_id}, {}),
@@ -183,24 +300,10 @@ SCHEMAS: dict[str, _Schema] = {
     # appliance -> client
     "credit": _S({"n": _pos_int}, {}),
     "ok": _S({"id": _req_id}, {}),
-    "verdict": _S(
-        {
-            "id": _req_id,
-            "vm": _text,
-            "path": _text,
-            "status": _one_of(*VERDICT_STATUSES),
-            "action": _one_of(*VERDICT_ACTIONS),
-        },
-        {
-            "matches": _str_list,
-            "reason": _nullable(_text),
-            "source": _one_of(*VERDICT_SOURCES),
-            "digest": _nullable(_text),
-            "pattern_version": _nullable(_text),
-            "quarantine_id": _text,
-            "action_errors": _str_list,
-        },
-    ),
+    "verdict": _S(_VERDICT_REQUIRED, _VERDICT_OPTIONAL),
+    # many scans in one frame, and many verdicts in one reply (docs/protocol.md, Batches)
+    "scan-batch": _S({"scans": _items(BATCH_SCAN, "scans", _plain_scan)}, {}),
+    "verdict-batch": _S({"verdicts": _items(BATCH_VERDICT, "verdicts", _plain_verdict)}, {}),
 }
 MESSAGE_TYPES = frozenset(SCHEMAS)
 
@@ -222,16 +325,7 @@ def validate(msg: Any) -> dict[str, Any]:
     schema = SCHEMAS.get(t)
     if schema is None:
         raise ProtocolError("malformed", f"unknown message type {t!r}")
-    for key in msg:
-        if not isinstance(key, str):
-            raise ProtocolError("malformed", f"{t}: map keys must be str, got {_describe(key)}")
-    for field, check in schema.required.items():
-        if field not in msg:
-            raise ProtocolError("malformed", f"{t}: missing required field {field!r}")
-        check(f"{t}.{field}", msg[field])
-    for field, check in schema.optional.items():
-        if field in msg:
-            check(f"{t}.{field}", msg[field])
+    _check_fields(schema, t, msg)
     _check_descriptors(t, msg)
     return msg
 
@@ -243,7 +337,13 @@ def _check_descriptors(t: str, msg: dict[str, Any]) -> None:
         _fail(f"{t}.fds", f"an integer 0..{MAX_FDS_PER_FRAME}", nfds)
     if t == "scan" and msg["mode"] == "stream" and msg.get("size") is None:
         raise ProtocolError("malformed", "scan in stream mode needs its content size")
-    if t == "scan" and msg["mode"] == "fd":
+    if t == "scan-batch":
+        want = sum(1 for scan in msg["scans"] if scan["mode"] == "fd")
+        if nfds != want:
+            raise ProtocolError(
+                "malformed", f"scan-batch has {want} fd-mode scan(s) but carries {nfds} descriptor(s)"
+            )
+    elif t == "scan" and msg["mode"] == "fd":
         if nfds != 1:
             raise ProtocolError(
                 "malformed", f"scan in fd mode must carry exactly one descriptor, not {nfds}"

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("offscan.shim")
 
 DEFAULT_MAX_IN_FLIGHT = 32  # sender tasks; the appliance's credits may cap in-flight scans lower
+SEND_BATCH = 64  # ready entries one sender task sends together in a scan-batch
 MAX_REMOTE_RETRIES = 3  # unknown-vm answers tolerated per path (re-registering in between)
 CONTENT_MODES = ("auto", "path", "fd", "stream")
 
@@ -70,6 +71,8 @@ class Sender:
             "infected": 0,
             "errors": 0,
             "replayed": 0,
+            "batches": 0,  # scan-batch deliveries
+            "batched": 0,  # entries sent in them
         }
 
     async def run(self) -> None:
@@ -85,20 +88,29 @@ class Sender:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            await self._deliver(entry)
+            batch = [entry]
+            if self._batching():  # more than one ready: one frame for all of them
+                while len(batch) < SEND_BATCH and (more := backlog.take()) is not None:
+                    batch.append(more)
+            if len(batch) == 1:
+                await self._deliver(entry)
+            else:
+                await self._deliver_batch(batch)
 
-    async def _deliver(self, entry: _Entry) -> None:
-        backlog = self._backlog
-        vm = self._vms.get(entry.vm)
+    def _batching(self) -> bool:
+        """Whether ready entries go out as ``scan-batch`` frames: the client can send them
+        (the appliance's welcome offers batches) and the content goes by path or fd."""
         client = self._link.client
+        limit = getattr(client, "batch_limit", 0)
+        return isinstance(limit, int) and limit > 1 and self._content_mode() in ("path", "fd")
+
+    def _prepare(self, entry: _Entry) -> _VM | None:
+        """The entry's VM if its file is to be sent; else it is done here (skipped)."""
+        vm = self._vms.get(entry.vm)
         if vm is None:
-            backlog.done(entry)
-            return
-        if client is None or not self._link.online:
-            backlog.requeue(entry)
-            return
-        relpath = entry.relpath
-        full = os.path.join(vm.root, relpath)
+            self._backlog.done(entry)
+            return None
+        full = os.path.join(vm.root, entry.relpath)
         try:
             reason = _skip_reason(os.lstat(full).st_mode)
         except FileNotFoundError:
@@ -107,13 +119,83 @@ class Sender:
             reason = f"unreadable: {exc.strerror or exc}"
         if reason is not None:
             # Never opened, never sent: FIFOs would block a reader, devices are not file content.
-            self._skips.note(vm.name, relpath, reason)
-            backlog.done(entry)
-            return
+            self._skips.note(vm.name, entry.relpath, reason)
+            self._backlog.done(entry)
+            return None
         if entry.replay:
             entry.replay = False
             self.counts["replayed"] += 1
         self.counts["sent"] += 1
+        return vm
+
+    async def _deliver_batch(self, batch: list[_Entry]) -> None:
+        """Several ready entries in ``scan-batch`` frames; each gets its own verdict, as if
+        delivered alone (:meth:`_deliver`)."""
+        backlog, link = self._backlog, self._link
+        client = link.client
+        if client is None or not link.online:
+            for entry in batch:
+                backlog.requeue(entry)
+            return
+        by_fd = self._content_mode() == "fd"
+        sending: list[tuple[_Entry, _VM, int | None]] = []
+        for entry in batch:
+            vm = self._prepare(entry)
+            if vm is None:
+                continue
+            fd = None
+            if by_fd:
+                try:
+                    fd = _open_for_fd(vm, entry.relpath)
+                except _Skip as skip:
+                    self._skips.note(vm.name, entry.relpath, str(skip))
+                    backlog.done(entry)
+                    continue
+            sending.append((entry, vm, fd))
+        if not sending:
+            return
+        self.counts["batches"] += 1
+        self.counts["batched"] += len(sending)
+        try:
+            results = await client.scan_batch(
+                [(vm.name, e.relpath, e.prio, fd) for e, vm, fd in sending]
+            )
+        except asyncio.CancelledError:
+            for entry, _, _ in sending:
+                backlog.requeue(entry)
+            raise
+        except ConnectionError as exc:
+            for entry, _, _ in sending:
+                backlog.requeue(entry)
+            link.lost(client, exc)
+            return
+        except Exception as exc:  # the whole batch failed: each entry's verdict says so
+            results = [exc] * len(sending)
+        finally:
+            for _, _, fd in sending:
+                if fd is not None:
+                    os.close(fd)
+        for (entry, vm, _), res in zip(sending, results, strict=True):
+            verdict: LocalVerdict
+            if isinstance(res, Exception):
+                if await self._retry_unknown_vm(client, vm, entry, res):
+                    continue
+                verdict = _error_verdict(vm.name, entry.relpath, res)
+            else:
+                verdict = res
+            backlog.done(entry)
+            self._count_verdict(vm.name, entry.relpath, verdict)
+
+    async def _deliver(self, entry: _Entry) -> None:
+        backlog = self._backlog
+        client = self._link.client
+        if entry.vm in self._vms and (client is None or not self._link.online):
+            backlog.requeue(entry)
+            return
+        vm = self._prepare(entry)
+        if vm is None or client is None:
+            return
+        relpath = entry.relpath
         verdict: LocalVerdict
         try:
             verdict = await self._scan(client, vm, relpath, entry.prio)
@@ -157,16 +239,7 @@ class Sender:
         mode = self._content_mode()
         if mode == "path":
             return await client.scan_path(vm.name, relpath, prio=prio)
-        from ..confine import ConfinementError, open_confined
-
-        try:
-            fd = open_confined(vm.root, relpath)
-        except FileNotFoundError:
-            raise _Skip("vanished") from None
-        except ConfinementError as exc:
-            raise _Skip(str(exc)) from None
-        except OSError as exc:
-            raise _Skip(f"unreadable: {exc.strerror or exc}") from None
+        fd = _open_for_fd(vm, relpath)
         if mode == "fd":
             try:
                 return await client.scan_fd(vm.name, relpath, fd, prio=prio)
@@ -202,6 +275,20 @@ class Sender:
                 self.on_verdict(vm, relpath, verdict)
             except Exception:
                 log.exception("on_verdict callback failed for %s:%s", vm, relpath)
+
+
+def _open_for_fd(vm: _VM, relpath: str) -> int:
+    """Open a VM file to pass (or stream) its content, confined to the root; _Skip if not."""
+    from ..confine import ConfinementError, open_confined
+
+    try:
+        return open_confined(vm.root, relpath)
+    except FileNotFoundError:
+        raise _Skip("vanished") from None
+    except ConfinementError as exc:
+        raise _Skip(str(exc)) from None
+    except OSError as exc:
+        raise _Skip(f"unreadable: {exc.strerror or exc}") from None
 
 
 def _error_verdict(vm: str, relpath: str, exc: Exception) -> ShimVerdict:

@@ -1,0 +1,302 @@
+"""``scan-batch`` frames: many scans in one frame, cache hits answered without a task each.
+
+:class:`BatchScans` serves the batches of one :class:`~.session.Session`. For a batch it
+opens every path-mode file in one thread-pool job (confined to the VM root, as a single scan
+does), then, on the event loop, answers each file whose identity the memo knows and whose
+content the verdict cache holds under the current pattern version: no task, no further
+thread hop, the verdict encoded from a per-content template (:mod:`.fastpath`). Those
+verdicts' event-log lines are group-committed and the verdicts leave in one ``verdict-batch``
+frame. Every other scan (a miss, an infected hit whose actions must run, an exclusion, a
+refusal, an unknown VM) takes the ordinary pipeline in a task of its own, exactly as a single
+``scan`` would; its verdict joins the next ``verdict-batch``, its failure is an ``error`` frame.
+It touches the session's connection and the descriptors of the batch, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import TYPE_CHECKING, Any
+
+from .. import policy as policies
+from .. import protocol
+from ..cache import Identity
+from ..confine import ConfinementError, check_relpath, open_confined_many
+from .bulk import NewFile, judge_new
+from .common import RequestFailed, close_fds, log
+from .fastpath import VerdictCodec, batch_frame, encode_item
+
+if TYPE_CHECKING:
+    from ..protocol.messages import BatchVerdict, ErrorMessage
+    from .inventory import VMRecord
+    from .session import Session
+
+BATCH_LIMIT = protocol.MAX_BATCH  # what the welcome offers (credits bound it further)
+
+
+def _open_all(jobs: list[tuple[str, str]]) -> list[tuple[int, os.stat_result] | None]:
+    """Open and fstat each (root, path), confined (:func:`open_confined_many`, directories
+    opened once per root); None where that failed (the slow path opens it again and reports
+    why). Runs on a pool thread: one hop for a whole batch."""
+    by_root: dict[str, list[int]] = {}
+    for i, (root, _path) in enumerate(jobs):
+        by_root.setdefault(root, []).append(i)
+    out: list[tuple[int, os.stat_result] | None] = [None] * len(jobs)
+    for root, idx in by_root.items():
+        try:
+            got = open_confined_many(root, [jobs[i][1] for i in idx])
+        except OSError:  # the root itself is gone: every scan of it takes the slow path
+            continue
+        for i, res in zip(idx, got, strict=True):
+            out[i] = None if isinstance(res, OSError) else res
+    return out
+
+
+class BatchScans:
+    """The ``scan-batch`` side of one session: serving batches, and the reply outbox."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.app = session.app
+        self.codec = VerdictCodec()
+        self._outbox: list[bytes] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self.fast = 0  # scans answered on the fast path
+        self.slow = 0  # scans that took the pipeline
+
+    async def serve(self, shim: str, msg: dict[str, Any], fds: list[int]) -> None:
+        """Answer one ``scan-batch`` frame (validated: ids, modes and descriptor count)."""
+        scans: list[dict[str, Any]] = msg["scans"]
+        self._check_credits(scans, fds)
+        t0 = self.app.clock.monotonic()
+        fd_of: dict[int, int] = {}
+        it = iter(list(fds))
+        fds.clear()  # ours now: each is closed by whoever takes its scan
+        for scan in scans:
+            if scan["mode"] == "fd":
+                fd_of[scan["id"]] = next(it)
+        opened, to_open = self._admit(shim, scans, fd_of, t0)
+        if to_open:
+            jobs = [(vm.root, scan["path"]) for scan, vm in to_open]
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.app.pool, _open_all, jobs
+            )
+            for (scan, vm), got in zip(to_open, results, strict=True):
+                if got is None:
+                    self._slow(shim, scan, None, t0)
+                else:
+                    opened.append((scan, vm, got[0], got[1]))
+        items, lines, new = self._answer(opened, t0)
+        if new:
+            self._spawn_new(new, t0)
+        if items:
+            self.app.events.flush()  # logged before sent (docs/protocol.md, Batches)
+            for line in lines:
+                self.app.events.write_line(line)
+            self.app.events.flush()
+            self._outbox.extend(items)
+            await self.drain()
+
+    def _check_credits(self, scans: list[dict[str, Any]], fds: list[int]) -> None:
+        inflight = self.session.inflight
+        credits = self.app.config.credits
+        ids = {scan["id"] for scan in scans}
+        if len(ids) != len(scans) or not ids.isdisjoint(inflight):
+            close_fds(fds)
+            raise protocol.ProtocolError("sequence", "duplicate request id in scan-batch")
+        if len(inflight) + len(scans) > credits:
+            close_fds(fds)
+            raise protocol.ProtocolError("backpressure", f"more than {credits} outstanding scans")
+
+    def _admit(
+        self, shim: str, scans: list[dict[str, Any]], fd_of: dict[int, int], t0: float
+    ) -> tuple[
+        list[tuple[dict[str, Any], VMRecord, int, os.stat_result]],
+        list[tuple[dict[str, Any], VMRecord]],
+    ]:
+        """Scans that may take the fast path: fd-mode ones with their fstat, path-mode ones
+        to open; the others go to the pipeline now."""
+        registry = self.app.registry
+        owned: dict[str, VMRecord | None] = {}
+        policy_of: dict[str, dict[str, Any]] = {}
+        opened: list[tuple[dict[str, Any], VMRecord, int, os.stat_result]] = []
+        to_open: list[tuple[dict[str, Any], VMRecord]] = []
+        for scan in scans:
+            name, path, fd = scan["vm"], scan["path"], fd_of.get(scan["id"])
+            if name not in owned:
+                try:
+                    owned[name] = rec = registry.owned(shim, name)
+                    policy_of[name] = registry.effective_policy(rec)
+                except RequestFailed:
+                    owned[name] = None
+            vm = owned[name]
+            try:
+                ok = vm is not None and bool(check_relpath(path))
+            except ConfinementError:
+                ok = False
+            if not ok or vm is None or policies.excluded(policy_of[name], path):
+                self._slow(shim, scan, fd, t0)
+            elif fd is None:
+                to_open.append((scan, vm))
+            else:
+                try:
+                    opened.append((scan, vm, fd, os.fstat(fd)))
+                except OSError:
+                    self._slow(shim, scan, fd, t0)
+        return opened, to_open
+
+    def _answer(
+        self, opened: list[tuple[dict[str, Any], VMRecord, int, os.stat_result]], t0: float
+    ) -> tuple[list[bytes], list[str], list[tuple[int, NewFile]]]:
+        """Cache hits answered here (encoded items and their event lines); the rest handed
+        to the pipeline with their open descriptors. Long-ish: it is the hot loop, kept
+        flat on purpose (one pass, locals bound once)."""
+        app = self.app
+        pipeline = app.pipeline
+        memo_get, inherited_get = pipeline.memo.get, pipeline.inherited.get
+        cache_get, add_location = pipeline.cache.get, pipeline.locations.add
+        version = pipeline.engine.version
+        policy_of: dict[str, dict[str, Any]] = {}
+        codec = self.codec
+        counters, kinds = app.counters, pipeline.request_kinds
+        clock = app.clock
+        now, latency = clock.time(), clock.monotonic() - t0
+        histogram = app.verdicts.latency
+        log_on = app.events.enabled
+        items: list[bytes] = []
+        lines: list[str] = []
+        new: list[tuple[int, NewFile]] = []
+        for scan, vm, fd, st in opened:
+            path = scan["path"]
+            policy = policy_of.get(vm.name)
+            if policy is None:
+                policy = policy_of[vm.name] = app.registry.effective_policy(vm)
+            size_rules = policy.get("max_size") is not None
+            why = policies.excluded(policy, path, st.st_size) if size_rules else None
+            if why:
+                os.close(fd)
+                self._spawn(scan["id"], pipeline._excluded(vm, path, why, t0), [])
+                continue
+            ident = Identity.from_stat("local", st)
+            source = "identity"
+            digest = memo_get(ident)
+            if digest is None:
+                digest, source = inherited_get(ident), "clone"
+            if digest is None:
+                prio = 0 if scan.get("prio", "access") == "access" else 1
+                kinds["access" if prio == 0 else "demand"] += 1
+                new.append((scan["id"], NewFile(vm, path, fd, st, prio)))
+                continue
+            cached = None if digest is None else cache_get(digest, st.st_size, version)
+            if cached is None or cached.status != "clean":
+                self._slow_opened(scan, vm, fd, t0)
+                continue
+            os.close(fd)
+            kinds["access" if scan.get("prio", "access") == "access" else "demand"] += 1
+            add_location(cached.digest, vm.name, path, ident)
+            if source == "identity":
+                counters.served_identity += 1
+            else:
+                counters.served_clone += 1
+            tail = codec.tail(cached, source)
+            items.append(codec.item(scan["id"], vm.name, path, tail))
+            if log_on:
+                lines.append(codec.event_line(now, vm.name, path, tail, latency))
+            if histogram is not None:
+                histogram.observe(latency)
+        counters.verdicts += len(items)
+        self.fast += len(items)
+        return items, lines, new
+
+    # -- the slow path: one task per scan, as for single scans ----------------------------
+
+    def _slow(self, shim: str, scan: dict[str, Any], fd: int | None, t0: float) -> None:
+        msg = {**scan, "t": "scan"}
+        fds = [] if fd is None else [fd]
+        self._spawn(scan["id"], self.app.pipeline.scan_request(shim, msg, fds), fds)
+
+    def _slow_opened(self, scan: dict[str, Any], vm: VMRecord, fd: int, t0: float) -> None:
+        prio = 0 if scan.get("prio", "access") == "access" else 1
+        self.app.pipeline.request_kinds["access" if prio == 0 else "demand"] += 1
+        self._spawn(scan["id"], self.app.pipeline.judge(vm, scan["path"], fd, prio, t0), [fd])
+
+    def _spawn_new(self, new: list[tuple[int, NewFile]], t0: float) -> None:
+        """New contents of a batch, judged in bulk (:mod:`.bulk`) by one task; every scan
+        of it stays in flight (holds its credit) until that task is done."""
+        self.slow += len(new)
+        task = asyncio.create_task(self._new_replies(new, t0))
+        inflight = self.session.inflight
+        for rid, _ in new:
+            inflight[rid] = task
+
+        def done(_t: object) -> None:
+            for rid, _ in new:
+                inflight.pop(rid, None)
+
+        task.add_done_callback(done)
+
+    async def _new_replies(self, new: list[tuple[int, NewFile]], t0: float) -> None:
+        try:
+            results = await judge_new(self.app.pipeline, [f for _, f in new], t0)
+        finally:
+            for _, f in new:
+                with contextlib.suppress(OSError):
+                    os.close(f.fd)
+        errors: list[ErrorMessage] = []
+        for (rid, _), res in zip(new, results, strict=True):
+            if isinstance(res, RequestFailed):
+                errors.append({"t": "error", "id": rid, "code": res.code, "message": str(res)})
+            elif isinstance(res, BaseException):
+                log.error("scan %r failed: %r", rid, res)
+                errors.append({"t": "error", "id": rid, "code": "internal", "message": str(res)})
+            else:
+                item: BatchVerdict = {"id": rid, **res}
+                self._outbox.append(encode_item(item))
+        await self.drain()
+        for failed in errors:
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.session.conn.send(dict(failed))
+
+    def _spawn(self, rid: int, work: Any, fds: list[int]) -> None:
+        self.slow += 1
+        task = asyncio.create_task(self._slow_reply(rid, work, fds))
+        inflight = self.session.inflight
+        inflight[rid] = task
+        task.add_done_callback(lambda _t: inflight.pop(rid, None))
+
+    async def _slow_reply(self, rid: int, work: Any, fds: list[int]) -> None:
+        failed: ErrorMessage | None = None
+        try:
+            record = await work
+            item: BatchVerdict = {"id": rid, **record}
+            self._outbox.append(encode_item(item))
+        except RequestFailed as exc:
+            failed = {"t": "error", "id": rid, "code": exc.code, "message": str(exc)}
+        except Exception as exc:  # one bad request must not end the connection
+            log.exception("scan %r failed", rid)
+            failed = {"t": "error", "id": rid, "code": "internal", "message": str(exc)}
+        finally:
+            close_fds(fds)
+        if failed is not None:
+            self.app.events.flush()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.session.conn.send(dict(failed))
+        elif self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let verdicts finishing in this iteration join the frame
+            await self.drain()
+        finally:
+            self._flushing = None
+
+    async def drain(self) -> None:
+        """Send every queued verdict, in frames of at most :data:`BATCH_LIMIT`, after
+        their event-log lines were written."""
+        self.app.events.flush()
+        with contextlib.suppress(ConnectionError, OSError):
+            while self._outbox:
+                items, self._outbox = self._outbox[:BATCH_LIMIT], self._outbox[BATCH_LIMIT:]
+                await self.session.conn.send_encoded(batch_frame(items))
