@@ -106,14 +106,16 @@ def _scan_volume(disk: Disk, vol: Volume, run: _Run, report: ImageReport) -> Non
     prefix = f"{vol.label}:" if vol.label else ""
     where = f"{disk.path}:{vol.label}" if vol.label else disk.path
     if vol.skipped is not None:
-        report.skipped.append(Skipped(prefix or "/", vol.skipped))
+        report.skipped.append(Skipped(prefix + "/", vol.skipped))
         return
     try:
         record, how = _record(disk, vol, run)
     except ImageError as exc:
         if vol.label is None:
             raise  # the only filesystem of the disk: the image itself is unreadable
-        report.files.append(ImageFile(prefix, "error", reason=str(exc).removeprefix(f"{where}: ")))
+        report.files.append(
+            ImageFile(prefix + "/", "error", reason=str(exc).removeprefix(f"{where}: "))
+        )
         return
     report.layers.append((f"{vol.label or 'disk'} ({record.fs})", how))
     for f, _ in record.files:
