@@ -86,7 +86,12 @@ def scan_disk(
             title += ", overlay on " + " on ".join(d.path for d in disk.chain()[1:])
         report = ImageReport(spath, title, matcher.version)
         run = _Run(matcher, cache)
-        volumes = find_volumes(disk.stream, spath)
+        try:
+            volumes = find_volumes(disk.stream, spath)
+        except ImageError:
+            raise
+        except Exception as exc:  # dissect on hostile bytes, see filesystems
+            raise ImageError(f"{spath}: unreadable disk: {describe(exc)}") from None
         for vol in volumes:
             _scan_volume(disk, vol, run, report)
         report.bytes_read = disk.bytes_read() + cache.bytes_hashed - hashed0
@@ -110,11 +115,12 @@ def _scan_volume(disk: Disk, vol: Volume, run: _Run, report: ImageReport) -> Non
         return
     try:
         record, how = _record(disk, vol, run)
-    except ImageError as exc:
-        if vol.label is None:
-            raise  # the only filesystem of the disk: the image itself is unreadable
+    except Exception as exc:  # ImageError, or dissect on hostile bytes (see filesystems)
+        text = str(exc) if isinstance(exc, ImageError) else f"unreadable: {describe(exc)}"
+        if vol.label is None:  # the only filesystem of the disk: the image is unreadable
+            raise ImageError(text if text.startswith(where) else f"{where}: {text}") from None
         report.files.append(
-            ImageFile(prefix + "/", "error", reason=str(exc).removeprefix(f"{where}: "))
+            ImageFile(prefix + "/", "error", reason=text.removeprefix(f"{where}: "))
         )
         return
     report.layers.append((f"{vol.label or 'disk'} ({record.fs})", how))
@@ -190,7 +196,7 @@ def _base(disk: Disk, vol: Volume, run: _Run) -> _Base | None:
         return None
     try:
         same = [v for v in find_volumes(backing.stream, backing.path) if v.label == vol.label]
-    except ImageError:
+    except Exception:  # an unreadable base: every file of the clone is read instead
         return None
     if len(same) != 1 or same[0].offset != vol.offset or same[0].skipped is not None:
         return None
@@ -221,6 +227,7 @@ def _scan_fs(
     files: list[tuple[ImageFile, tuple[Run, ...] | None]] = []
     skipped: list[Skipped] = []
     by_ident: dict[int, ImageFile] = {}
+    by_runs: dict[tuple[int, tuple[Run, ...]], ImageFile] = {}  # the same blocks, same bytes
     scanned = 0
     for e in entries:
         if e.kind == "other":
@@ -230,7 +237,9 @@ def _scan_fs(
             files.append((ImageFile(e.path, "error", reason=e.reason, layer=key), None))
             continue
         known = by_ident.get(e.ident) if e.ident is not None else None
-        if known is not None:  # a hard link: one read per inode
+        if known is None and e.runs and any(start >= 0 for start, _ in e.runs):
+            known = by_runs.get((e.size, e.runs))
+        if known is not None:  # a hard link or a reflinked copy: one read per content
             files.append((_at(known, e.path), e.runs))
             continue
         f = _inherit(e, base, run) if base is not None else None
@@ -243,6 +252,8 @@ def _scan_fs(
                 scanned += f.size
         if e.ident is not None:
             by_ident[e.ident] = f
+        if e.runs and f.status != "error":
+            by_runs.setdefault((e.size, e.runs), f)
         files.append((f, e.runs))
     run.bytes_scanned += scanned
     return FsRecord(
