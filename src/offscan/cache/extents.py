@@ -4,7 +4,7 @@ On a filesystem with reflinks (XFS ``reflink=1``, btrfs), ``cp --reflink`` and V
 by copy-on-write share the *physical* extents of the original. The kernel reports them through
 the FIEMAP ioctl with ``FIEMAP_EXTENT_SHARED``. A file whose every extent is shared, and whose
 extent map (logical offset, physical offset, length of each) and size equal those of a file
-already digested, holds the same bytes: :class:`ExtentIndex` hands out that file's digest
+digested before (noted then, shared or not yet), holds the same bytes: :class:`ExtentIndex` hands out that file's digest
 without reading, and the verdict cache then answers for the current pattern version.
 
 Why it is safe: a shared extent is never written in place (a write to it is copied first), and
@@ -67,14 +67,19 @@ def fiemap(fd: int, *, max_extents: int = MAX_EXTENTS) -> list[Extent] | None:
     return None
 
 
-def shared_key(st: os.stat_result, extents: list[Extent] | None) -> tuple[object, ...] | None:
-    """The key two reflinked copies share, or None when the file is not fully shared, plain
-    data laid out without holes from offset 0 to its size."""
+def shared_key(
+    st: os.stat_result, extents: list[Extent] | None, *, shared: bool = True
+) -> tuple[object, ...] | None:
+    """The key two reflinked copies share: device, size and physical layout. None unless the
+    file is plain data laid out without holes from offset 0 to its size and, with ``shared``,
+    every extent is shared (an original is noted before anything shares it)."""
     if not extents or st.st_size == 0:
         return None
     pos = 0
     for logical, _, length, flags in extents:
-        if logical != pos or not flags & FIEMAP_EXTENT_SHARED or flags & FIEMAP_EXTENT_UNSAFE:
+        if logical != pos or flags & FIEMAP_EXTENT_UNSAFE:
+            return None
+        if shared and not flags & FIEMAP_EXTENT_SHARED:
             return None
         pos += length
     if pos < st.st_size:
@@ -117,8 +122,9 @@ class ExtentIndex:
         return len(self._map)
 
     def note(self, fd: int, st: os.stat_result, digest: bytes, root: str, path: str) -> None:
-        """Remember that the fully shared file ``fd`` (``path`` under ``root``) has ``digest``."""
-        key = shared_key(st, fiemap(fd))
+        """Remember that the file ``fd`` (``path`` under ``root``) has ``digest``, for copies
+        that will share its extents."""
+        key = shared_key(st, fiemap(fd), shared=False)
         if key is None:
             return
         with self._lock:
@@ -155,6 +161,6 @@ class ExtentIndex:
             return False
         try:
             st = os.fstat(fd)
-            return _ident(st) == src.ident and shared_key(st, fiemap(fd)) == key
+            return _ident(st) == src.ident and shared_key(st, fiemap(fd), shared=False) == key
         finally:
             os.close(fd)
