@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -152,3 +153,50 @@ def loop_mounted(image: Path, mnt: Path, *opts: str) -> Iterator[Path]:
         p = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=TOOL_TIMEOUT)
         if p.returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=TOOL_TIMEOUT)
+
+
+def lvm_disk(
+    path: Path, tree: Path, work: Path, *, size_mib: int = 32, lv_mib: int = 12
+) -> tuple[str, int]:
+    """An MBR disk whose partition 1 is an LVM physical volume (made by pvcreate/vgcreate on a
+    loop device over the partition) with one linear logical volume ``root`` holding an ext4
+    of ``tree``. The LV is added to the metadata by vgcfgrestore (no device-mapper needed: it
+    is never activated). Returns the volume group's name and the LV's byte offset on the
+    disk. Root only."""
+    vg = f"offscan{os.getpid()}x{len(str(path)) % 97}"
+    part = mbr_disk(path, size_mib, [size_mib - 2])[0]
+    sh("sfdisk", "-q", "--part-type", path, "1", "8e")
+    loop = sh("losetup", "-f", "--show", "-o", str(part), path).strip()
+    conf = (
+        f'devices{{filter=["a|^{loop}$|","r|.*|"] use_devicesfile=0 '
+        "obtain_device_list_from_udev=0} activation{udev_sync=0 udev_rules=0} "
+        "backup{backup=0 archive=0}"
+    )
+    env_cmd = ["env", "LVM_SUPPRESS_FD_WARNINGS=1"]
+    try:
+        sh(*env_cmd, "pvcreate", "-q", "--config", conf, loop)
+        sh(*env_cmd, "vgcreate", "-q", "--config", conf, vg, loop)
+        backup = work / "vg.txt"
+        sh(*env_cmd, "vgcfgbackup", "-q", "--config", conf, "-f", backup, vg)
+        text = backup.read_text()
+        extent_sectors = int(re.search(r"extent_size = (\d+)", text).group(1))  # type: ignore[union-attr]
+        pe_start = int(re.search(r"pe_start = (\d+)", text).group(1))  # type: ignore[union-attr]
+        extents = lv_mib * 2048 // extent_sectors
+        lv = (
+            "\tlogical_volumes {\n\t\troot {\n"
+            '\t\t\tid = "offsca-ntes-tlvr-oota-bcde-fghi-jklmno"\n'
+            '\t\t\tstatus = ["READ", "WRITE", "VISIBLE"]\n\t\t\tflags = []\n'
+            "\t\t\tsegment_count = 1\n\t\t\tsegment1 {\n\t\t\t\tstart_extent = 0\n"
+            f"\t\t\t\textent_count = {extents}\n"
+            '\t\t\t\ttype = "striped"\n\t\t\t\tstripe_count = 1\n'
+            '\t\t\t\tstripes = [\n\t\t\t\t\t"pv0", 0\n\t\t\t\t]\n\t\t\t}\n\t\t}\n\t}\n'
+        )
+        body = text.rstrip()
+        assert body.endswith("}")
+        text = re.sub(r"seqno = (\d+)", lambda m: f"seqno = {int(m.group(1)) + 1}", body[:-1])
+        backup.write_text(text + lv + "}\n")
+        sh(*env_cmd, "vgcfgrestore", "-q", "--config", conf, "-f", backup, vg)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=TOOL_TIMEOUT)
+    ext4_image(path, tree, f"{lv_mib}M", offset=part + pe_start * 512)
+    return vg, part + pe_start * 512

@@ -4,8 +4,9 @@
 partition, ``p2:vg0/root`` for a logical volume on partition 2, ``vg0/root`` for LVM on the
 whole disk, and no label for a filesystem that fills the disk. A partition is a linear range of
 the disk (``offset`` is known), so a QCOW2 overlay's changed ranges map into it; a logical
-volume's mapping is not followed (``offset`` None: every file in it counts as possibly changed,
-which costs reads, never a missed change). Partitions known to hold no files (extended-
+volume that is one linear run of its physical volume has an offset too; any other mapping is
+not followed (``offset`` None: every file in it counts as possibly changed, which costs reads,
+never a missed change). Partitions known to hold no files (extended-
 partition containers, BIOS boot, swap) are listed as skipped; any other partition without a
 supported filesystem becomes an error in the report. Uses ``dissect.volume``; reads the disk.
 """
@@ -78,13 +79,13 @@ def _partition(disk: BinaryIO, part: Any, gpt: bool, where: str) -> list[Volume]
         return [Volume(label, stream, int(part.offset), "BIOS boot partition (no filesystem)")]
     kind = sniff_volume(stream)
     if kind == "lvm":
-        return _lvm(stream, label, f"{where}:{label}")
+        return _lvm(stream, label, f"{where}:{label}", int(part.offset))
     if kind == "swap" or part.type in _SWAP_TYPES:
         return [Volume(label, stream, int(part.offset), "swap space (no files)")]
     return [Volume(label, stream, int(part.offset))]
 
 
-def _lvm(stream: BinaryIO, label: str | None, where: str) -> list[Volume]:
+def _lvm(stream: BinaryIO, label: str | None, where: str, base: int = 0) -> list[Volume]:
     from dissect.volume.lvm import LVM2
 
     stream.seek(0)
@@ -95,7 +96,7 @@ def _lvm(stream: BinaryIO, label: str | None, where: str) -> list[Volume]:
             Volume(
                 f"{label}:{lvm.vg.name}/{lv.name}" if label else f"{lvm.vg.name}/{lv.name}",
                 lv.open(),
-                None,
+                _linear_offset(lv, base),
             )
             for lv in lvs
         ]
@@ -104,3 +105,18 @@ def _lvm(stream: BinaryIO, label: str | None, where: str) -> list[Volume]:
     if not out:
         raise ImageError(f"{where}: LVM volume group lists no logical volumes")
     return out
+
+
+def _linear_offset(lv: Any, base: int) -> int | None:
+    """The disk offset of a logical volume that is one linear run of one physical volume
+    (one segment, one stripe, from extent 0), else None. ``base`` is the PV's disk offset."""
+    segments = lv.segments
+    if len(segments) != 1 or getattr(segments[0], "type", None) != "striped":
+        return None
+    seg = segments[0]
+    if int(seg.stripe_count) != 1 or int(seg.start_extent) != 0 or len(seg.stripes) != 1:
+        return None
+    pv_name, extent_offset = seg.stripes[0]
+    pv = lv.vg.physical_volumes[pv_name]
+    extent_size = int(lv.vg.extent_size) * 512  # LVM counts in 512-byte sectors
+    return base + int(pv.pe_start) * 512 + int(extent_offset) * extent_size
