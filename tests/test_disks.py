@@ -150,11 +150,20 @@ def test_ntfs_image(tmp_path: Path) -> None:
         {"eicar.txt": EICAR, "big.bin": BIG, "small.txt": b"tiny"},
         tmp_path,
     )
+    clean = scan_image(image, MATCHER)
+    assert clean.bytes_scanned == len(EICAR) + len(BIG) + 4
+    # malware in an alternate data stream of a clean file: found, as file:stream
+    (tmp_path / "ads").write_bytes(EICAR)
+    sh("ntfscp", "-q", "-N", "hidden", image, tmp_path / "ads", "small.txt")
     report = scan_image(image, MATCHER)
-    assert paths(report.infected) == ["/eicar.txt"]
-    assert sorted(paths(report.files)) == ["/big.bin", "/eicar.txt", "/small.txt"]
+    assert paths(report.infected) == ["/eicar.txt", "/small.txt:hidden"]
+    assert sorted(paths(report.files)) == [
+        "/big.bin",
+        "/eicar.txt",
+        "/small.txt",
+        "/small.txt:hidden",
+    ]
     assert not any(p.startswith("/$") for p in paths(report.files))  # metafiles are not files
-    assert report.bytes_scanned == len(EICAR) + len(BIG) + 4
 
 
 def test_gpt_and_mbr_partitions(tmp_path: Path) -> None:
