@@ -53,7 +53,14 @@ CLEAN_TREE = {
     "bin/tool": BIG,
     "a/b/c.txt": b"c" * 9000,
 }
-FORMATS = {"raw": None, "qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vhd": "vpc"}
+FORMATS = {
+    "raw": None,
+    "qcow2": "qcow2",
+    "vmdk": "vmdk",
+    "vhdx": "vhdx",
+    "vhd": "vpc",
+    "vdi": "vdi",
+}
 
 
 def paths(files: list) -> list[str]:
@@ -280,3 +287,20 @@ def test_missing_backing_file_is_an_error(tmp_path: Path) -> None:
     out = run("scan-image", clone)
     assert out.returncode == 2 and "backing file 'base.qcow2'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(not have("mkfs.exfat"), reason="exfatprogs not installed")
+def test_exfat_image_is_read(tmp_path: Path) -> None:
+    """Only an empty exFAT: nothing here writes files into one without mounting it."""
+    image = tmp_path / "exfat.img"
+    sh("truncate", "-s", "4M", image)
+    sh("mkfs.exfat", image)
+    report = scan_image(image, MATCHER)
+    assert report.layers == [("disk (exFAT)", "scanned")]
+    assert report.files == [] and report.exit_code == 0
+    broken = bytearray(image.read_bytes())
+    broken[0x40:0x80] = b"\xff" * 0x40  # geometry fields of the boot sector
+    bad = tmp_path / "bad-exfat.img"
+    bad.write_bytes(bytes(broken))
+    with pytest.raises(ImageError):
+        scan_image(bad, MATCHER)
