@@ -250,7 +250,7 @@ def test_hostile_member_names_are_never_written(
 def test_not_an_image(tmp_path: Path) -> None:
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00\x01 not a tar archive " * 40)
-    with pytest.raises(ImageError, match="not a readable tar archive"):
+    with pytest.raises(ImageError, match="not a (readable )?tar archive"):
         scan_image(junk, MATCHER)
     with pytest.raises(ImageError, match="No such file"):
         scan_image(tmp_path / "missing", MATCHER)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from .. import policy as policies
 from .. import protocol
 from ..cache import CachedVerdict, Identity, IdentityMemo, SingleFlight, VerdictCache, digest_fd
+from ..cache.extents import ExtentIndex
 from ..confine import ConfinementError, check_relpath, open_confined
 from ..engine import ScanResult
 from .common import SYSTEM_CLOCK, Clock, RequestFailed, close_fds
@@ -153,6 +154,7 @@ class Pipeline:
         clock: Clock = SYSTEM_CLOCK,
         chunk_timeout: float = 3 * protocol.DEFAULT_HEARTBEAT,
         shared: SharedTier | None = None,
+        extents: ExtentIndex | None = None,
     ) -> None:
         self._engine = engine
         self.shared = shared  # the fleet's L2 tier in Redis (cache/redis_tier.py), if any
@@ -171,6 +173,8 @@ class Pipeline:
         self.chunk_timeout = chunk_timeout  # seconds a stream may wait for its next chunk
         self.flights = SingleFlight()
         self.request_kinds: dict[str, int] = {"access": 0, "demand": 0, "stream": 0}
+        # reflinked copies: digests learnt from shared extents (see cache/extents.py)
+        self.extents = extents if extents is not None else ExtentIndex(open_confined)
 
     @property
     def engine(self) -> Engine:
@@ -305,7 +309,7 @@ class Pipeline:
         async with self.gate.slot(prio):
             st = os.fstat(fd)
             ident = Identity.from_stat("local", st)
-            digest, source = await self._digest(fd, st, ident)
+            digest, source = await self._digest(fd, st, ident, vm.root, path)
             size = st.st_size
             self.locations.add(digest, vm.name, path, ident)
             cached = self.cache.get(digest, size, eng.version)
@@ -329,7 +333,7 @@ class Pipeline:
             return await self._finish(vm, path, res, "scan", digest, t0, eng, ino=st.st_ino)
 
     async def _digest(
-        self, fd: int, st: os.stat_result, ident: Identity
+        self, fd: int, st: os.stat_result, ident: Identity, root: str = "", path: str = ""
     ) -> tuple[bytes, DigestSource]:
         """The content digest and where it came from: the identity memo, a clone's inherited
         identity, or reading the file (remembered only if the file did not change meanwhile)."""
@@ -339,12 +343,17 @@ class Pipeline:
         known = self.inherited.get(ident)
         if known is not None:
             return known, "clone"
-        digest, nread = await asyncio.get_running_loop().run_in_executor(
-            self.pool, digest_fd, fd, st.st_size
-        )
+        loop = asyncio.get_running_loop()
+        known = await loop.run_in_executor(self.pool, self.extents.lookup, fd, st)
+        if known is not None:  # a reflinked copy of content digested before: nothing read
+            self.memo.put(ident, known)
+            return known, "clone"
+        digest, nread = await loop.run_in_executor(self.pool, digest_fd, fd, st.st_size)
         self.counters.bytes_read += nread
         if Identity.from_stat("local", os.fstat(fd)) == ident:
             self.memo.put(ident, digest)
+            if root:
+                await loop.run_in_executor(self.pool, self.extents.note, fd, st, digest, root, path)
         return digest, "digest"
 
     async def _match(

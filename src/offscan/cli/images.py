@@ -1,4 +1,4 @@
-"""``offscan scan-image``: scan a directory tree, tar or OCI image layout.
+"""``offscan scan-image``: scan a directory tree, tar or OCI image layout, or a disk image.
 
 The arguments are defined here and handed, typed, to :func:`offscan.images.run_scan_image`,
 which scans and prints the report (domain modules take typed arguments, argparse lives in
@@ -13,7 +13,11 @@ from ..engine import DEFAULT_MAX_FILE_SIZE, DEFAULT_SCAN_TIMEOUT, parse_size
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("scan-image", help="scan a directory tree, tar or OCI image layout")
+    p = sub.add_parser(
+        "scan-image",
+        help="scan a directory tree, tar or OCI image layout, or a disk image "
+        "(raw, QCOW2, VMDK, VHD, VHDX, VDI) without mounting it",
+    )
     add_scan_image_arguments(p)
     p.set_defaults(run=run)
 
@@ -23,7 +27,9 @@ def add_scan_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "path",
         metavar="PATH",
-        help="directory tree, tar archive (.tar, .gz, .bz2, .xz) or OCI layout",
+        help="directory tree, tar archive (plain, gz, bz2, xz), OCI layout, or disk image "
+        "(raw/QCOW2/VMDK/VHD/VHDX/VDI; MBR/GPT/LVM; ext2/3/4, XFS, NTFS, FAT, exFAT), "
+        "told apart by magic bytes",
     )
     parser.add_argument(
         "-d",
@@ -36,7 +42,8 @@ def add_scan_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state",
         metavar="DIR",
-        help="keep layer verdicts in DIR so later runs do not rescan shared layers",
+        help="keep layer and filesystem verdicts in DIR so later runs do not rescan shared "
+        "layers, and clones of a disk inherit its base's verdicts",
     )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument(

@@ -1,4 +1,10 @@
-"""Images: directory trees, tar archives and OCI image layouts, scanned on demand as a VM would be.
+"""Images: directory trees, tar archives, OCI image layouts and disk images, scanned on demand.
+
+Disk images (raw, QCOW2, VMDK, VHD, VHDX, VDI with MBR/GPT/LVM and ext2/3/4, XFS, NTFS, FAT,
+exFAT) are read without mounting through the dissect libraries: :mod:`.detect` (magic bytes),
+:mod:`.containers`, :mod:`.volumes`, :mod:`.filesystems`, :mod:`.diskscan` (scanning, clones
+as base + delta) and :mod:`.diskcache` (per-filesystem records); see docs/disks.md. What
+follows is about container images.
 
 An image is a stack of *layers*, lowest first. A directory tree or a plain tar archive is a
 one-layer image; an OCI image layout (``oci-layout``, ``index.json``, ``blobs/<alg>/<hex>``) is
@@ -30,6 +36,8 @@ from __future__ import annotations
 # Names that were module-level in offscan.images before the split; __all__ stays the public API
 # it was (plus run_scan_image), the other names are re-exported explicitly (``as``).
 from .command import run_scan_image
+from .diskcache import DiskCache, FsRecord
+from .diskscan import scan_disk
 from .errors import BlobDigestError, ImageError
 from .layers import DEFAULT_LAYER_CACHE_ENTRIES, LayerCache, scan_layer
 from .layers import LAYER_CACHE_DIR as LAYER_CACHE_DIR
@@ -56,6 +64,8 @@ from .sources import MemberKind as MemberKind
 __all__ = [
     "DEFAULT_LAYER_CACHE_ENTRIES",
     "BlobDigestError",
+    "DiskCache",
+    "FsRecord",
     "Image",
     "ImageError",
     "ImageFile",
@@ -68,6 +78,7 @@ __all__ = [
     "Skipped",
     "open_image",
     "run_scan_image",
+    "scan_disk",
     "scan_image",
     "scan_layer",
 ]

@@ -95,13 +95,27 @@ def _print_summary(
         f"Image: {image} ({title})\n"
         f"Known viruses: {signatures}\n"
         f"Engine version: offscan {__version__} ({'native' if native else 'python'})\n"
-        f"Layers: {len(report.layers)} ({report.layers_scanned} scanned, "
-        f"{report.layers_cached} from cache)\n"
-        f"Scanned files: {len(report.files) - len(report.errors)}\n"
+        + _layers_line(report)
+        + f"Scanned files: {len(report.files) - len(report.errors)}\n"
         f"Infected files: {len(report.infected)}\n"
         + (f"Skipped (not regular files): {len(report.skipped)}\n" if report.skipped else "")
         + (f"Total errors: {len(report.errors)}\n" if report.errors else "")
         + f"Data read: {report.bytes_read / 1e6:.2f} MB ({report.bytes_read} bytes)\n"
         f"Data scanned: {report.bytes_scanned / 1e6:.2f} MB ({report.bytes_scanned} bytes)\n"
         f"Time: {report.elapsed:.3f} sec\n"
+    )
+
+
+def _layers_line(report: ImageReport) -> str:
+    if "disk image" not in report.kind:
+        return (
+            f"Layers: {len(report.layers)} ({report.layers_scanned} scanned, "
+            f"{report.layers_cached} from cache)\n"
+        )
+    hows = [how for _, how in report.layers]
+    return (
+        f"Filesystems: {len(hows)} ({hows.count('scanned')} scanned, "
+        f"{hows.count('delta')} as a delta over the base, {hows.count('cached')} from cache)\n"
+        f"Files read: {report.files_read}; inherited from the base unread: "
+        f"{report.files_inherited}\n"
     )

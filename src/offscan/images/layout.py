@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import file_kind
+from .detect import sniff_file
 from .errors import BlobDigestError, ImageError
 from .helpers import os_reason
 from .sources import ArchiveLayer, DirectoryLayer, Layer, Meter, split_digest
@@ -86,6 +87,9 @@ def open_image(path: str | os.PathLike[str], *, ref: str | None = None) -> Image
         image = Image(spath, "directory", [])
         image.layers.append(DirectoryLayer(spath, image.meter))
     elif stat.S_ISREG(st.st_mode):
+        kind = sniff_file(spath)
+        if kind != "tar":
+            raise ImageError(f"{spath}: a {kind} disk image, not a tar archive (use scan_disk)")
         image = Image(spath, "tar", [])
         image.layers.append(ArchiveLayer(spath, image.meter))
     else:

@@ -15,6 +15,9 @@ import time
 from typing import Any
 
 from ..engine import Matcher
+from .detect import disk_kind
+from .diskscan import scan_disk
+from .errors import ImageError
 from .layers import LayerCache, at_path, layer_record
 from .layout import open_image
 from .results import ImageFile, ImageReport, LayerRecord, Skipped
@@ -109,6 +112,7 @@ def scan_image(
     layer: str | None = None,
 ) -> ImageReport:
     """Scan a directory tree, tar archive or OCI image layout; report its merged view.
+    A disk image (QCOW2, VMDK, VHD, VHDX, VDI, raw) is scanned by :func:`.diskscan.scan_disk`.
 
     Each layer is matched at most once per pattern version: records come from ``layer_cache``
     (or a cache built on ``state_dir``; give one or the other). ``layer`` scans that one layer
@@ -117,6 +121,11 @@ def scan_image(
     t0 = time.monotonic()
     if layer_cache is not None and state_dir is not None:
         raise ValueError("give state_dir or layer_cache, not both")
+    kind = disk_kind(path)
+    if kind is not None:
+        if ref is not None or layer is not None:
+            raise ImageError(f"{os.fspath(path)}: --ref and --layer are for tar and OCI images")
+        return scan_disk(path, matcher, state_dir=state_dir, kind=kind)
     cache = layer_cache if layer_cache is not None else LayerCache(state_dir=state_dir)
     image = open_image(path, ref=ref)
     report = ImageReport(

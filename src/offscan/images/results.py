@@ -184,6 +184,11 @@ class ImageReport:
     bytes_read: int = 0
     bytes_scanned: int = 0
     elapsed: float = 0.0
+    # Disk images: files matched in this run, files whose verdict a clone inherited from its
+    # base unread, and bytes read to compare a clone's changed clusters with its base.
+    files_read: int = 0
+    files_inherited: int = 0
+    bytes_compared: int = 0
 
     @property
     def infected(self) -> list[ImageFile]:
@@ -224,5 +229,8 @@ class ImageReport:
             "warnings": self.warnings,
             "bytes_read": self.bytes_read,
             "bytes_scanned": self.bytes_scanned,
+            "files_read": self.files_read,
+            "files_inherited": self.files_inherited,
+            "bytes_compared": self.bytes_compared,
             "elapsed": round(self.elapsed, 6),
         }
