@@ -216,11 +216,13 @@ async def _scan_paths(c: Client, arg: str, *, stop_on_found: bool, allmatch: boo
             lines = await _scan_one(c, target.root, rel, target.display(rel), allmatch)
         return [ln for ln in lines if not ln.endswith(": OK")]
 
-    if parallel:
-        for lines in await asyncio.gather(*(one(r, e) for r, e in found)):
-            for line in lines:
-                said = True
-                await c.reply(line)
+    if parallel:  # in batches, so a huge tree never becomes a task per file at once
+        batch = 4 * max(1, c.front.appliance.config.concurrency)
+        for i in range(0, len(found), batch):
+            for lines in await asyncio.gather(*(one(r, e) for r, e in found[i : i + batch])):
+                for line in lines:
+                    said = True
+                    await c.reply(line)
     else:
         for rel, err in found:
             lines = await one(rel, err)

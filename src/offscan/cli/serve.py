@@ -106,13 +106,14 @@ def _clamd_options(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(
                 f"offscan: --clamd-stream-max wants a size (64k, 25m), got {args.clamd_stream_max!r}"
             ) from None
+    listen = None
+    if args.clamd_listen:
+        listen = parse_host_port(args.clamd_listen, option="--clamd-listen")
+        if not 0 <= listen[1] <= 65535:
+            raise SystemExit(f"offscan: --clamd-listen: port {listen[1]} is out of range")
     return {
         "clamd_socket": args.clamd_socket,
-        "clamd_listen": (
-            parse_host_port(args.clamd_listen, option="--clamd-listen")
-            if args.clamd_listen
-            else None
-        ),
+        "clamd_listen": listen,
         "clamd_roots": tuple(args.clamd_root),
         "clamd_socket_mode": args.clamd_socket_mode,
         "clamd_stream_max_length": stream_max,
@@ -155,5 +156,10 @@ def run(args: argparse.Namespace) -> int:
     except (SignatureError, ValueError, OSError, RuntimeError) as exc:
         print(f"offscan: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    asyncio.run(serve(appliance, ready_file=args.ready_file))
+    try:
+        asyncio.run(serve(appliance, ready_file=args.ready_file))
+    except OSError as exc:  # a listener that cannot be opened (missing directory, in use, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"offscan: cannot listen: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_CLEAN
