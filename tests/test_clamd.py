@@ -19,7 +19,7 @@ from pathlib import Path
 
 import clamd as clamd_client
 import pytest
-from helpers import EICAR, EICAR_NAME, ApplianceProc, wait_for
+from helpers import EICAR, EICAR_NAME, ApplianceProc, run, wait_for
 
 CLAMDSCAN = shutil.which("clamdscan")
 TIMEOUT = 30.0  # seconds: a hang guard, never a speed assertion
@@ -471,3 +471,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--clamd-listen", "127.0.0.1:99999"], "port 99999 is out of range"),
+        (["--clamd-socket", "/nonexistent-dir/c.sock"], "cannot listen: /nonexistent-dir/c.sock"),
+        (["--clamd-socket", "x.sock", "--clamd-stream-max", "lots"], "--clamd-stream-max"),
+        (["--clamd-root", "/tmp"], "serve needs --socket"),
+    ],
+)
+def test_serve_option_errors_are_one_line(args: list[str], message: str) -> None:
+    out = run("serve", *args, timeout=TIMEOUT)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

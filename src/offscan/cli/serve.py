@@ -103,14 +103,17 @@ def _clamd_options(args: argparse.Namespace) -> dict[str, Any]:
         try:
             stream_max = parse_size(args.clamd_stream_max)
         except ValueError:
-            raise SystemExit(
-                f"offscan: --clamd-stream-max wants a size (64k, 25m), got {args.clamd_stream_max!r}"
-            ) from None
+            print(
+                f"offscan: --clamd-stream-max wants a size (64k, 25m), got {args.clamd_stream_max!r}",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_ERROR) from None
     listen = None
     if args.clamd_listen:
         listen = parse_host_port(args.clamd_listen, option="--clamd-listen")
         if not 0 <= listen[1] <= 65535:
-            raise SystemExit(f"offscan: --clamd-listen: port {listen[1]} is out of range")
+            print(f"offscan: --clamd-listen: port {listen[1]} is out of range", file=sys.stderr)
+            raise SystemExit(EXIT_ERROR)
     return {
         "clamd_socket": args.clamd_socket,
         "clamd_listen": listen,
