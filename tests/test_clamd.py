@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -342,6 +343,25 @@ def test_fildes_corner_cases(app: ApplianceProc, tree: Path) -> None:
         assert talk(s, b"nFILDES\n", fds=[fd]).endswith(b": OK\n")
     finally:
         os.close(fd)
+    wfd = os.open(tree / "root" / "eicar.com", os.O_WRONLY)
+    try:
+        out = talk(s, b"zFILDES\0", fds=[wfd])
+        assert out.endswith(b"Descriptor not open for reading. ERROR\0"), out
+    finally:
+        os.close(wfd)
+
+
+def test_allmatchscan_reports_every_signature(app: ApplianceProc, tree: Path) -> None:
+    both = tree / "root" / "sub" / "deep" / "both"
+    both.write_bytes(b"x" + ANYWHERE + b"y" + TAIL)
+    try:
+        out = talk(csock(app), f"zALLMATCHSCAN {both}\0".encode())
+        assert out == f"{both}: Test-Anywhere FOUND\0{both}: Test-Tail FOUND\0".encode()
+        assert talk(csock(app), f"zSCAN {both}\0".encode()) == (
+            f"{both}: Test-Anywhere FOUND\0".encode()
+        )
+    finally:
+        both.unlink()
 
 
 def test_hostile_input_never_crashes(app: ApplianceProc) -> None:
@@ -465,6 +485,26 @@ def test_connection_limit_queues_instead_of_failing(tmp_path: Path) -> None:
         for h in held:
             h.close()
         a.stop(signal.SIGTERM)
+
+
+def test_version_names_the_loaded_container(tmp_path: Path) -> None:
+    from clamd_support import BUILD_TIME, build_container
+
+    patterns = Path(__file__).resolve().parent.parent / "patterns"
+    db = build_container(
+        tmp_path / "daily.cud", {"x.ndb": (patterns / "offscan.ndb").read_bytes()}, version=4242
+    )
+    sock = tmp_path / "c.sock"
+    root = tmp_path / "root"
+    root.mkdir()
+    a = ApplianceProc(tmp_path, *clamd_argv(sock, root), "-d", str(db))
+    try:
+        built = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(BUILD_TIME))
+        assert talk(sock, b"zVERSION\0").decode().endswith(f"/4242/{built}\0")
+        c = clamd_client.ClamdUnixSocket(str(sock), timeout=TIMEOUT)
+        assert c.instream(io.BytesIO(EICAR)) == {"stream": ("FOUND", EICAR_NAME)}
+    finally:
+        a.stop()
 
 
 def _free_port() -> int:
