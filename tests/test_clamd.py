@@ -207,6 +207,7 @@ def test_prefixes_and_delimiters(app: ApplianceProc) -> None:
     assert talk(s, b"nPING\n") == b"PONG\n"
     assert talk(s, b"PING\n") == b"PONG\n"
     assert talk(s, b"PING", shut=True) == b"PONG\n"  # plain command ended by the close
+    assert talk(s, b"PING") == b"PONG\n"  # a bare word alone in its packet, as clamd takes it
     assert talk(s, b"zFOO\0") == b"UNKNOWN COMMAND\0"
     assert talk(s, b"zSCAN\0") == b"UNKNOWN COMMAND\0"  # SCAN needs a path
     assert talk(s, b"INSTREAM\n") == b"UNKNOWN COMMAND\n"  # INSTREAM needs a prefix
