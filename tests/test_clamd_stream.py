@@ -5,6 +5,7 @@ limits on a real socket."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import socket
 import struct
@@ -139,6 +140,42 @@ def test_timeouts_and_limits_close_only_that_connection(tmp_path: Path) -> None:
             )
             assert front.stats.errors == 0
             assert front.stats.active == set()
+        finally:
+            await app.stop()
+
+    run_async(main)
+
+
+def test_a_stream_stopped_by_the_time_limit_is_drained_and_answered(tmp_path: Path) -> None:
+    """The matcher gives up after its first window (max scan time 0); the reader must keep
+    reading the client's chunks without waiting on the matching thread, then answer ERROR."""
+
+    async def main() -> None:
+        app, front, path = await _with_front(tmp_path)
+        eng = app.patterns.engine
+        app.patterns.engine = dataclasses.replace(
+            eng, matcher=Matcher(eng.db, max_scan_time=0.0, window_size=4096)
+        )
+        loop = asyncio.get_running_loop()
+        data = b"z" * (1 << 20)
+        body = b"".join(
+            struct.pack(">I", 8192) + data[i : i + 8192] for i in range(0, len(data), 8192)
+        )
+
+        def client() -> bytes:
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(30)
+            s.connect(path)
+            try:
+                s.sendall(b"zINSTREAM\0" + body + struct.pack(">I", 0))
+                return _recv_all(s)
+            finally:
+                s.close()
+
+        try:
+            out = await loop.run_in_executor(None, client)
+            assert out.startswith(b"stream: ") and out.endswith(b"exceeded. ERROR\0"), out
+            assert front.stats.errors == 0
         finally:
             await app.stop()
 
