@@ -160,6 +160,7 @@ class ClamdFront:
         self._paused = False
         self._plan: StreamPlan | None = None
         self._inode: int | None = None
+        self._vms: dict[str | None, VMRecord] = {}  # scan root (None: fd/stream) -> pseudo-VM
         self.tcp_port: int | None = None
 
     # -- the appliance's parts, as clamd requests use them --------------------------------
@@ -176,10 +177,12 @@ class ClamdFront:
         """The pseudo-VM a clamd verdict is recorded under: named ``clamd`` (so the policy
         file's ``[vm.clamd]`` table applies), rooted at the scan root. Descriptors and streams
         have no root: quarantine is left out of their actions (there is no file to move)."""
-        rec = VMRecord(CLAMD_VM, root or "", None)
-        if root is None:
-            acts = self.appliance.registry.effective_policy(rec)["actions"]
-            rec.policy = {"actions": [a for a in acts if a != "quarantine"] or ["deny"]}
+        rec = self._vms.get(root)
+        if rec is None:  # kept, so its tags accumulate and the hook runs on a change only
+            rec = self._vms[root] = VMRecord(CLAMD_VM, root or "", None)
+            if root is None:
+                acts = self.appliance.registry.effective_policy(rec)["actions"]
+                rec.policy = {"actions": [a for a in acts if a != "quarantine"] or ["deny"]}
         return rec
 
     # -- lifecycle ------------------------------------------------------------------------
