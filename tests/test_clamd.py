@@ -528,3 +528,28 @@ def test_serve_option_errors_are_one_line(args: list[str], message: str) -> None
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_clamd_verdicts_share_the_appliance_cache(app: ApplianceProc, tree: Path) -> None:
+    """A content judged once, by any clamd command, is served from the verdict cache after:
+    a stream's verdict answers a later SCAN of a file with the same bytes, unread."""
+    content = b"shared cache check " + ANYWHERE + os.urandom(8).hex().encode()
+    f = tree / "root" / "sub" / "shared"
+    f.write_bytes(content)
+    try:
+        out = talk(csock(app), b"zINSTREAM\0" + chunks(content, 9))
+        assert out == b"stream: Test-Anywhere FOUND\0"
+        assert talk(csock(app), f"zSCAN {f}\0".encode()) == f"{f}: Test-Anywhere FOUND\0".encode()
+        assert talk(csock(app), f"zSCAN {f}\0".encode()) == f"{f}: Test-Anywhere FOUND\0".encode()
+
+        def sources() -> list[str]:
+            return [
+                e["source"]
+                for e in app.events()
+                if e.get("event") == "verdict" and e.get("path") == "sub/shared"
+            ]
+
+        wait_for(lambda: len(sources()) == 2, TIMEOUT, "two verdict events for sub/shared")
+        assert sources() == ["digest", "identity"]  # cache by digest, then the identity memo
+    finally:
+        f.unlink()
