@@ -14,12 +14,13 @@ import socket
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import clamd as clamd_client
 import pytest
-from helpers import EICAR, EICAR_NAME, ApplianceProc, wait_for
+from helpers import EICAR, EICAR_NAME, ApplianceProc, run, wait_for
 
 CLAMDSCAN = shutil.which("clamdscan")
 TIMEOUT = 30.0  # seconds: a hang guard, never a speed assertion
@@ -206,6 +207,7 @@ def test_prefixes_and_delimiters(app: ApplianceProc) -> None:
     assert talk(s, b"nPING\n") == b"PONG\n"
     assert talk(s, b"PING\n") == b"PONG\n"
     assert talk(s, b"PING", shut=True) == b"PONG\n"  # plain command ended by the close
+    assert talk(s, b"PING") == b"PONG\n"  # a bare word alone in its packet, as clamd takes it
     assert talk(s, b"zFOO\0") == b"UNKNOWN COMMAND\0"
     assert talk(s, b"zSCAN\0") == b"UNKNOWN COMMAND\0"  # SCAN needs a path
     assert talk(s, b"INSTREAM\n") == b"UNKNOWN COMMAND\n"  # INSTREAM needs a prefix
@@ -342,6 +344,25 @@ def test_fildes_corner_cases(app: ApplianceProc, tree: Path) -> None:
         assert talk(s, b"nFILDES\n", fds=[fd]).endswith(b": OK\n")
     finally:
         os.close(fd)
+    wfd = os.open(tree / "root" / "eicar.com", os.O_WRONLY)
+    try:
+        out = talk(s, b"zFILDES\0", fds=[wfd])
+        assert out.endswith(b"Descriptor not open for reading. ERROR\0"), out
+    finally:
+        os.close(wfd)
+
+
+def test_allmatchscan_reports_every_signature(app: ApplianceProc, tree: Path) -> None:
+    both = tree / "root" / "sub" / "deep" / "both"
+    both.write_bytes(b"x" + ANYWHERE + b"y" + TAIL)
+    try:
+        out = talk(csock(app), f"zALLMATCHSCAN {both}\0".encode())
+        assert out == f"{both}: Test-Anywhere FOUND\0{both}: Test-Tail FOUND\0".encode()
+        assert talk(csock(app), f"zSCAN {both}\0".encode()) == (
+            f"{both}: Test-Anywhere FOUND\0".encode()
+        )
+    finally:
+        both.unlink()
 
 
 def test_hostile_input_never_crashes(app: ApplianceProc) -> None:
@@ -467,7 +488,68 @@ def test_connection_limit_queues_instead_of_failing(tmp_path: Path) -> None:
         a.stop(signal.SIGTERM)
 
 
+def test_version_names_the_loaded_container(tmp_path: Path) -> None:
+    from clamd_support import BUILD_TIME, build_container
+
+    patterns = Path(__file__).resolve().parent.parent / "patterns"
+    db = build_container(
+        tmp_path / "daily.cud", {"x.ndb": (patterns / "offscan.ndb").read_bytes()}, version=4242
+    )
+    sock = tmp_path / "c.sock"
+    root = tmp_path / "root"
+    root.mkdir()
+    a = ApplianceProc(tmp_path, *clamd_argv(sock, root), "-d", str(db))
+    try:
+        built = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(BUILD_TIME))
+        assert talk(sock, b"zVERSION\0").decode().endswith(f"/4242/{built}\0")
+        c = clamd_client.ClamdUnixSocket(str(sock), timeout=TIMEOUT)
+        assert c.instream(io.BytesIO(EICAR)) == {"stream": ("FOUND", EICAR_NAME)}
+    finally:
+        a.stop()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--clamd-listen", "127.0.0.1:99999"], "port 99999 is out of range"),
+        (["--clamd-socket", "/nonexistent-dir/c.sock"], "cannot listen: /nonexistent-dir/c.sock"),
+        (["--clamd-socket", "x.sock", "--clamd-stream-max", "lots"], "--clamd-stream-max"),
+        (["--clamd-root", "/tmp"], "serve needs --socket"),
+    ],
+)
+def test_serve_option_errors_are_one_line(args: list[str], message: str) -> None:
+    out = run("serve", *args, timeout=TIMEOUT)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_clamd_verdicts_share_the_appliance_cache(app: ApplianceProc, tree: Path) -> None:
+    """A content judged once, by any clamd command, is served from the verdict cache after:
+    a stream's verdict answers a later SCAN of a file with the same bytes, unread."""
+    content = b"shared cache check " + ANYWHERE + os.urandom(8).hex().encode()
+    f = tree / "root" / "sub" / "shared"
+    f.write_bytes(content)
+    try:
+        out = talk(csock(app), b"zINSTREAM\0" + chunks(content, 9))
+        assert out == b"stream: Test-Anywhere FOUND\0"
+        assert talk(csock(app), f"zSCAN {f}\0".encode()) == f"{f}: Test-Anywhere FOUND\0".encode()
+        assert talk(csock(app), f"zSCAN {f}\0".encode()) == f"{f}: Test-Anywhere FOUND\0".encode()
+
+        def sources() -> list[str]:
+            return [
+                e["source"]
+                for e in app.events()
+                if e.get("event") == "verdict" and e.get("path") == "sub/shared"
+            ]
+
+        wait_for(lambda: len(sources()) == 2, TIMEOUT, "two verdict events for sub/shared")
+        assert sources() == ["digest", "identity"]  # cache by digest, then the identity memo
+    finally:
+        f.unlink()

@@ -159,6 +159,8 @@ class ClamdFront:
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused = False
         self._plan: StreamPlan | None = None
+        self._inode: int | None = None
+        self._vms: dict[str | None, VMRecord] = {}  # scan root (None: fd/stream) -> pseudo-VM
         self.tcp_port: int | None = None
 
     # -- the appliance's parts, as clamd requests use them --------------------------------
@@ -175,10 +177,12 @@ class ClamdFront:
         """The pseudo-VM a clamd verdict is recorded under: named ``clamd`` (so the policy
         file's ``[vm.clamd]`` table applies), rooted at the scan root. Descriptors and streams
         have no root: quarantine is left out of their actions (there is no file to move)."""
-        rec = VMRecord(CLAMD_VM, root or "", None)
-        if root is None:
-            acts = self.appliance.registry.effective_policy(rec)["actions"]
-            rec.policy = {"actions": [a for a in acts if a != "quarantine"] or ["deny"]}
+        rec = self._vms.get(root)
+        if rec is None:  # kept, so its tags accumulate and the hook runs on a change only
+            rec = self._vms[root] = VMRecord(CLAMD_VM, root or "", None)
+            if root is None:
+                acts = self.appliance.registry.effective_policy(rec)["actions"]
+                rec.policy = {"actions": [a for a in acts if a != "quarantine"] or ["deny"]}
         return rec
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -187,6 +191,7 @@ class ClamdFront:
         opts = self.options
         if opts.socket_path:
             self._listeners.append(_listen_unix(opts.socket_path, opts.socket_mode))
+            self._inode = os.stat(opts.socket_path).st_ino
         if opts.listen:
             sock = await _listen_tcp(*opts.listen)
             self.tcp_port = sock.getsockname()[1]
@@ -209,9 +214,10 @@ class ClamdFront:
             ls.close()
         self._listeners.clear()
         path = self.options.socket_path
-        if path:
+        if path and self._inode is not None:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                if os.stat(path).st_ino == self._inode:  # ours, not a successor's
+                    os.unlink(path)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -281,6 +287,8 @@ def _listen_unix(path: str, mode: int) -> socket.socket:
         old = os.umask(0o777 & ~mode)
         try:
             sock.bind(path)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, path) from None
         finally:
             os.umask(old)
         os.chmod(path, mode)

@@ -15,7 +15,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..cache import CachedVerdict
@@ -216,11 +216,13 @@ async def _scan_paths(c: Client, arg: str, *, stop_on_found: bool, allmatch: boo
             lines = await _scan_one(c, target.root, rel, target.display(rel), allmatch)
         return [ln for ln in lines if not ln.endswith(": OK")]
 
-    if parallel:
-        for lines in await asyncio.gather(*(one(r, e) for r, e in found)):
-            for line in lines:
-                said = True
-                await c.reply(line)
+    if parallel:  # in batches, so a huge tree never becomes a task per file at once
+        batch = 4 * max(1, c.front.appliance.config.concurrency)
+        for i in range(0, len(found), batch):
+            for lines in await asyncio.gather(*(one(r, e) for r, e in found[i : i + batch])):
+                for line in lines:
+                    said = True
+                    await c.reply(line)
     else:
         for rel, err in found:
             lines = await one(rel, err)
@@ -290,7 +292,8 @@ async def _instream(c: Client, arg: str) -> None:
     front.stats.streams += 1
     job = loop.run_in_executor(
         front.stream_pool,
-        lambda: scan_stream(plan, threaded_pieces(queue, loop, opts.read_timeout)),
+        # the thread waits longer than the socket reads, so a stalled client is noticed here
+        lambda: scan_stream(plan, threaded_pieces(queue, loop, 2 * opts.read_timeout + 1)),
     )
     total = 0
     try:
@@ -306,10 +309,8 @@ async def _instream(c: Client, arg: str) -> None:
             while n:
                 piece = await c.sock.read_some(min(n, STREAM_PIECE), opts.read_timeout)
                 n -= len(piece)
-                if job.done():  # the matcher stopped (time limit): drain, answer at the end
-                    continue
-                await queue.put(piece)
-        await queue.put(None)
+                await _offer(queue, job, piece)  # dropped once the matcher stopped (time limit)
+        await _offer(queue, job, None)
         res: ScanResult = await job
     except BaseException:
         if not job.done():
@@ -331,6 +332,19 @@ async def _instream(c: Client, arg: str) -> None:
     )
     for line in verdict_lines("stream", v, allmatch=False):
         await c.reply(line)
+
+
+async def _offer(
+    queue: asyncio.Queue[bytes | None | BaseException], job: asyncio.Future[Any], item: bytes | None
+) -> None:
+    """Put ``item`` for the matching thread, unless (or as soon as) the thread has finished:
+    a matcher that stopped early must not leave the reader waiting on a full queue."""
+    if job.done():
+        return
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait({put, job}, return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
 
 
 async def _idsession(c: Client, arg: str) -> None:

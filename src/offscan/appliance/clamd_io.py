@@ -20,6 +20,9 @@ from collections import deque
 __all__ = ["ClientGone", "ClamdSocket", "CommandTooLong", "peer_uid"]
 
 RECV_SIZE = 64 << 10  # bytes asked of the kernel per recvmsg
+# Unprefixed commands clamd also takes when they arrive alone, without their newline
+# (argument-less, so what arrived cannot be the start of a longer command).
+BARE_WORDS = frozenset({b"PING", b"VERSION", b"RELOAD", b"SHUTDOWN", b"STATS", b"QUIT"})
 MAX_FDS = 4  # descriptors kept from a client before it names them with FILDES
 
 
@@ -103,7 +106,8 @@ class ClamdSocket:
     async def read_command(self, max_len: int, timeout: float) -> tuple[str, bytes] | None:
         """The next command as (prefix, text without its delimiter); prefix is ``"z"``,
         ``"n"`` or ``""``. None when the client closed between commands. A plain (unprefixed)
-        command may also end at the end of the connection, as clamd allows."""
+        command may also end at the end of the connection, or be a bare argument-less word
+        that arrived alone (``PING``), as clamd allows."""
         while True:
             if self._buf:
                 prefix = chr(self._buf[0]) if self._buf[0] in b"zn" else ""
@@ -115,6 +119,10 @@ class ClamdSocket:
                     return prefix, raw
                 if len(self._buf) > max_len:
                     raise CommandTooLong(f"command longer than {max_len} bytes")
+                if not prefix and bytes(self._buf).rstrip(b"\r") in BARE_WORDS:
+                    raw = bytes(self._buf).rstrip(b"\r")
+                    self._buf.clear()
+                    return prefix, raw
                 if self.eof:
                     if prefix:
                         raise ClientGone("connection closed in the middle of a command")

@@ -1,4 +1,10 @@
-"""``offscan scan``: clamscan-like scanning of files and directories in this process."""
+"""``offscan scan``: clamscan-like scanning of files and directories in this process.
+
+Follows clamscan 1.4 where it is not clearly worse (docs/clamav-compat.md lists the rest):
+exit 1 when anything is infected (even with errors), 2 on errors only, 0 clean; a directory
+without ``-r`` has its top-level files scanned; symlinks inside directories are reported as
+``PATH: Symbolic link``; a missing path is reported on stderr as clamscan words it.
+"""
 
 from __future__ import annotations
 
@@ -35,8 +41,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="signature file or directory (repeatable; default: shipped patterns/)",
     )
     p.add_argument("-r", "--recursive", action="store_true", help="scan directories recursively")
-    p.add_argument("--allmatch", action="store_true", help="report every matching signature")
-    p.add_argument("--infected", action="store_true", help="print infected files only")
+    p.add_argument("-z", "--allmatch", action="store_true", help="report every matching signature")
+    p.add_argument("-i", "--infected", action="store_true", help="print infected files only")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
     p.add_argument("--no-summary", action="store_true", help="do not print the summary")
     p.add_argument(
@@ -69,14 +75,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(run=run)
 
 
-def _walk(path: str, recursive: bool, errors: list[ScanResult]) -> Iterator[str]:
-    """Files under ``path``. Symlinks named on the command line are followed; symlinks met
-    while recursing are not (as clamscan's defaults), which also rules out symlink loops."""
+Entry = tuple[str, bool]  # (path, is a symlink met inside a directory: reported, not followed)
+
+
+def _walk(path: str, recursive: bool, errors: list[ScanResult]) -> Iterator[Entry]:
+    """What to report under ``path``, as clamscan does: a file named on the command line
+    (symlinks followed); a directory's regular files and symlinks (not followed, reported as
+    ``Symbolic link``, which also rules out loops), its subdirectories only with ``-r``.
+    Special files inside directories are skipped."""
     if not os.path.isdir(path):
-        yield path
-        return
-    if not recursive:
-        errors.append(ScanResult(path, "error", reason="is a directory (use -r)"))
+        yield path, False
         return
 
     def onerror(exc: OSError) -> None:
@@ -84,14 +92,29 @@ def _walk(path: str, recursive: bool, errors: list[ScanResult]) -> Iterator[str]
 
     for root, dirs, files in os.walk(path, onerror=onerror):
         dirs.sort()
-        for name in sorted(files):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        for name in sorted([*files, *links]):
             full = os.path.join(root, name)
             try:
                 st = os.lstat(full)
             except OSError:
                 continue  # vanished while walking
-            if stat.S_ISREG(st.st_mode):  # symlinks, FIFOs, devices, sockets are skipped
-                yield full
+            if stat.S_ISLNK(st.st_mode):
+                yield full, True
+            elif stat.S_ISREG(st.st_mode):  # FIFOs, devices, sockets are skipped
+                yield full, False
+        if not recursive:
+            return
+
+
+def _clamscan_warning(r: ScanResult) -> str | None:
+    """clamscan's stderr lines for a path named on the command line that cannot be scanned
+    at all (missing, or not a regular file); None for errors reported as ``PATH: ... ERROR``."""
+    if r.reason and r.reason.startswith("no such file"):
+        return f"{r.path}: No such file or directory\nWARNING: {r.path}: Can't access file"
+    if r.reason and r.reason.startswith("not a regular file"):
+        return f"WARNING: {r.path}: Not supported file type"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     data = 0
     errors: list[ScanResult] = []
 
-    def report(r: ScanResult) -> None:
+    def report(r: ScanResult, named: bool = False) -> None:
         nonlocal scanned, infected, errors_n, data
         if r.status == "error":
             errors_n += 1
@@ -122,8 +145,12 @@ def run(args: argparse.Namespace) -> int:
             data += r.bytes_scanned
         if r.infected:
             infected += 1
+        warning = _clamscan_warning(r) if named and r.status == "error" else None
         if args.json:
             out.write(json.dumps(r.to_json()) + "\n")
+        elif warning:
+            out.flush()
+            print(warning, file=sys.stderr)
         elif r.status == "error":
             print(f"{r.path}: {r.reason} ERROR", file=out)
         elif r.infected:
@@ -133,8 +160,12 @@ def run(args: argparse.Namespace) -> int:
             out.write(f"{r.path}: OK\n")
 
     for path in args.paths:
-        for f in _walk(path, args.recursive, errors):
-            report(matcher.scan_path(f, allmatch=args.allmatch))
+        for f, link in _walk(path, args.recursive, errors):
+            if link:
+                if not args.infected and not args.json:
+                    out.write(f"{f}: Symbolic link\n")
+                continue
+            report(matcher.scan_path(f, allmatch=args.allmatch), named=f == path)
         while errors:
             report(errors.pop(0))
         out.flush()
@@ -143,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             "\n----------- SCAN SUMMARY -----------\n"
             f"Known viruses: {db.signature_count}\n"
-            f"Engine version: offscan {__version__} ({'native' if matcher.native else 'python'})\n"
+            + "".join(f"Database: {c.describe()}\n" for c in db.containers)
+            + f"Engine version: offscan {__version__} ({'native' if matcher.native else 'python'})\n"
             f"Scanned files: {scanned}\n"
             f"Infected files: {infected}\n"
             + (f"Total errors: {errors_n}\n" if errors_n else "")
@@ -151,6 +183,6 @@ def run(args: argparse.Namespace) -> int:
             f"Time: {elapsed:.3f} sec",
             file=out,
         )
-    if errors_n:
-        return EXIT_ERROR
-    return EXIT_FOUND if infected else EXIT_CLEAN
+    if infected:  # an infection wins over errors, as in clamscan
+        return EXIT_FOUND
+    return EXIT_ERROR if errors_n else EXIT_CLEAN

@@ -184,16 +184,20 @@ def _clamd_options(args: argparse.Namespace) -> dict[str, Any]:
         try:
             stream_max = parse_size(args.clamd_stream_max)
         except ValueError:
-            raise SystemExit(
-                f"offscan: --clamd-stream-max wants a size (64k, 25m), got {args.clamd_stream_max!r}"
-            ) from None
+            print(
+                f"offscan: --clamd-stream-max wants a size (64k, 25m), got {args.clamd_stream_max!r}",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_ERROR) from None
+    listen = None
+    if args.clamd_listen:
+        listen = parse_host_port(args.clamd_listen, option="--clamd-listen")
+        if not 0 <= listen[1] <= 65535:
+            print(f"offscan: --clamd-listen: port {listen[1]} is out of range", file=sys.stderr)
+            raise SystemExit(EXIT_ERROR)
     return {
         "clamd_socket": args.clamd_socket,
-        "clamd_listen": (
-            parse_host_port(args.clamd_listen, option="--clamd-listen")
-            if args.clamd_listen
-            else None
-        ),
+        "clamd_listen": listen,
         "clamd_roots": tuple(args.clamd_root),
         "clamd_socket_mode": args.clamd_socket_mode,
         "clamd_stream_max_length": stream_max,
@@ -257,11 +261,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     try:
         run_loop(serve(appliance, ready_file=args.ready_file), loop=args.loop)
-    except OSError as exc:  # a listener that cannot be opened (address in use, permissions)
-        print(f"offscan: serve: {exc.strerror or exc}{_where(exc)}", file=sys.stderr)
+    except OSError as exc:  # a listener that cannot be opened (missing directory, in use, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"offscan: cannot listen: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_CLEAN
-
-
-def _where(exc: OSError) -> str:
-    return f": {exc.filename}" if exc.filename else ""
