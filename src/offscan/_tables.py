@@ -60,7 +60,7 @@ BLOOM_MAX_BITS = 23  # 1 MiB: stays in a core's L2 next to the 1 MiB scan window
 # stride 5 beats stride 3 by ~30%.)
 PROBE_COST_CACHED = 12.0
 PROBE_COST_MISS = 200.0
-LONG_GRAM_COST = 1.25  # a probe of a 5-8 byte gram (one more multiply to fold it)
+LONG_GRAM_COST = 1.0  # a probe of a 5-8 byte gram: one more multiply, hidden by the loads
 L2_BYTES = 2 << 20
 PLAN_SAMPLE = 2000  # parts the planner estimates true gram hits on
 SMALL_INFO = 4.0  # bits of information of a nibble or alternative byte (16 of 256 values)
