@@ -393,13 +393,11 @@ class _Index:
         for q1 in FIRST_PASS_GRAMS:
             for s1 in range(STRIDE_MAX, 0, -1):
                 first = allow[q1, s1]
-                if not first.any():
-                    continue
-                cost = self._cost(q1, s1, first) + PASS_COST
+                plan = [(q1, s1)] if first.any() else []
+                cost = self._cost(q1, s1, first) + PASS_COST if plan else 0.0
                 rest = ~first
-                plan = [(q1, s1)]
                 if rest.any():
-                    tail = self._tail_passes(rest, allow, strides, MAX_PASSES - 1)
+                    tail = self._tail_passes(rest, allow, strides, MAX_PASSES - len(plan))
                     if tail is None:
                         continue
                     cost += tail[0]
