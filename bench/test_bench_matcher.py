@@ -291,7 +291,7 @@ def _offscan(impl: str) -> Callable[[list[Sig]], Callable[[], set[str]]]:
     def build(sigs: list[Sig]) -> Callable[[], set[str]]:
         text = "\n".join(f"{s.name}:0:*:{s.ndb()}" for s in sigs)
         db = PatternDB.from_text([("bench.ndb", text)])
-        matcher = offscan_engine.Matcher(db, impl=impl)
+        matcher = offscan_engine.Matcher(db, impl=impl, max_scan_time=float("inf"))
         if impl == "c":
             assert matcher.native, "native matcher did not build"
         return lambda: set(matcher.scan_bytes(BUFFER, allmatch=True).matches)
