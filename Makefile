@@ -22,8 +22,11 @@ test: deps       ## the full test suite, both matcher implementations
 test-pure:       ## the whole suite again on the pure-Python twin (OFFSCAN_NO_EXTENSIONS=1)
 	OFFSCAN_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q
 
-test-simd:       ## the native-vs-twin tests on every SIMD path this CPU has (scalar forced)
-	OFFSCAN_SIMD=none $(PYTHON) -m pytest -q tests/test_twin.py tests/test_engine.py
+test-simd:       ## the native-vs-twin tests with each SIMD path this CPU has as the default (none, avx2, avx512)
+	@for simd in $$($(PYTHON) -c "import offscan._match_c as m; print(*m.SIMD_AVAILABLE)"); do \
+	  echo "== OFFSCAN_SIMD=$$simd"; \
+	  OFFSCAN_SIMD=$$simd $(PYTHON) -m pytest -q tests/test_twin.py tests/test_engine.py || exit 1; \
+	done
 
 lint:            ## ruff (check + format) and mypy, zero errors
 	ruff check src tests bench scripts/bench-machine-id

@@ -1,5 +1,6 @@
 """Matcher throughput: offscan (native and Python twin) side by side with the engines a user
-would pick instead — pyahocorasick, Hyperscan, yara-python and clamscan — in one session.
+would pick instead — pyahocorasick, Hyperscan, yara-python, YARA-X and clamscan — in one
+session. (``test_bench_realistic.py`` does the same on signatures cut from real files.)
 
 Inputs are built at import, seeded: a buffer that is half random bytes and half English-like
 text, literal signature sets of 1k, 10k and 100k random 8–64 byte strings, and a 10k set in
@@ -50,6 +51,7 @@ ROUNDS = {
     "offscan-native": 5,
     "hyperscan": 5,
     "yara-python": 3,
+    "yara-x": 3,
     "pyahocorasick": 1,
     "offscan-twin": 1,
     "clamscan": 1,
@@ -289,7 +291,7 @@ def _offscan(impl: str) -> Callable[[list[Sig]], Callable[[], set[str]]]:
     def build(sigs: list[Sig]) -> Callable[[], set[str]]:
         text = "\n".join(f"{s.name}:0:*:{s.ndb()}" for s in sigs)
         db = PatternDB.from_text([("bench.ndb", text)])
-        matcher = offscan_engine.Matcher(db, impl=impl)
+        matcher = offscan_engine.Matcher(db, impl=impl, max_scan_time=float("inf"))
         if impl == "c":
             assert matcher.native, "native matcher did not build"
         return lambda: set(matcher.scan_bytes(BUFFER, allmatch=True).matches)
@@ -357,6 +359,22 @@ def _yara(sigs: list[Sig]) -> Callable[[], set[str]]:
     return scan
 
 
+def _yara_x(sigs: list[Sig]) -> Callable[[], set[str]]:
+    import yara_x
+
+    source = "\n".join(
+        f"rule r{i} {{ strings: $a = {{ {s.yara_hex()} }} condition: $a }}"
+        for i, s in enumerate(sigs)
+    )
+    scanner = yara_x.Scanner(yara_x.compile(source))
+    names = [s.name for s in sigs]
+
+    def scan() -> set[str]:
+        return {names[int(r.identifier[1:])] for r in scanner.scan(BUFFER).matching_rules}
+
+    return scan
+
+
 class _ClamScan:
     """clamscan as a user runs it: a whole process per scan, database and file on disk."""
 
@@ -406,6 +424,7 @@ ENGINES: dict[str, Callable[[list[Sig]], Callable[[], set[str]]]] = {
     "pyahocorasick": _pyahocorasick,
     "hyperscan": _hyperscan,
     "yara-python": _yara,
+    "yara-x": _yara_x,
 }
 LITERAL_ENGINES = [*ENGINES, "clamscan"]
 WILDCARD_ENGINES = [e for e in LITERAL_ENGINES if e != "pyahocorasick"]  # literals only

@@ -78,8 +78,11 @@ if _choice not in _HAVE:
     raise ImportError(f"OFFSCAN_SIMD={_choice}: this CPU only has {', '.join(_HAVE)}")
 SIMD = _choice  # the instruction set of the filter loop in use
 SIMD_AVAILABLE = tuple(_HAVE)  # every path this CPU can run
-cdef offscan_filter_fn _filter = (offscan_filter_avx512 if SIMD == "avx512" else
-                          offscan_filter_avx2 if SIMD == "avx2" else offscan_filter_scalar)
+
+
+cdef offscan_filter_fn _filter_of(str simd):
+    return (offscan_filter_avx512 if simd == "avx512" else
+            offscan_filter_avx2 if simd == "avx2" else offscan_filter_scalar)
 
 # Bytes scanned by every pass before moving on: 16 KiB stays in L1 (48 KiB) while the Bloom
 # filters (<= 1 MiB each) live in L2.
@@ -129,9 +132,18 @@ cdef class Core:
     cdef Pass passes[MAX_PASSES]
     cdef int n_passes
     cdef Py_ssize_t n_parts
+    cdef offscan_filter_fn filter
+    cdef readonly str simd
 
-    def __init__(self, tables):
+    def __init__(self, tables, *, simd=None):
+        """``simd`` picks this core's filter loop (one of SIMD_AVAILABLE; default SIMD), so
+        tests can run every path in one process."""
         t = tables
+        simd = SIMD if simd is None else simd
+        if simd not in SIMD_AVAILABLE:
+            raise ValueError(f"simd={simd!r}: this CPU has {', '.join(SIMD_AVAILABLE)}")
+        self.simd = simd
+        self.filter = _filter_of(simd)
         self.t = t
         arrays = [
             np.ascontiguousarray(a)
@@ -258,7 +270,7 @@ cdef class Core:
         # First loop: the Bloom test of every sample, collecting the few that pass; the SIMD
         # versions leave their last samples to the scalar one, which stops where an 8-byte
         # load would leave the buffer.
-        i = _filter(buf, n, i, stop, S, qmask, ps.bloom, ps.word_shift, cand, &nc)
+        i = self.filter(buf, n, i, stop, S, qmask, ps.bloom, ps.word_shift, cand, &nc)
         i = offscan_filter_scalar(buf, n, i, stop, S, qmask, ps.bloom, ps.word_shift, cand,
                                   &nc)
         # Second loop: the buckets of the samples that passed. With large tables the bucket

@@ -153,10 +153,13 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) static int64_t offscan_fi
 }
 
 /* 8 samples per step. How the 8 grams get into the 8 lanes depends on the stride:
-   S = 8: 64 contiguous bytes, deinterleaved into low and high dwords (no gather);
+   S = 8: 64 contiguous bytes, deinterleaved into low and high dwords;
    S = 4 with grams of 4 bytes or fewer: 32 contiguous bytes are the 8 grams;
-   otherwise one gather of 8 (unaligned) dwords per half. Then the same arithmetic as the
-   AVX-512 version, with one gather of the Bloom words. */
+   any other S <= 8: byte shuffles (pshufb works inside 128-bit halves): X holds the 16 bytes
+   at i (low half) and i + 4S (high half), Y those at i + 2S and i + 6S; lanes 0, 1 (4, 5) are
+   cut out of X and lanes 2, 3 (6, 7) out of Y, then blended, since two grams S apart fit in
+   S + 8 <= 16 bytes. No gathers for grams (slow on AMD cores); one gather reads the 8 Bloom
+   words. Then the same arithmetic as the AVX-512 version. */
 __attribute__((target("avx2"))) static int64_t offscan_filter_avx2(
     const uint8_t* buf, int64_t n, int64_t i, int64_t stop, int64_t S, uint64_t qmask,
     const uint32_t* bloom, int word_shift, int64_t* cand, int64_t* nc) {
@@ -168,12 +171,26 @@ __attribute__((target("avx2"))) static int64_t offscan_filter_avx2(
     const __m256i vbits = _mm256_set1_epi32((int)OFFSCAN_HASH_BITS);
     const __m256i v31 = _mm256_set1_epi32(31), one = _mm256_set1_epi32(1);
     const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    const __m256i offs = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                            _mm256_set1_epi32((int)S));
     const __m128i shift = _mm_cvtsi32_si128(word_shift);
     const int mode = S == 8 ? 0 : (S == 4 && !long_grams) ? 1 : 2;
+    /* pshufb controls: dword 0 <- bytes 0..3, dword 1 <- bytes S..S+3 (for X; dwords 2, 3 for
+       Y), and the same 4 bytes further on for the high halves of long grams */
+    uint8_t cx[16], cy[16], cxh[16], cyh[16];
+    for (int j = 0; j < 16; j++) {
+        int dw = j / 4, b = j % 4, src = (dw & 1) * (int)S + b;
+        cx[j] = dw < 2 ? (uint8_t)src : 0x80;
+        cy[j] = dw >= 2 ? (uint8_t)src : 0x80;
+        cxh[j] = dw < 2 ? (uint8_t)(src + 4) : 0x80;
+        cyh[j] = dw >= 2 ? (uint8_t)(src + 4) : 0x80;
+    }
+    const __m256i sx = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)cx));
+    const __m256i sy = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)cy));
+    const __m256i sxh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)cxh));
+    const __m256i syh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)cyh));
+    /* bytes a step may read past i: 64 (mode 0), 32 (mode 1), 6S + 16 (mode 2) */
+    const int64_t reach = mode == 0 ? 64 : mode == 1 ? 32 : 6 * S + 16;
     int64_t c = *nc;
-    for (; i + 7 * S < stop && i + 8 * S + 8 <= n; i += 8 * S) {
+    for (; i + 7 * S < stop && i + reach <= n; i += 8 * S) {
         __m256i x, hi;
         if (mode == 0) {
             __m256i a = _mm256_permutevar8x32_epi32(
@@ -186,8 +203,13 @@ __attribute__((target("avx2"))) static int64_t offscan_filter_avx2(
             x = _mm256_loadu_si256((const __m256i*)(buf + i));
             hi = _mm256_setzero_si256();
         } else {
-            x = _mm256_i32gather_epi32((const int*)(buf + i), offs, 1);
-            hi = long_grams ? _mm256_i32gather_epi32((const int*)(buf + i + 4), offs, 1)
+            __m256i X = _mm256_loadu2_m128i((const __m128i*)(buf + i + 4 * S),
+                                            (const __m128i*)(buf + i));
+            __m256i Y = _mm256_loadu2_m128i((const __m128i*)(buf + i + 6 * S),
+                                            (const __m128i*)(buf + i + 2 * S));
+            x = _mm256_or_si256(_mm256_shuffle_epi8(X, sx), _mm256_shuffle_epi8(Y, sy));
+            hi = long_grams ? _mm256_or_si256(_mm256_shuffle_epi8(X, sxh),
+                                              _mm256_shuffle_epi8(Y, syh))
                             : _mm256_setzero_si256();
         }
         x = _mm256_and_si256(x, vlo);

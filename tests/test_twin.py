@@ -489,6 +489,81 @@ def test_native_equals_twin(
         os.close(fd)
 
 
+def _simd_paths() -> tuple[str, ...]:
+    if _match.NativeCore is None:
+        return ()
+    from offscan import _match_c
+
+    return _match_c.SIMD_AVAILABLE
+
+
+@needs_native
+@SETTINGS
+@given(cases(), st.data())
+def test_every_simd_path_equals_the_twin(
+    case: tuple[list[Sig], bytes], data: st.DataObject
+) -> None:
+    """Every filter loop this CPU has (scalar, AVX2, AVX-512) finds the twin's hits. The
+    case is embedded at a random place in up to 3 KiB of alphabet bytes, so the SIMD loops
+    (which need 64-128 bytes ahead) run over it, at every alignment of their steps."""
+    sigs, buf = case
+    pad = data.draw(st.binary(min_size=0, max_size=3000), label="pad")
+    cut = data.draw(st.integers(0, len(pad)), label="cut")
+    filler = bytes(ALPHABET[b % len(ALPHABET)] for b in pad)
+    big = filler[:cut] + buf + filler[cut:]
+    db = to_db(sigs)
+    py = Matcher(db, impl="py")
+    n = py.tables.n_parts
+    want = _hits(py.core, big, 0, np.zeros(n, dtype=np.uint8))
+    assert _match.NativeCore is not None
+    for path in _simd_paths():
+        core = _match.NativeCore(py.tables, simd=path)  # type: ignore[call-arg]
+        assert core.simd == path
+        assert _hits(core, big, 0, np.zeros(n, dtype=np.uint8)) == want, path
+
+
+@needs_native
+@pytest.mark.parametrize("count", [40, 3000])
+def test_every_simd_path_on_a_large_buffer(count: int) -> None:
+    """Hundreds of literal and wildcard signatures of 4-64 bytes planted at every alignment
+    in 1 MiB: every filter loop finds exactly the twin's hits (long grams, every stride)."""
+    rng = np.random.default_rng(count)
+    lines, planted = [], []
+    for i in range(count):
+        body = rng.bytes(int(rng.integers(4, 65)))
+        text = body.hex()
+        if i % 7 == 0 and len(body) >= 10:
+            text = body[:5].hex() + "??" + body[6:].hex()
+        elif i % 11 == 0 and len(body) >= 12:
+            text = body[:6].hex() + "{0-4}" + body[6:].hex()
+        lines.append(f"S{i}:0:*:{text}")
+        planted.append(body)
+    buf = bytearray(rng.bytes(1 << 20))
+    for k, body in enumerate(planted[::3]):
+        at = (k * 977 + k % 8) % (len(buf) - 64)
+        buf[at : at + len(body)] = body
+    db = PatternDB.from_text([("big.ndb", "\n".join(lines))])
+    py = Matcher(db, impl="py")
+    n = py.tables.n_parts
+    want = _hits(py.core, bytes(buf), 0, np.zeros(n, dtype=np.uint8))
+    assert len(want) >= len(planted[::3]) // 2
+    assert _match.NativeCore is not None
+    for path in _simd_paths():
+        core = _match.NativeCore(py.tables, simd=path)  # type: ignore[call-arg]
+        assert _hits(core, bytes(buf), 0, np.zeros(n, dtype=np.uint8)) == want, path
+
+
+@needs_native
+def test_simd_path_is_the_widest_or_the_one_asked_for() -> None:
+    from offscan import _match_c
+
+    assert _match_c.SIMD_AVAILABLE[0] == "none"
+    asked = os.environ.get("OFFSCAN_SIMD")
+    assert _match_c.SIMD == (asked or _match_c.SIMD_AVAILABLE[-1])
+    with pytest.raises(ValueError, match="this CPU has"):
+        _match.NativeCore(Matcher(to_db([]), impl="py").tables, simd="neon")  # type: ignore[call-arg]
+
+
 @SETTINGS
 @given(cases(), st.sampled_from([3, 16, WHOLE]))
 def test_matcher_equals_regex_oracle(case: tuple[list[Sig], bytes], window: int) -> None:

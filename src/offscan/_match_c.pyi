@@ -10,12 +10,14 @@ from typing_extensions import Buffer
 from ._tables import Tables
 
 NATIVE: bool
-SIMD: str  # "avx512" or "none": the filter loop this CPU runs (OFFSCAN_SIMD=none forces scalar)
+SIMD: str  # "avx512", "avx2" or "none": the default filter loop (OFFSCAN_SIMD forces one)
+SIMD_AVAILABLE: tuple[str, ...]  # every filter loop this CPU can run, narrowest first
 
 class Core:
     """Finds every verified (part, start) hit of the compiled parts in a buffer."""
 
-    def __init__(self, tables: Tables) -> None: ...
+    simd: str
+    def __init__(self, tables: Tables, *, simd: str | None = None) -> None: ...
     def find(
         self, buf: Buffer, min_end: int, done: npt.NDArray[np.uint8]
     ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]: ...

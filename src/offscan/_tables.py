@@ -50,7 +50,8 @@ STRIDE_MAX = 8  # samples at most every 8 bytes (needs an S + q - 1 byte window 
 GRAM_LENGTHS = (8, 6, 4, 3, 2)  # gram lengths the planner considers
 FIRST_PASS_GRAMS = (8, 4)  # the first pass, which most parts share, uses long grams
 SMALL_SET = 16  # values of a nibble or alternative byte that a 2-byte gram may hold
-MAX_PASSES = 2  # the native core interleaves at most this many sampling passes
+MAX_PASSES = 3  # the native core interleaves at most this many sampling passes
+PASS_COST = 0.01  # per byte, for running one more pass (its block loop, its tables in cache)
 BLOOM_BITS_PER_ENTRY = 32  # two bits per entry: ~0.5% false positives (1.5% at 16 bits)
 BLOOM_MIN_BITS = 13  # 1 KiB
 BLOOM_MAX_BITS = 23  # 1 MiB: stays in a core's L2 next to the 1 MiB scan window
@@ -60,7 +61,7 @@ BLOOM_MAX_BITS = 23  # 1 MiB: stays in a core's L2 next to the 1 MiB scan window
 # stride 5 beats stride 3 by ~30%.)
 PROBE_COST_CACHED = 12.0
 PROBE_COST_MISS = 200.0
-LONG_GRAM_COST = 1.25  # a probe of a 5-8 byte gram (one more multiply to fold it)
+LONG_GRAM_COST = 1.0  # a probe of a 5-8 byte gram: one more multiply, hidden by the loads
 L2_BYTES = 2 << 20
 PLAN_SAMPLE = 2000  # parts the planner estimates true gram hits on
 SMALL_INFO = 4.0  # bits of information of a nibble or alternative byte (16 of 256 values)
@@ -380,31 +381,57 @@ class _Index:
 
     def _plan(self, strides: dict[int, np.ndarray]) -> list[tuple[int, int]]:
         """Choose up to MAX_PASSES (q, stride) passes minimising the estimated work per byte:
-        parts that allow stride S with long grams share the first pass, the rest share a
-        second pass with whatever gram length gives them the cheapest common stride."""
+        parts that allow stride S with long grams share the first pass; of the rest, those
+        allowing a second (q, S) share a second pass, and the last pass takes whatever is
+        left at the largest stride all of them allow."""
+        allow = {
+            (q, st): ((strides[q] >> st) & 1).astype(bool)
+            for q in GRAM_LENGTHS
+            for st in range(1, STRIDE_MAX + 1)
+        }
         best: tuple[float, list[tuple[int, int]]] | None = None
         for q1 in FIRST_PASS_GRAMS:
             for s1 in range(STRIDE_MAX, 0, -1):
-                first = ((strides[q1] >> s1) & 1).astype(bool)
+                first = allow[q1, s1]
                 plan = [(q1, s1)] if first.any() else []
-                cost = self._cost(q1, s1, first) if plan else 0.0
+                cost = self._cost(q1, s1, first) + PASS_COST if plan else 0.0
                 rest = ~first
                 if rest.any():
-                    options = []
-                    for q in GRAM_LENGTHS:
-                        common = int(np.bitwise_and.reduce(strides[q][rest]))
-                        s2 = common.bit_length() - 1  # the largest stride all of them allow
-                        if s2 >= 1:
-                            options.append((self._cost(q, s2, rest), q, s2))
-                    if not options:
+                    tail = self._tail_passes(rest, allow, strides, MAX_PASSES - len(plan))
+                    if tail is None:
                         continue
-                    c2, q2, s2 = min(options)
-                    cost += c2
-                    plan.append((q2, s2))
+                    cost += tail[0]
+                    plan += tail[1]
                 if best is None or cost < best[0]:
                     best = (cost, plan)
         assert best is not None
         return best[1]
+
+    def _tail_passes(
+        self,
+        rest: np.ndarray,
+        allow: dict[tuple[int, int], np.ndarray],
+        strides: dict[int, np.ndarray],
+        budget: int,
+    ) -> tuple[float, list[tuple[int, int]]] | None:
+        """The cheapest passes (at most ``budget``) covering the parts in ``rest``."""
+        options: list[tuple[float, list[tuple[int, int]]]] = []
+        for q in GRAM_LENGTHS:  # one pass for all of them: their largest common stride
+            common = int(np.bitwise_and.reduce(strides[q][rest]))
+            st = common.bit_length() - 1
+            if st >= 1:
+                options.append((self._cost(q, st, rest) + PASS_COST, [(q, st)]))
+        if budget >= 2:  # or a pass for those allowing (q, S), then one for the others
+            for (q, st), ok in allow.items():
+                members = rest & ok
+                left = rest & ~ok
+                if not members.any() or not left.any():
+                    continue
+                more = self._tail_passes(left, allow, strides, 1)
+                if more is not None:
+                    cost = self._cost(q, st, members) + PASS_COST + more[0]
+                    options.append((cost, [(q, st), *more[1]]))
+        return min(options, key=lambda o: o[0]) if options else None
 
     def _cost(self, q: int, stride: int, members: np.ndarray) -> float:
         """Estimated work per byte: probes, plus probes that reach the buckets (Bloom false
@@ -456,7 +483,8 @@ class _Index:
         shift = np.arange(q, dtype=np.uint64) * np.uint64(8)
         window = self.values[gpos[:, None] + np.arange(q)[None, :]].astype(np.uint64)
         grams = np.bitwise_or.reduce(window << shift, axis=1)
-        varying = (self._span_counts(self._cs, q) + self._span_counts(self._cb, q))[gpos] > 0
+        end = gpos + q  # grams lie inside their part: no clipping needed
+        varying = (self._cs[end] - self._cs[gpos] + self._cb[end] - self._cb[gpos]) > 0
         rows = [
             np.stack(
                 [

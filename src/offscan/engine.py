@@ -29,7 +29,9 @@ __all__ = [
     "DEFAULT_SCAN_TIMEOUT",
     "DEFAULT_WINDOW_SIZE",
     "Matcher",
+    "ReadDigest",
     "ScanResult",
+    "read_digest",
 ]
 
 DEFAULT_WINDOW_SIZE = 1 << 20  # bytes read and matched per step
@@ -200,15 +202,16 @@ class Matcher:
         if size > self.max_file_size:
             return self._limit(None, size)
 
-        def windows() -> Iterator[tuple[memoryview, int, int]]:
-            pos = 0
-            while pos < size:
-                start = max(0, pos - self.overlap)
-                end = min(size, pos + self.window_size)
-                yield view[start:end], start, pos - start
-                pos = end
+        return self._run(None, size, self._memory_windows(view), allmatch=allmatch, digest=digest)
 
-        return self._run(None, size, windows(), allmatch=allmatch, digest=digest)
+    def _memory_windows(self, view: memoryview) -> Iterator[tuple[memoryview, int, int]]:
+        """The windows of an in-memory buffer, overlapping as a file's windows do."""
+        pos, size = 0, len(view)
+        while pos < size:
+            start = max(0, pos - self.overlap)
+            end = min(size, pos + self.window_size)
+            yield view[start:end], start, pos - start
+            pos = end
 
     def scan_path(
         self,
@@ -241,9 +244,19 @@ class Matcher:
             os.close(fd)
 
     def scan_fd(
-        self, fd: int, *, path: str | None = None, allmatch: bool = False, digest: bool = False
+        self,
+        fd: int,
+        *,
+        path: str | None = None,
+        allmatch: bool = False,
+        digest: bool = False,
+        preread: bytes | bytearray | None = None,
     ) -> ScanResult:
-        """Scan an open file descriptor from its current start (uses pread; offset untouched)."""
+        """Scan an open file descriptor from its current start (uses pread; offset untouched).
+
+        Each window is hashed (``digest``) in the same read that matches it. ``preread`` is the
+        file's content already read (by :func:`read_digest`): when it has the file's size it is
+        matched from memory, so a file is read once for its digest and its verdict."""
         try:
             st = os.fstat(fd)
         except OSError as exc:
@@ -254,6 +267,12 @@ class Matcher:
         size = st.st_size
         if size > self.max_file_size:
             return self._limit(path, size)
+        if preread is not None and len(preread) == size:
+            view = memoryview(preread).cast("B")
+            result = self._run(
+                path, size, self._memory_windows(view), allmatch=allmatch, digest=digest
+            )
+            return self._check_unchanged(fd, st, result, None)
         buf = np.empty(self.overlap + self.window_size, dtype=np.uint8)
         mv = buf.data  # a memoryview of the array's buffer
         state: dict[str, Any] = {"read": 0, "error": None, "eof_at": None}
@@ -292,18 +311,24 @@ class Matcher:
             return ScanResult(
                 path, "error", reason=state["error"], size=size, bytes_scanned=state["read"]
             )
+        return self._check_unchanged(fd, st, result, state["eof_at"])
+
+    @staticmethod
+    def _check_unchanged(
+        fd: int, st: os.stat_result, result: ScanResult, eof_at: int | None
+    ) -> ScanResult:
+        """``result`` flagged ``changed`` if the file's size or times moved while it was read
+        (or it ended early)."""
         try:
             st2 = os.fstat(fd)
             changed = (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns) != (
                 st.st_size,
                 st.st_mtime_ns,
                 st.st_ctime_ns,
-            ) or state["eof_at"] not in (None, size)
+            ) or eof_at not in (None, st.st_size)
         except OSError:
             changed = True
-        if changed:
-            result = _replace(result, changed=True)
-        return result
+        return _replace(result, changed=True) if changed else result
 
     def scan_chunks(
         self,
@@ -413,19 +438,19 @@ class Matcher:
                     elapsed=time.monotonic() - t0,
                 )
         body = sorted(chain.matched.items(), key=lambda kv: (kv[1], kv[0]))
-        names: list[str] = []
-        for sig, _end in body:
-            name = self.db.body[sig].name
-            if name not in names and sig not in self._logic.parts:
-                names.append(name)
-        names.extend(
-            n for n in self._logic.evaluate(chain.matched, chain.hits, size) if n not in names
+        # a dict keeps the order and dedupes in O(1) (tens of thousands of hits on real files)
+        seen: dict[str, None] = dict.fromkeys(
+            self.db.body[sig].name for sig, _end in body if sig not in self._logic.parts
         )
+        for n in self._logic.evaluate(chain.matched, chain.hits, size):
+            seen.setdefault(n)
+        names = list(seen)
         if not stopped_early and scanned == size:
             digests = {a: h.digest() for a, h in hashers.items()}
             for hsig in hash_sigs:
-                if digests[hsig.algorithm] == hsig.digest and hsig.name not in names:
+                if digests[hsig.algorithm] == hsig.digest and hsig.name not in seen:
                     names.append(hsig.name)
+                    seen.setdefault(hsig.name)
             if allow is not None and names:
                 names = list(allow.filter(names, digests, size))
         if not allmatch:
@@ -440,6 +465,47 @@ class Matcher:
             digest=sha,
             elapsed=time.monotonic() - t0,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ReadDigest:
+    """A file's SHA-256 from one read, and its bytes when small enough to keep for matching."""
+
+    digest: bytes
+    nread: int  # bytes read (short of the size if the file shrank: treat as changed)
+    data: bytearray | None
+
+
+PREREAD_LIMIT = 8 << 20  # bytes: files up to this size keep their content after read_digest
+_HASH_BLOCK = 1 << 20  # bytes hashed per read for larger files
+
+
+def read_digest(fd: int, size: int | None = None, *, keep: int = PREREAD_LIMIT) -> ReadDigest:
+    """SHA-256 of an open file from offset 0, read once with ``pread`` (the GIL is released
+    while reading and, for buffers over 2 KiB, while hashing). A file of at most ``keep``
+    bytes keeps its content, so a cache miss can be matched without reading it again
+    (``Matcher.scan_fd(fd, preread=...)``)."""
+    if size is None:
+        size = os.fstat(fd).st_size
+    h = hashlib.sha256()
+    buf = bytearray(max(1, min(size, keep if size <= keep else _HASH_BLOCK)))
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        at = got if size <= keep else 0
+        want = min(len(buf) - at, size - got)
+        n = os.preadv(fd, [view[at : at + want]], got)
+        if n == 0:
+            break
+        if size > keep:
+            h.update(view[:n])
+        got += n
+    view.release()
+    if size > keep:
+        return ReadDigest(h.digest(), got, None)
+    del buf[got:]
+    h.update(buf)
+    return ReadDigest(h.digest(), got, buf)
 
 
 def _replace(result: ScanResult, **changes: Any) -> ScanResult:

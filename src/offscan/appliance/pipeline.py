@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .. import policy as policies
 from .. import protocol
-from ..cache import CachedVerdict, Identity, IdentityMemo, SingleFlight, VerdictCache, digest_fd
+from ..cache import CachedVerdict, Identity, IdentityMemo, SingleFlight, VerdictCache
 from ..cache.extents import ExtentIndex
 from ..confine import ConfinementError, check_relpath, open_confined
-from ..engine import ScanResult
+from ..engine import ScanResult, read_digest
 from .common import SYSTEM_CLOCK, Clock, RequestFailed, close_fds
 from .inventory import LocationIndex, VMRecord
 from .limits import StreamAborted, StreamItem
@@ -309,7 +309,7 @@ class Pipeline:
         async with self.gate.slot(prio):
             st = os.fstat(fd)
             ident = Identity.from_stat("local", st)
-            digest, source = await self._digest(fd, st, ident, vm.root, path)
+            digest, source, data = await self._digest(fd, st, ident, vm.root, path)
             size = st.st_size
             self.locations.add(digest, vm.name, path, ident)
             cached = self.cache.get(digest, size, eng.version)
@@ -329,35 +329,44 @@ class Pipeline:
                 else:
                     self.counters.served_digest += 1
                 return await self._finish(vm, path, cached, source, digest, t0, eng, ino=st.st_ino)
-            res = await self._match(eng, path, fd, ident, digest, size)
+            res = await self._match(eng, path, fd, ident, digest, size, data)
             return await self._finish(vm, path, res, "scan", digest, t0, eng, ino=st.st_ino)
 
     async def _digest(
         self, fd: int, st: os.stat_result, ident: Identity, root: str = "", path: str = ""
-    ) -> tuple[bytes, DigestSource]:
+    ) -> tuple[bytes, DigestSource, bytearray | None]:
         """The content digest and where it came from: the identity memo, a clone's inherited
-        identity, or reading the file (remembered only if the file did not change meanwhile)."""
+        identity, or reading the file (remembered only if the file did not change meanwhile);
+        a small file read here keeps its bytes so a cache miss matches them without a 2nd read."""
         known = self.memo.get(ident)
         if known is not None:
-            return known, "identity"
+            return known, "identity", None
         known = self.inherited.get(ident)
         if known is not None:
-            return known, "clone"
+            return known, "clone", None
         loop = asyncio.get_running_loop()
         known = await loop.run_in_executor(self.pool, self.extents.lookup, fd, st)
         if known is not None:  # a reflinked copy of content digested before: nothing read
             self.memo.put(ident, known)
-            return known, "clone"
-        digest, nread = await loop.run_in_executor(self.pool, digest_fd, fd, st.st_size)
+            return known, "clone", None
+        read = await loop.run_in_executor(self.pool, read_digest, fd, st.st_size)
+        digest, nread = read.digest, read.nread
         self.counters.bytes_read += nread
         if Identity.from_stat("local", os.fstat(fd)) == ident:
             self.memo.put(ident, digest)
             if root:
                 await loop.run_in_executor(self.pool, self.extents.note, fd, st, digest, root, path)
-        return digest, "digest"
+        return digest, "digest", read.data
 
     async def _match(
-        self, eng: Engine, path: str, fd: int, ident: Identity, digest: bytes, size: int
+        self,
+        eng: Engine,
+        path: str,
+        fd: int,
+        ident: Identity,
+        digest: bytes,
+        size: int,
+        data: bytearray | None = None,
     ) -> ScanResult | CachedVerdict:
         """Match the content once for every request asking for it now (single-flight); the
         verdict is cached unless the file changed while it was read."""
@@ -369,9 +378,10 @@ class Pipeline:
             led = True
             self.counters.contents_matched += 1
             res: ScanResult = await asyncio.get_running_loop().run_in_executor(
-                self.pool, lambda: eng.matcher.scan_fd(fd, path=path, allmatch=True)
+                self.pool, lambda: eng.matcher.scan_fd(fd, path=path, allmatch=True, preread=data)
             )
-            self.counters.bytes_read += res.bytes_scanned
+            if data is None:  # else matched from the bytes read for the digest
+                self.counters.bytes_read += res.bytes_scanned
             self.counters.bytes_matched += res.bytes_scanned
             unchanged = not res.changed and Identity.from_stat("local", os.fstat(fd)) == ident
             if res.status != "error" and unchanged:
