@@ -93,8 +93,8 @@ class PatternDB:
         logical = []
         for p in parsed_logical:  # their body signatures go after every plain one
             first = len(body)
-            body.extend(b for _, b in p.bodies)
-            refs = tuple((first + k, sub) for k, (sub, _) in enumerate(p.bodies))
+            body.extend(b for _, b, _ in p.bodies)
+            refs = tuple((first + k, sub, eof) for k, (sub, _, eof) in enumerate(p.bodies))
             logical.append(
                 LogicalSignature(p.name, p.source, p.expression, p.subsigs, p.file_size, refs)
             )

@@ -11,14 +11,14 @@ evaluated from which subsignatures matched and, where a count modifier needs it,
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import Literal
 
 from . import fields
 from .body import parse_body
 from .formats import flevel_reason
-from .model import Alt, BodySignature, NotApplied, Part, SignatureError
+from .model import Alt, BodySignature, NotApplied, Offset, Part, SignatureError
 
 MAX_SUBSIGS = 64  # ClamAV's limit
 MAX_DEPTH = 64  # parentheses; bounds the recursive parser and evaluator
@@ -65,14 +65,15 @@ Expr = Sub | Both | Either | Count
 @dataclass(frozen=True, slots=True)
 class LogicalSignature:
     """A parsed logical signature. ``bodies`` maps each body signature the engine matches for
-    it (an index into ``PatternDB.body``) to the subsignature it stands for."""
+    it (an index into ``PatternDB.body``) to the subsignature it stands for, and says whether
+    only a match ending at the end of the file counts (a fullword match at EOF)."""
 
     name: str
     source: str
     expression: Expr
     subsigs: int
     file_size: tuple[int, int] | None
-    bodies: tuple[tuple[int, int], ...]
+    bodies: tuple[tuple[int, int, bool], ...]
 
     def evaluate(self, counts: list[int], size: int, *, sized: bool = True) -> bool:
         """Whether the signature matches a file of ``size`` bytes (any size if not ``sized``)
@@ -92,7 +93,7 @@ class ParsedLogical:
     source: str
     expression: Expr
     file_size: tuple[int, int] | None
-    bodies: tuple[tuple[int, BodySignature], ...]  # (subsignature, body signature)
+    bodies: tuple[tuple[int, BodySignature, bool], ...]  # (subsig, body, must end at EOF)
     subsigs: int
 
 
@@ -118,14 +119,14 @@ def parse_ldb_line(line: str, where: str) -> ParsedLogical | NotApplied:
             f"subsignatures 0..{max(used)}"
         )
     counted = _counted(expression, inside=False)
-    bodies: list[tuple[int, BodySignature]] = []
+    bodies: list[tuple[int, BodySignature, bool]] = []
     for i, text in enumerate(subsig_texts):
         sub_where = f"{where}: subsignature {i}"
         result = _parse_subsig(text, sub_where, name, target, all_hits=i in counted)
         if isinstance(result, str):
             skip = skip or result
         else:
-            bodies.extend((i, b) for b in result)
+            bodies.extend((i, b, at_eof) for b, at_eof in result)
     if target != 0:
         return NotApplied(name, where, f"target type {target} not applied")
     if skip:
@@ -334,8 +335,9 @@ _MODIFIERS = frozenset("iwaf")
 
 def _parse_subsig(
     text: str, where: str, name: str, target: int, *, all_hits: bool
-) -> list[BodySignature] | str:
-    """Body signatures for one subsignature, or the reason it cannot be applied."""
+) -> list[tuple[BodySignature, bool]] | str:
+    """Body signatures for one subsignature (each with its "must end at EOF" flag), or the
+    reason it cannot be applied."""
     if text.startswith("$"):
         return "macro subsignatures not supported"
     if "/" in text:
@@ -360,20 +362,23 @@ def _parse_subsig(
     if set(mods) - _MODIFIERS:
         raise SignatureError(f"{where}: unknown modifier in {mods[:20]!r}; expected i, w, a, f")
     offset = fields.offset(offset_text.strip(), where, strict=target == 0)
-    if "f" in mods:
-        return "fullword (::f) subsignatures not supported"
+    if "f" in mods and "w" in mods:
+        return "fullword wide (::wf) subsignatures not supported"
+    if "f" in mods and offset.kind == "eof":
+        return "fullword (::f) with an EOF-relative offset not supported"
     hexsig = hexsig.strip()
     forms = []
     if "w" in mods:
         forms.append(_widen(hexsig, where))
     if "w" not in mods or "a" in mods:
         forms.append(hexsig)
-    out = []
+    out: list[tuple[BodySignature, bool]] = []
     for form in forms:
         parts, gaps = parse_body(form, where)
         variants = _nocase(parts, where) if "i" in mods else [parts]
         for v in variants:
-            out.append(BodySignature(name, target, offset, v, gaps, where, all_hits=all_hits))
+            body = BodySignature(name, target, offset, v, gaps, where, all_hits=all_hits)
+            out.extend(_fullword(body) if "f" in mods else [(body, False)])
     if len(out) > MAX_VARIANTS:
         raise SignatureError(
             f"{where}: expands into {len(out)} body signatures (at most {MAX_VARIANTS})"
@@ -450,6 +455,8 @@ def _nocase_part(part: Part, where: str) -> list[Part]:
 
 
 def _nocase_alt(alt: Alt, where: str) -> Alt:
+    if alt.negated:
+        raise SignatureError(f"{where}: ::i cannot apply to a negated alternative (nor can ClamAV)")
     options: list[bytes] = []
     for o in alt.options:
         cases = [(c & 0xDF, c | 0x20) if c in _LETTERS else (c,) for c in o]
@@ -458,3 +465,47 @@ def _nocase_alt(alt: Alt, where: str) -> Alt:
             if len(options) > 256:
                 raise SignatureError(f"{where}: ::i alternative has too many case variants")
     return Alt(alt.offset, tuple(dict.fromkeys(options)), alt.negated)
+
+
+_ALNUM = tuple(
+    bytes([c]) for c in b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+
+
+def _delimit(part: Part, *, before: bool) -> Part:
+    """``part`` with one more byte, not a letter or digit, before or after it."""
+    if before:
+        alts = [Alt(0, _ALNUM, True)] + [Alt(a.offset + 1, a.options, a.negated) for a in part.alts]
+        return Part(b"\0" + part.values, b"\0" + part.masks, tuple(alts))
+    alts = [*part.alts, Alt(part.length, _ALNUM, True)]
+    return Part(part.values + b"\0", part.masks + b"\0", tuple(alts))
+
+
+def _fullword(body: BodySignature) -> list[tuple[BodySignature, bool]]:
+    """A fullword (``::f``) subsignature as up to four body signatures: delimited by a byte
+    that is not a letter or digit, or by the start / end of the file (as ClamAV's ``(W)``
+    marker). A match at the end of the file cannot be told by its start, so that variant
+    counts every match and only one ending at EOF is kept."""
+    off = body.offset
+    starts: list[tuple[Offset, bool]] = []  # (offset, with a delimiter byte before)
+    if off.kind == "any":
+        starts = [(off, True), (Offset("abs", 0), False)]
+    elif off.n >= 1:
+        starts = [(Offset("abs", off.n - 1, off.span), True)]
+    else:
+        starts = [(Offset("abs", 0), False)]
+        if off.span:
+            starts.append((Offset("abs", 0, off.span - 1), True))
+    out = []
+    for offset, before in starts:
+        for after in (True, False):
+            parts = list(body.parts)
+            if before:
+                parts[0] = _delimit(parts[0], before=True)
+            if after:
+                parts[-1] = _delimit(parts[-1], before=False)
+            variant = replace(
+                body, offset=offset, parts=tuple(parts), all_hits=body.all_hits or not after
+            )
+            out.append((variant, not after))
+    return out

@@ -13,14 +13,18 @@ class LogicalIndex:
     """Lookups built once per Matcher so a scan touches only the logical signatures that some
     match concerns (plus those true when nothing matches, e.g. ``0=0``)."""
 
-    __slots__ = ("db", "parts", "all_hits", "owner", "always")
+    __slots__ = ("db", "parts", "all_hits", "owner", "always", "at_eof")
 
     def __init__(self, db: PatternDB) -> None:
         self.db = db
         self.owner: dict[int, tuple[int, int]] = {}  # body index -> (logical index, subsig)
+        at_eof = []
         for li, lg in enumerate(db.logical):
-            for body, sub in lg.bodies:
+            for body, sub, eof in lg.bodies:
                 self.owner[body] = (li, sub)
+                if eof:
+                    at_eof.append(body)
+        self.at_eof = frozenset(at_eof)  # only a match ending at EOF counts
         self.parts = frozenset(self.owner)
         self.all_hits = frozenset(i for i in self.parts if db.body[i].all_hits)
         self.always = tuple(
@@ -48,7 +52,8 @@ class LogicalIndex:
                 counts.setdefault(owner[0], [0] * self.db.logical[owner[0]].subsigs)[owner[1]] += 1
         for body, ends in hits.items():
             li, sub = self.owner[body]
-            counts.setdefault(li, [0] * self.db.logical[li].subsigs)[sub] += len(ends)
+            n = (size in ends) if body in self.at_eof else len(ends)
+            counts.setdefault(li, [0] * self.db.logical[li].subsigs)[sub] += n
         return [
             self.db.logical[li].name
             for li in sorted(counts)
