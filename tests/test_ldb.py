@@ -101,7 +101,8 @@ def test_other_targets_and_unsupported_features_are_not_applied() -> None:
         (f"S;Target:0;0;{A.hex()}:x:i", "expected [Offset:]HexSignature"),
         (f"S;Target:0;0;EP+0:{A.hex()}", "offset 'EP+0'"),
         ("S;Target:0;0;aa??bb", "too weak"),
-        ("S;Target:0;0;aabb!(cc|dd)eeff::i", "negated alternative"),
+        ("S;Target:0;0;aabb!(cc|dd)eeff::i", "negated alternative cannot take ::i"),
+        ("S;Target:0;0;aabb!(cc|dd)eeff::a", "negated alternative cannot take ::a"),
         ("S;Target:0;0;6161*6262*6363*6464::i", "expands into 256 variants"),
         ("S;Target:0;" + "(" * 70 + "0" + ")" * 70 + f";{A.hex()}", "nested deeper than"),
         (f"S;Target:0;0=9{'9' * 30};{A.hex()}", "exceeds"),
@@ -235,3 +236,56 @@ def test_window_edges_do_not_double_count(impl: str) -> None:
     for window in (16, 64, 1 << 20):
         m = Matcher(ldb(*sigs), impl=impl, window_size=window)
         assert m.scan_bytes(data).matches == ("Three",), window
+
+
+# How counts and distinct subsignatures combine in nested expressions, as measured with
+# clamscan 1.4.6 --allmatch (expression, matches of each subsignature, reported?).
+CLAMSCAN_CASES = [
+    ("((0<1)&1)>0,2", (0, 1), True),
+    ("((0=0)&1)>0,2", (0, 1), True),
+    ("((0<1)&1)>1", (0, 1), False),
+    ("((0<1)&1)=1", (0, 1), True),
+    ("((0&1)|2)=2,2", (0, 3, 2), False),
+    ("((0&1)|2)=2", (0, 3, 2), True),
+    ("((0&1)|2)=2,1", (0, 3, 2), True),
+    ("(0|1)=3,2", (1, 2), True),
+    ("((0>0)|1)=2,2", (1, 1), True),
+    ("((0>1)|1)=3", (2, 1), True),
+    ("((0>1)|1)=2", (2, 1), False),
+    ("((0>1)&1)=3,2", (2, 1), True),
+    ("((0=2)|1)>0,2", (2, 1), True),
+    ("((0&1)|2)>0,2", (1, 1, 0), True),
+    ("((0&1)&2)=3,3", (1, 1, 1), True),
+    ("((0|1)|2)=1,1", (0, 0, 1), True),
+    ("((0=0)|1)=1,2", (0, 1), True),
+    ("((0<2)|1)=2,2", (1, 1), True),
+    ("((0<2)|1)=1,2", (1, 1), False),
+    ("(((0|1)>0)|2)=3,3", (1, 1, 1), False),
+    ("(((0|1)>0)|2)=3,2", (1, 1, 1), False),
+    ("(((0|1)>0)|2)=3", (1, 1, 1), True),
+    ("((0=5)|1)=3", (2, 1), False),
+    ("((0=5)|1)=1", (2, 1), True),
+    ("((0&1)|2)=3", (2, 0, 1), False),
+    ("((0&1)|2)=1", (2, 0, 1), True),
+    ("((0|1)=2)&2", (1, 1, 1), True),
+    ("(((0|1)=2)&2)=3", (1, 1, 1), True),
+    ("(((0&1)=2)&2)=2", (1, 1, 1), False),
+    ("(((0&1)=2)&2)=3", (1, 1, 1), True),
+]
+SUBS = [A, B, C]
+
+
+@pytest.mark.parametrize(("expr", "counts", "found"), CLAMSCAN_CASES)
+def test_nested_counts_as_clamscan(
+    impl: str, expr: str, counts: tuple[int, ...], found: bool
+) -> None:
+    subs = ";".join(SUBS[k].hex() for k in range(len(counts)))
+    data = fill(*(SUBS[k] for k, n in enumerate(counts) for _ in range(n)))
+    assert scan(impl, [f"S;Target:0;{expr};{subs}"], data) == (("S",) if found else ())
+
+
+@pytest.mark.parametrize(("expr", "n"), [("(0)=1", 1), ("((0|1)>0)=2", 2), ("((0>1))=1", 1)])
+def test_count_on_a_group_of_one_term_is_refused_like_clamav(expr: str, n: int) -> None:
+    subs = ";".join(SUBS[k].hex() for k in range(n))
+    with pytest.raises(SignatureError, match="a count modifier on a group of one term"):
+        ldb(f"S;Target:0;{expr};{subs}")

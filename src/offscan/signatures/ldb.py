@@ -82,7 +82,7 @@ class LogicalSignature:
         fs = self.file_size
         if sized and fs is not None and not fs[0] <= size <= fs[1]:
             return False
-        return _value(self.expression, counts) > 0
+        return _eval(self.expression, counts)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +267,12 @@ class _Parser:
             if close is None or close[1] != ")":
                 raise SignatureError(f"{self.where}: unbalanced '('")
             self.pos += 1
+            nxt = self._peek()
+            if nxt is not None and nxt[1] in "=><" and isinstance(atom, Sub | Count):
+                raise SignatureError(
+                    f"{self.where}: a count modifier on a group of one term; write 0=X, not "
+                    "(0)=X or ((0>1))=X (ClamAV refuses it too)"
+                )
         else:
             raise SignatureError(f"{self.where}: unexpected {tok[1]!r}")
         tok = self._peek()
@@ -295,37 +301,29 @@ def _counted(expr: Expr, *, inside: bool) -> set[int]:
     return out
 
 
-def _value(expr: Expr, counts: list[int]) -> int:
-    """Matches an expression generates (0: false). ``&`` needs every operand and adds their
-    counts, ``|`` adds them; a count modifier yields its operand's count (at least 1) when met."""
+def _eval(expr: Expr, counts: list[int]) -> tuple[bool, int, int]:
+    """(holds, matches, bitmask of distinct subsignatures) of an expression, as clamscan 1.4
+    computes them (measured, the documentation leaves it open): ``&`` and ``|`` add the
+    matches and join the subsignatures of their operands that hold; a count modifier yields
+    its operand's matches, and its subsignature when the operand is a single one (even if
+    that matched 0 times, as in ``0=0``) but none for a group."""
     if isinstance(expr, Sub):
-        return counts[expr.index]
-    if isinstance(expr, Both):
-        total = 0
+        c = counts[expr.index]
+        return (c > 0, c, 1 << expr.index if c else 0)
+    if isinstance(expr, Both | Either):
+        held, total, ids = False, 0, 0
         for child in expr.operands:
-            v = _value(child, counts)
-            if not v:
-                return 0
-            total += v
-        return total
-    if isinstance(expr, Either):
-        return sum(_value(child, counts) for child in expr.operands)
-    c = _value(expr.operand, counts)
+            ok, c, d = _eval(child, counts)
+            if ok:
+                held, total, ids = True, total + c, ids | d
+            elif isinstance(expr, Both):
+                return (False, 0, 0)
+        return (held, total, ids) if held else (False, 0, 0)
+    _, c, d = _eval(expr.operand, counts)
     ok = c == expr.x if expr.op == "=" else c > expr.x if expr.op == ">" else c < expr.x
-    if ok and expr.y is not None:
-        ok = sum(1 for i in _leaves(expr.operand) if counts[i]) >= expr.y
-    return max(c, 1) if ok else 0
-
-
-def _leaves(expr: Expr) -> set[int]:
-    if isinstance(expr, Sub):
-        return {expr.index}
-    if isinstance(expr, Count):
-        return _leaves(expr.operand)
-    out: set[int] = set()
-    for child in expr.operands:
-        out |= _leaves(child)
-    return out
+    if not ok or (expr.y is not None and d.bit_count() < expr.y):
+        return (False, 0, 0)
+    return (True, c, 1 << expr.operand.index if isinstance(expr.operand, Sub) else 0)
 
 
 # -- subsignatures -------------------------------------------------------------------------
@@ -375,6 +373,10 @@ def _parse_subsig(
     out: list[tuple[BodySignature, bool]] = []
     for form in forms:
         parts, gaps = parse_body(form, where)
+        if mods and any(a.negated for p in parts for a in p.alts):
+            raise SignatureError(
+                f"{where}: a negated alternative cannot take ::{mods} (ClamAV refuses it too)"
+            )
         variants = _nocase(parts, where) if "i" in mods else [parts]
         for v in variants:
             body = BodySignature(name, target, offset, v, gaps, where, all_hits=all_hits)
@@ -455,8 +457,6 @@ def _nocase_part(part: Part, where: str) -> list[Part]:
 
 
 def _nocase_alt(alt: Alt, where: str) -> Alt:
-    if alt.negated:
-        raise SignatureError(f"{where}: ::i cannot apply to a negated alternative (nor can ClamAV)")
     options: list[bytes] = []
     for o in alt.options:
         cases = [(c & 0xDF, c | 0x20) if c in _LETTERS else (c,) for c in o]
