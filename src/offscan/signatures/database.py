@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from collections.abc import Iterable
@@ -56,7 +57,22 @@ class PatternDB:
 
     @classmethod
     def from_text(cls, files: Iterable[tuple[str, str]]) -> PatternDB:
-        """Build from ``(filename, content)`` pairs; the suffix of each name picks the format."""
+        """Build from ``(filename, content)`` pairs; the suffix of each name picks the format.
+
+        The cyclic garbage collector is paused meanwhile: parsing makes millions of small
+        acyclic objects, and with a database already loaded (an appliance reloading) the
+        collections it triggers doubled the parse time (100k .ndb lines: 1.35 -> 0.6 s CPU).
+        """
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return cls._parse(files)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    @classmethod
+    def _parse(cls, files: Iterable[tuple[str, str]]) -> PatternDB:
         body: list[BodySignature] = []
         hashes: list[HashSignature] = []
         skipped: list[NotApplied] = []
