@@ -150,12 +150,14 @@ def _widen(toks: list[Tok]) -> list[Tok]:
     return out
 
 
-def _word_subsig(rng: random.Random, name: str) -> SubSig:
+WORD_MODIFIERS = ("", "::i", "::w", "::wa", "::a", "::f", "::fi", "::wi")
+
+
+def _word_subsig(rng: random.Random, name: str, mods: str) -> SubSig:
     toks = [Tok("static", _word(rng, rng.randint(6, 9)))]
     if rng.random() < 0.4:
         toks += [Tok("any"), Tok("static", _word(rng, rng.randint(3, 5)))]
     hexsig = "".join(t.hex() for t in toks)
-    mods = rng.choice(["", "::i", "::w", "::wa", "::a", "::f", "::fi", "::wi"])
     wide, ascii_ = "w" in mods, "w" not in mods or "a" in mods
     forms, decoys = [], []
     delim = [Tok("static", bytes([rng.choice(b" .,;-_\0\x80\xff")])) for _ in range(2)]
@@ -178,14 +180,17 @@ def _word_subsig(rng: random.Random, name: str) -> SubSig:
     return sub
 
 
-def _binary_subsig(rng: random.Random, uniq: _Unique, name: str, *, count: bool) -> SubSig:
+def _binary_subsig(
+    rng: random.Random, uniq: _Unique, name: str, *, count: bool, where: str
+) -> SubSig:
+    """Random bytes in .ndb syntax; ``where`` ("*", "abs" or "eof") for a presence-only one."""
     nparts = 1 if count else rng.choice((1, 1, 2))
     parts = tuple(_make_part(rng, uniq, []) for _ in range(nparts))
     gaps = tuple(_make_gap(rng, rng.choice(("{n}", "{-n}", "{n-m}", "*"))) for _ in parts[1:])
     offset, kind, n, span = "*", "any", 0, 0
-    if not count and rng.random() < 0.4:
+    if not count and where != "*":
         n, span = rng.randint(0, 3000), rng.choice((0, rng.randint(1, 300)))
-        kind = rng.choice(("abs", "eof"))
+        kind = where
         if kind == "eof":
             n += sum(len(t.hex()) // 2 for p in parts for t in p) + span + 4000
         offset = ("EOF-" if kind == "eof" else "") + str(n) + (f",{span}" if span else "")
@@ -227,6 +232,7 @@ class LdbSig:
 def make_ldb_sigs(rng: random.Random, seed: int, count: int) -> list[LdbSig]:
     uniq = _Unique(rng)
     out = []
+    words = binaries = 0
     for i in range(count):
         name = f"Parity.Ldb-{seed}-{i:02d}"
         n = rng.randint(1, 4)
@@ -235,14 +241,18 @@ def make_ldb_sigs(rng: random.Random, seed: int, count: int) -> list[LdbSig]:
             if not value(expr, [0] * n):  # never true when nothing matches
                 break
         many = counted(expr)
-        subs = [
-            _word_subsig(rng, f"{name}/{k}")
-            if rng.random() < 0.5
-            else _binary_subsig(rng, uniq, f"{name}/{k}", count=k in many)
-            for k in range(n)
-        ]
+        subs = []
+        for k in range(n):
+            if rng.random() < 0.5:  # every modifier in turn
+                mods = WORD_MODIFIERS[words % len(WORD_MODIFIERS)]
+                words += 1
+                subs.append(_word_subsig(rng, f"{name}/{k}", mods))
+            else:
+                where = ("*", "abs", "*", "eof")[binaries % 4]
+                binaries += 1
+                subs.append(_binary_subsig(rng, uniq, f"{name}/{k}", count=k in many, where=where))
         size = None
-        if rng.random() < 0.2:
+        if i % 5 == 2:  # some files are bigger than 500,000 bytes, some smaller
             size = rng.choice([(0, 500_000), (500_001, 10**9)])
         out.append(LdbSig(name, expr, subs, size, target=1 if i == count - 1 else 0))
     return out
