@@ -248,8 +248,8 @@ def make_ldb_sigs(rng: random.Random, seed: int, count: int) -> list[LdbSig]:
                 words += 1
                 subs.append(_word_subsig(rng, f"{name}/{k}", mods))
             else:
-                where = ("*", "abs", "*", "eof")[binaries % 4]
-                binaries += 1
+                where = "*" if k in many else ("*", "abs", "*", "eof")[binaries % 4]
+                binaries += k not in many
                 subs.append(_binary_subsig(rng, uniq, f"{name}/{k}", count=k in many, where=where))
         size = None
         if i % 5 == 2:  # some files are bigger than 500,000 bytes, some smaller
