@@ -14,6 +14,7 @@ from conftest import make_db
 from offscan import Matcher, PatternDB
 from offscan.signatures import SignatureError
 from offscan.signatures.ldb import Both, Count, Either, Sub
+from offscan.signatures.logic import LogicalIndex
 
 A = bytes.fromhex("91a3f708c4")
 B = bytes.fromhex("22334455e6")
@@ -289,3 +290,17 @@ def test_count_on_a_group_of_one_term_is_refused_like_clamav(expr: str, n: int) 
     subs = ";".join(SUBS[k].hex() for k in range(n))
     with pytest.raises(SignatureError, match="a count modifier on a group of one term"):
         ldb(f"S;Target:0;{expr};{subs}")
+
+
+def test_counts_stay_bounded_on_a_file_full_of_matches(impl: str) -> None:
+    sigs = [f"Gt2;Target:0;0>2;{b'ABAB'.hex()}", f"Eq3;Target:0;0=3;{b'ABAB'.hex()}"]
+    sigs.append(f"Lt5;Target:0;(0<5)&1;{b'ABAB'.hex()};{A.hex()}")
+    data = b"AB" * 200_000 + A  # ~200,000 overlapping matches
+    assert scan(impl, sigs, data) == ("Gt2",)
+    db = ldb(*sigs)
+    index = LogicalIndex(db)
+    hits: dict[int, set[int]] = {}
+    body = db.logical[0].bodies[0][0]
+    for end in range(10_000):
+        index.record(hits, body, end, 10_000)
+    assert len(hits[body]) == db.logical[0].count_cap() == 3

@@ -75,6 +75,11 @@ class LogicalSignature:
     file_size: tuple[int, int] | None
     bodies: tuple[tuple[int, int, bool], ...]
 
+    def count_cap(self) -> int:
+        """Matches per subsignature worth counting: one more than the largest number a count
+        modifier compares with (capping every count there changes no comparison)."""
+        return _max_count(self.expression) + 1
+
     def evaluate(self, counts: list[int], size: int, *, sized: bool = True) -> bool:
         """Whether the signature matches a file of ``size`` bytes (any size if not ``sized``)
         whose subsignature ``i`` matched ``counts[i]`` times (1 stands for "at least once"
@@ -299,6 +304,14 @@ def _counted(expr: Expr, *, inside: bool) -> set[int]:
     for child in expr.operands:
         out |= _counted(child, inside=inside)
     return out
+
+
+def _max_count(expr: Expr) -> int:
+    if isinstance(expr, Sub):
+        return 0
+    if isinstance(expr, Count):
+        return max(expr.x, _max_count(expr.operand))
+    return max(_max_count(child) for child in expr.operands)
 
 
 def _eval(expr: Expr, counts: list[int]) -> tuple[bool, int, int]:
