@@ -150,7 +150,7 @@ def _widen(toks: list[Tok]) -> list[Tok]:
     return out
 
 
-WORD_MODIFIERS = ("", "::i", "::w", "::wa", "::a", "::f", "::fi", "::wi")
+WORD_MODIFIERS = ("", "::i", "::w", "::wa", "::a", "::f", "::fi", "::wi", "::wf", "::wfi", "::wfa")
 
 
 def _word_subsig(rng: random.Random, name: str, mods: str) -> SubSig:
@@ -164,9 +164,15 @@ def _word_subsig(rng: random.Random, name: str, mods: str) -> SubSig:
     glued = Tok("static", rng.choice([b"x", b"Q", b"7"]))
     if ascii_:
         forms.append(_form(name, [delim[0], *toks, delim[1]] if "f" in mods else toks))
-    if wide:
+    if wide and "f" in mods:  # wide characters around it: not a letter or digit and NUL
+        wdelim = [Tok("static", d.value + b"\0") for d in delim]
+        forms.append(_form(name, [wdelim[0], *_widen(toks), wdelim[1]]))
+        wglued = Tok("static", glued.value + b"\0")
+        decoys.append(_form(name, [wglued, *_widen(toks), wdelim[1]]))
+        decoys.append(_form(name, [wdelim[0], *_widen(toks), wglued]))
+    elif wide:
         forms.append(_form(name, _widen(toks)))
-    if "f" in mods:
+    if "f" in mods and ascii_:
         decoys.append(_form(name, [glued, *toks, delim[1]]))
         decoys.append(_form(name, [delim[0], *toks, glued]))
     if not wide:

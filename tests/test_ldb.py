@@ -62,7 +62,7 @@ def test_other_targets_and_unsupported_features_are_not_applied() -> None:
         f"Pcre;{E};0&1;{A.hex()};0/ab+c/",
         f"Macro;{E};0&1;{A.hex()};${{6-7}}12$",
         f"Odd;Engine:51-255,Target:0,Foo:1-2;0;{A.hex()}",
-        f"Wf;{E};0;{A.hex()}::wf",
+        f"Wf;{E};0;4:{A.hex()}::wf",
         f"Ok;Engine:51-255,Target:0,Container:CL_TYPE_ANY;0;{A.hex()}",
     )
     assert [lg.name for lg in db.logical] == ["Ok"]
@@ -74,7 +74,7 @@ def test_other_targets_and_unsupported_features_are_not_applied() -> None:
         "Pcre": "PCRE subsignatures not supported",
         "Macro": "macro subsignatures not supported",
         "Odd": "unknown attribute Foo",
-        "Wf": "fullword wide (::wf) subsignatures not supported",
+        "Wf": "fullword wide (::wf) with an offset not supported",
     }
 
 
@@ -304,3 +304,24 @@ def test_counts_stay_bounded_on_a_file_full_of_matches(impl: str) -> None:
     for end in range(10_000):
         index.record(hits, body, end, 10_000)
     assert len(hits[body]) == db.logical[0].count_cap() == 3
+
+
+def test_wide_fullword_as_clamscan(impl: str) -> None:
+    w = b"h\0e\0l\0l\0o\0"
+    sigs = [f"WF;{E};0;{b'hello'.hex()}::wf", f"WF2;{E};0=2;{b'hello'.hex()}::wf"]
+    m = Matcher(ldb(*sigs), impl=impl, window_size=16)
+    found = {
+        b"\x80.\0" + w + b".\0\x80": ("WF",),
+        b"\x80a\0" + w + b".\0\x80": (),  # a wide letter before
+        b"\x80aa" + w + b".\0\x80": ("WF",),  # "aa" is no wide letter
+        b"\x80.\0" + w + b"a\0\x80": (),
+        b"\x80.\0" + w + b"aa\x80": ("WF",),
+        b"a" + w + b".\0\x80": ("WF",),  # one byte before: the start counts as a boundary
+        b"\x80.\0" + w + b"a": (),  # one alphanumeric byte after: not a boundary
+        b"\x80.\0" + w + b".": ("WF",),
+        w: ("WF",),
+        b"\x80.\0" + w + b".\0" + w + b"-\0\x80": ("WF", "WF2"),  # one delimiter, two words
+        b"\x80.\0" + w + b".\0" + w + b"a\0" + w + b"-\0\x80": ("WF",),  # clamscan: 1 match
+    }
+    for data, want in found.items():
+        assert m.scan_bytes(data).matches == want, data

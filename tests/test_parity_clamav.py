@@ -145,7 +145,7 @@ def test_generator_covers_ldb_and_tiny_files(case: Case) -> None:
     text = (case.dbdir / "parity.ldb").read_text()
     for token in ("&", "|", "(", "=", ">", "<", ",", "FileSize:", "Target:1", "EOF-"):
         assert token in text, token
-    for modifier in ("::i", "::w", "::wa", "::a", "::f", "::fi", "::wi"):
+    for modifier in ("::i", "::w", "::wa", "::a", "::f", "::fi", "::wi", "::wf", "::wfi", "::wfa"):
         assert f"{modifier};" in text or f"{modifier}\n" in text, modifier
     names = {s for _, s in case.gen.expected}
     ldb_names = {s.name for s in case.gen.ldb}

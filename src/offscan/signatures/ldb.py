@@ -373,8 +373,8 @@ def _parse_subsig(
     if set(mods) - _MODIFIERS:
         raise SignatureError(f"{where}: unknown modifier in {mods[:20]!r}; expected i, w, a, f")
     offset = fields.offset(offset_text.strip(), where, strict=target == 0)
-    if "f" in mods and "w" in mods:
-        return "fullword wide (::wf) subsignatures not supported"
+    if "f" in mods and "w" in mods and offset.kind != "any":
+        return "fullword wide (::wf) with an offset not supported"
     if "f" in mods and offset.kind == "eof":
         return "fullword (::f) with an EOF-relative offset not supported"
     hexsig = hexsig.strip()
@@ -384,7 +384,8 @@ def _parse_subsig(
     if "w" not in mods or "a" in mods:
         forms.append(hexsig)
     out: list[tuple[BodySignature, bool]] = []
-    for form in forms:
+    for k, form in enumerate(forms):
+        wide = "w" in mods and k == 0
         parts, gaps = parse_body(form, where)
         if mods and any(a.negated for p in parts for a in p.alts):
             raise SignatureError(
@@ -393,7 +394,7 @@ def _parse_subsig(
         variants = _nocase(parts, where) if "i" in mods else [parts]
         for v in variants:
             body = BodySignature(name, target, offset, v, gaps, where, all_hits=all_hits)
-            out.extend(_fullword(body) if "f" in mods else [(body, False)])
+            out.extend(_fullword(body, wide=wide) if "f" in mods else [(body, False)])
     if len(out) > MAX_VARIANTS:
         raise SignatureError(
             f"{where}: expands into {len(out)} body signatures (at most {MAX_VARIANTS})"
@@ -485,40 +486,68 @@ _ALNUM = tuple(
 )
 
 
-def _delimit(part: Part, *, before: bool) -> Part:
-    """``part`` with one more byte, not a letter or digit, before or after it."""
-    if before:
-        alts = [Alt(0, _ALNUM, True)] + [Alt(a.offset + 1, a.options, a.negated) for a in part.alts]
-        return Part(b"\0" + part.values, b"\0" + part.masks, tuple(alts))
-    alts = [*part.alts, Alt(part.length, _ALNUM, True)]
-    return Part(part.values + b"\0", part.masks + b"\0", tuple(alts))
+# One byte next to a fullword match: (values byte, mask byte, alternative options, negated)
+_Byte = tuple[int, int, tuple[bytes, ...], bool]
+_ANY: _Byte = (0, 0, (), False)
+_NOT_ALNUM: _Byte = (0, 0, _ALNUM, True)
+_IS_ALNUM: _Byte = (0, 0, _ALNUM, False)
+_NOT_NUL: _Byte = (0, 0, (b"\0",), True)
 
 
-def _fullword(body: BodySignature) -> list[tuple[BodySignature, bool]]:
-    """A fullword (``::f``) subsignature as up to four body signatures: delimited by a byte
-    that is not a letter or digit, or by the start / end of the file (as ClamAV's ``(W)``
-    marker). A match at the end of the file cannot be told by its start, so that variant
-    counts every match and only one ending at EOF is kept."""
+def _extend(part: Part, before: list[_Byte], after: list[_Byte]) -> Part:
+    """``part`` with constrained bytes added before and after it."""
+    n = len(before)
+    alts = [Alt(k, o, neg) for k, (_, _, o, neg) in enumerate(before) if o]
+    alts += [Alt(a.offset + n, a.options, a.negated) for a in part.alts]
+    alts += [Alt(n + part.length + k, o, neg) for k, (_, _, o, neg) in enumerate(after) if o]
+    values = bytes(v for v, _, _, _ in before) + part.values + bytes(v for v, _, _, _ in after)
+    masks = bytes(m for _, m, _, _ in before) + part.masks + bytes(m for _, m, _, _ in after)
+    return Part(values, masks, tuple(alts))
+
+
+def _fullword(body: BodySignature, *, wide: bool) -> list[tuple[BodySignature, bool]]:
+    """A fullword (``::f``) subsignature as several body signatures, one per way its match
+    can be delimited, as ClamAV's ``(W)`` marker does (measured with clamscan 1.4.6):
+
+    - ASCII: the byte before and the byte after are not letters or digits, or the match
+      touches the start / end of the file;
+    - wide: the 2-byte character before and after is not a letter or digit followed by NUL,
+      or the match starts at offset 0 or 1, or ends at EOF (or one non-alphanumeric byte
+      before it).
+
+    A match at the end of the file cannot be told by its start, so those variants count every
+    match and keep only one ending at EOF (the flag returned with each body)."""
     off = body.offset
-    starts: list[tuple[Offset, bool]] = []  # (offset, with a delimiter byte before)
-    if off.kind == "any":
-        starts = [(off, True), (Offset("abs", 0), False)]
-    elif off.n >= 1:
-        starts = [(Offset("abs", off.n - 1, off.span), True)]
+    starts: list[tuple[Offset, list[_Byte]]]  # where the variant starts, bytes before
+    if wide:  # offsets other than "*" are refused by the caller
+        starts = [(off, [_NOT_ALNUM, _ANY]), (off, [_IS_ALNUM, _NOT_NUL])]
+        starts += [(Offset("abs", 0), [_ANY]), (Offset("abs", 0), [])]
+        ends: list[tuple[list[_Byte], bool]] = [
+            ([_NOT_ALNUM, _ANY], False),
+            ([_IS_ALNUM, _NOT_NUL], False),
+            ([_NOT_ALNUM], True),
+            ([], True),
+        ]
     else:
-        starts = [(Offset("abs", 0), False)]
-        if off.span:
-            starts.append((Offset("abs", 0, off.span - 1), True))
+        ends = [([_NOT_ALNUM], False), ([], True)]
+        if off.kind == "any":
+            starts = [(off, [_NOT_ALNUM]), (Offset("abs", 0), [])]
+        elif off.n >= 1:
+            starts = [(Offset("abs", off.n - 1, off.span), [_NOT_ALNUM])]
+        else:
+            starts = [(Offset("abs", 0), [])]
+            if off.span:
+                starts.append((Offset("abs", 0, off.span - 1), [_NOT_ALNUM]))
     out = []
     for offset, before in starts:
-        for after in (True, False):
+        for after, at_eof in ends:
             parts = list(body.parts)
-            if before:
-                parts[0] = _delimit(parts[0], before=True)
-            if after:
-                parts[-1] = _delimit(parts[-1], before=False)
-            variant = replace(
-                body, offset=offset, parts=tuple(parts), all_hits=body.all_hits or not after
-            )
-            out.append((variant, not after))
+            if len(parts) == 1:
+                parts[0] = _extend(parts[0], before, after)
+            else:
+                parts[0] = _extend(parts[0], before, [])
+                parts[-1] = _extend(parts[-1], [], after)
+            all_hits = body.all_hits or at_eof
+            variant = replace(body, offset=offset, parts=tuple(parts), all_hits=all_hits)
+            out.append((variant, at_eof))
     return out
