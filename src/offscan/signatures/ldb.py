@@ -245,16 +245,17 @@ class _Parser:
     def _expr(self, depth: int) -> Expr:
         if depth > MAX_DEPTH:
             raise SignatureError(f"{self.where}: nested deeper than {MAX_DEPTH}")
-        left = self._term(depth)
-        tok = self._peek()
-        if tok is None or tok[1] not in "&|":
-            return left
-        self.pos += 1
-        right = self._expr(depth + 1)
-        node = Both if tok[1] == "&" else Either
-        if isinstance(right, node):  # flatten a chain of one operator
-            return node((left, *right.operands))
-        return node((left, right))
+        terms, ops = [self._term(depth)], []
+        while (tok := self._peek()) is not None and tok[1] in ("&", "|"):
+            self.pos += 1
+            ops.append(tok[1])
+            terms.append(self._term(depth))
+        expr = terms[-1]  # fold from the right, without recursion: long chains are fine
+        for op, term in zip(reversed(ops), reversed(terms[:-1])):
+            node = Both if op == "&" else Either
+            rest = expr.operands if isinstance(expr, node) else (expr,)
+            expr = node((term, *rest))
+        return expr
 
     def _term(self, depth: int) -> Expr:
         tok = self._peek()
