@@ -114,6 +114,11 @@ def test_bad_lines_name_file_line_and_reason(line: str, reason: str) -> None:
         ldb(f"Good;Target:0;0;{A.hex()}", line)
 
 
+def test_empty_modifiers_and_modifiers_without_engine_are_accepted_like_clamav() -> None:
+    db = ldb(f"S;Target:0;0&1;{A.hex()}::;{b'hello'.hex()}::i")
+    assert len(db.logical) == 1 and len(db.body) == 1 + 4  # ::i: 2x2 case variants of "he"
+
+
 def test_too_many_subsignatures() -> None:
     subs = ";".join(f"{i:04x}{A.hex()}" for i in range(65))
     expr = "|".join(str(i) for i in range(65))

@@ -361,7 +361,7 @@ def _parse_subsig(
     tokens = text.split(":")
     mods = ""
     if len(tokens) in (3, 4):
-        if tokens[-2] != "" or not tokens[-1]:
+        if tokens[-2] != "":  # "hex::" (no modifiers) is accepted, as by ClamAV
             raise SignatureError(f"{where}: expected [Offset:]HexSignature[::Modifiers]")
         mods = tokens[-1]
         tokens = tokens[:-2]
