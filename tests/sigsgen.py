@@ -659,6 +659,9 @@ def generate(
     _plant_body(rng, planter, files, body)
     ldb = sigsgen_ldb.make_ldb_sigs(rng, seed, n_ldb)
     plan = sigsgen_ldb.plant_ldb(rng, planter, files, ldb)
+    tiny_body, tiny_ldb = sigsgen_ldb.plant_tiny(rng, seed, tiny, plan)
+    body += tiny_body
+    ldb += tiny_ldb
     files += tiny
     dbdir.mkdir(parents=True, exist_ok=True)
     corpus.mkdir(parents=True, exist_ok=True)
@@ -671,6 +674,7 @@ def generate(
         f.data = bytes(data)
         (corpus / f.name).write_bytes(f.data)
     hashes = _hash_sigs(rng, seed, files) + sigsgen_ldb.tiny_hash_sigs(seed, tiny)
+    hashes += sigsgen_ldb.big_hash_sigs(seed, files)
     (dbdir / "parity.ndb").write_text("".join(s.line() + "\n" for s in body))
     (dbdir / "parity.ldb").write_text("".join(s.line() + "\n" for s in ldb))
     for suffix in (".hdb", ".hsb"):

@@ -20,6 +20,7 @@ from sigsgen import (
     BodySig,
     CorpusFile,
     HashSig,
+    Plant,
     Tok,
     _make_gap,
     _make_part,
@@ -356,6 +357,46 @@ def tiny_hash_sigs(seed: int, files: list[CorpusFile]) -> list[HashSig]:
         size_text = "*" if any_size else str(f.size)
         name = f"Parity.Tiny-{seed}-{f.size:02d}-{algo}"
         line = f"{digest}:{size_text}:{name}" + (":73" if any_size else "")
+        suffix = ".hdb" if algo == "md5" else ".hsb"
+        out.append(HashSig(name, suffix, line, algo, digest, None if any_size else f.size))  # type: ignore[arg-type]
+    return out
+
+
+def plant_tiny(
+    rng: random.Random, seed: int, tiny: list[CorpusFile], plan: LdbPlan
+) -> tuple[list[BodySig], list[LdbSig]]:
+    """A 6-byte body signature in each tiny file of 10 bytes or more (after its NUL prefix),
+    at ``*``, an absolute offset or ``EOF-n``, and one logical signature in the largest."""
+    body, ldb = [], []
+    for f in tiny:
+        if f.size < 10:
+            continue
+        data = rng.randbytes(6)
+        offset, kind, n = rng.choice(
+            [("*", "any", 0), ("4", "abs", 4), (f"EOF-{f.size - 4}", "eof", f.size - 4)]
+        )
+        part = (Tok("static", data),)
+        if f.size == TINY_MAX:  # the logical one
+            name = f"Parity.TinyLdb-{seed}"
+            sub = _form(f"{name}/0", list(part))
+            ldb.append(LdbSig(name, Cnt(Leaf(0), "=", 1, None), [SubSig(data.hex(), [sub], [])]))
+            plan.counts[(f.name, name)] = [1]
+            f.plants.append(Plant(sub, 4, (), False, "tiny ldb", [(4, data)]))
+            continue
+        sig = BodySig(f"Parity.TinyBody-{seed}-{f.size:02d}", offset, kind, n, 0, (part,), ())  # type: ignore[arg-type]
+        f.plants.append(Plant(sig, 4, (), True, "tiny file", [(4, data)]))
+        body.append(sig)
+    return body, ldb
+
+
+def big_hash_sigs(seed: int, files: list[CorpusFile]) -> list[HashSig]:
+    """Hash signatures of the three largest files (over 1 MiB: several scan windows)."""
+    out = []
+    for algo, f in zip(("md5", "sha1", "sha256"), sorted(files, key=lambda f: -f.size)[:3]):
+        digest = hashlib.new(algo, f.data).hexdigest()
+        any_size = algo == "sha1"
+        name = f"Parity.Big-{seed}-{algo}"
+        line = f"{digest}:{'*' if any_size else f.size}:{name}" + (":73" if any_size else "")
         suffix = ".hdb" if algo == "md5" else ".hsb"
         out.append(HashSig(name, suffix, line, algo, digest, None if any_size else f.size))  # type: ignore[arg-type]
     return out

@@ -157,6 +157,10 @@ def test_generator_covers_ldb_and_tiny_files(case: Case) -> None:
     assert set(range(17)) <= set(sizes)  # every tiny size, 0..16 bytes
     tiny_hashes = {s for f, s in case.gen.expected if s.startswith("Parity.Tiny-")}
     assert len(tiny_hashes) == 17  # one hash signature per tiny file, all found by offscan
+    found = {s for _, s in case.gen.expected}
+    assert {f"Parity.Big-{case.gen.seed}-{a}" for a in ("md5", "sha1", "sha256")} <= found
+    assert sum(s.startswith("Parity.TinyBody-") for s in found) >= 5
+    assert f"Parity.TinyLdb-{case.gen.seed}" in found
     assert {s for f, s in case.gen.clamav if s.startswith("Parity.Tiny-")} == {
         s for s in tiny_hashes if int(s.split("-")[2]) >= 6
     }  # ClamAV skips files of 5 bytes or fewer
