@@ -18,7 +18,7 @@ import itertools
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -161,6 +161,7 @@ class CorpusFile:
     size: int
     plants: list[Plant] = field(default_factory=list)
     data: bytes = b""
+    reserved: int = 4  # leading NUL bytes: ClamAV then takes the file for binary, not text
 
     def occupied(self) -> list[tuple[int, int]]:
         return [(p, p + len(b)) for pl in self.plants for p, b in pl.chunks]
@@ -174,13 +175,17 @@ class Generated:
     body: list[BodySig]
     hashes: list[HashSig]
     files: list[CorpusFile]
-    expected: set[tuple[str, str]]  # (file name, signature name)
+    expected: set[tuple[str, str]]  # (file name, signature name), as offscan must report
+    ldb: list[Any] = field(default_factory=list)  # sigsgen_ldb.LdbSig
+    clamav: set[tuple[str, str]] = field(default_factory=set)  # without files ClamAV skips
 
     def explain(self, fname: str, sig: str) -> str:
         for f in self.files:
             if f.name == fname:
-                plants = [p.describe() for p in f.plants if p.sig.name == sig]
+                plants = [p.describe() for p in f.plants if p.sig.name.split("/")[0] == sig]
                 line = next((s.line() for s in self.body if s.name == sig), None)
+                if line is None:
+                    line = next((s.line() for s in self.ldb if s.name == sig), None)
                 if line is None:
                     line = next((h.line for h in self.hashes if h.name == sig), "?")
                 return f"{fname} (size {f.size}) {sig}: {line}; plants: {plants or 'none'}"
@@ -432,7 +437,7 @@ class _Planter:
     def _fits(f: CorpusFile, chunks: list[tuple[int, bytes]]) -> bool:
         taken = f.occupied()
         for p, b in chunks:
-            if p < 0 or p + len(b) > f.size:
+            if p < f.reserved or p + len(b) > f.size:
                 return False
             for s, e in taken:
                 if p < e + 1 and s < p + len(b) + 1:
@@ -639,13 +644,60 @@ _SIZES = (  # corpus file sizes: small ones for hashes, 64 KiB-scale ones, up to
 )
 
 
-def generate(seed: int, dbdir: Path, corpus: Path, *, n_body: int = 60) -> Generated:
-    """Write ``parity.ndb/.hdb/.hsb`` into ``dbdir`` and the corpus files into ``corpus``."""
+def generate(
+    seed: int, dbdir: Path, corpus: Path, *, n_body: int = 60, n_ldb: int = 24
+) -> Generated:
+    """Write ``parity.ndb/.hdb/.hsb/.ldb`` into ``dbdir`` and the corpus files into ``corpus``."""
+    import sigsgen_ldb  # late: it imports this module
+
     rng = random.Random(seed)
     body = make_body_sigs(rng, seed, n_body)
     overlap = max(part_length(p) for s in body for p in s.parts) - 1
     files = [CorpusFile(f"f{i:02d}.bin", size(rng)) for i, size in enumerate(_SIZES)]
+    tiny = sigsgen_ldb.tiny_files()
     planter = _Planter(rng, overlap)
+    _plant_body(rng, planter, files, body)
+    ldb = sigsgen_ldb.make_ldb_sigs(rng, seed, n_ldb)
+    plan = sigsgen_ldb.plant_ldb(rng, planter, files, ldb)
+    tiny_body, tiny_ldb = sigsgen_ldb.plant_tiny(rng, seed, tiny, plan)
+    body += tiny_body
+    ldb += tiny_ldb
+    files += tiny
+    dbdir.mkdir(parents=True, exist_ok=True)
+    corpus.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        data = bytearray(rng.randbytes(f.size))
+        data[: f.reserved] = bytes(min(f.reserved, f.size))
+        for pl in f.plants:
+            for p, b in pl.chunks:
+                data[p : p + len(b)] = b
+        f.data = bytes(data)
+        (corpus / f.name).write_bytes(f.data)
+    hashes = _hash_sigs(rng, seed, files) + sigsgen_ldb.tiny_hash_sigs(seed, tiny)
+    hashes += sigsgen_ldb.big_hash_sigs(seed, files)
+    (dbdir / "parity.ndb").write_text("".join(s.line() + "\n" for s in body))
+    (dbdir / "parity.ldb").write_text("".join(s.line() + "\n" for s in ldb))
+    for suffix in (".hdb", ".hsb"):
+        (dbdir / f"parity{suffix}").write_text(
+            "".join(h.line + "\n" for h in hashes if h.suffix == suffix)
+        )
+    expected = {(f.name, pl.sig.name) for f in files for pl in f.plants if pl.positive}
+    for h in hashes:
+        for f in files:
+            if (h.size is None or h.size == f.size) and hashlib.new(
+                h.algorithm, f.data
+            ).hexdigest() == h.digest:
+                expected.add((f.name, h.name))
+    expected |= sigsgen_ldb.ldb_expected(files, ldb, plan)
+    sizes = {f.name: f.size for f in files}
+    clamav = {(n, s) for n, s in expected if sizes[n] >= sigsgen_ldb.CLAMAV_MIN_SIZE}
+    return Generated(seed, body, hashes, files, expected, ldb, clamav)
+
+
+def _plant_body(
+    rng: random.Random, planter: _Planter, files: list[CorpusFile], body: list[BodySig]
+) -> None:
+    """One or two positive instances of every body signature and up to two negative ones."""
     for i, sig in enumerate(body):
         order = files[:]
         rng.shuffle(order)
@@ -676,26 +728,3 @@ def generate(seed: int, dbdir: Path, corpus: Path, *, n_body: int = 60) -> Gener
                 if f.name not in used and planter.plant(f, sig, mode):
                     used.add(f.name)
                     break
-    dbdir.mkdir(parents=True, exist_ok=True)
-    corpus.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        data = bytearray(rng.randbytes(f.size))
-        for pl in f.plants:
-            for p, b in pl.chunks:
-                data[p : p + len(b)] = b
-        f.data = bytes(data)
-        (corpus / f.name).write_bytes(f.data)
-    hashes = _hash_sigs(rng, seed, files)
-    (dbdir / "parity.ndb").write_text("".join(s.line() + "\n" for s in body))
-    for suffix in (".hdb", ".hsb"):
-        (dbdir / f"parity{suffix}").write_text(
-            "".join(h.line + "\n" for h in hashes if h.suffix == suffix)
-        )
-    expected = {(f.name, pl.sig.name) for f in files for pl in f.plants if pl.positive}
-    for h in hashes:
-        for f in files:
-            if (h.size is None or h.size == f.size) and hashlib.new(
-                h.algorithm, f.data
-            ).hexdigest() == h.digest:
-                expected.add((f.name, h.name))
-    return Generated(seed, body, hashes, files, expected)

@@ -440,3 +440,86 @@ def test_default_database_has_eicar() -> None:
     (md5,) = [h for h in db.hashes if h.name == "Eicar-Test-Signature"]
     assert md5.digest == hashlib.md5(EICAR).digest() and md5.size == len(EICAR)
     assert db.not_applied == ()
+
+
+# -- hostile databases (issue 14 items 7 and 9, NEL) ---------------------------------------
+
+HUGE = "9" * 4400  # int() refuses strings of more than 4,300 digits with a plain ValueError
+
+
+@pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("t.ndb", f"S:{HUGE}:*:aabbcc"),
+        ("t.ndb", f"S:0:{HUGE}:aabbcc"),
+        ("t.ndb", f"S:0:1,{HUGE}:aabbcc"),
+        ("t.ndb", f"S:0:EOF-{HUGE}:aabbcc"),
+        ("t.ndb", f"S:0:*:aabb{{{HUGE}}}ccdd"),
+        ("t.ndb", f"S:0:*:aabb{{1-{HUGE}}}ccdd"),
+        ("t.ndb", f"S:0:*:aabb[{HUGE}-1]ccdd"),
+        ("t.ndb", f"S:0:*:aabbcc:{HUGE}"),
+        ("t.ndb", f"S:0:*:aabbcc:1:{HUGE}"),
+        ("t.ndb", f"S:1:{HUGE}:aabbcc"),
+        ("t.hdb", "aa" * 16 + f":{HUGE}:X"),
+        ("t.hdb", "aa" * 16 + f":1:X:{HUGE}"),
+        ("t.hsb", "aa" * 32 + f":{HUGE}:X"),
+        ("t.ldb", f"S;Target:{HUGE};0;aabbcc"),
+        ("t.ldb", f"S;Engine:{HUGE}-1,Target:0;0;aabbcc"),
+        ("t.ldb", f"S;Engine:51-255,Target:0,FileSize:1-{HUGE};0;aabbcc"),
+        ("t.ldb", f"S;Target:0;{HUGE};aabbcc"),
+        ("t.ldb", f"S;Target:0;0>{HUGE};aabbcc"),
+        ("t.ldb", f"S;Target:0;0>1,{HUGE};aabbcc"),
+        ("t.ldb", f"S;Target:0;0;{HUGE}:aabbcc"),
+        ("t.ldb", f"S;Target:0;0;aabb{{{HUGE}}}ccdd"),
+    ],
+)
+def test_huge_numbers_are_signature_errors_with_file_and_line(name: str, line: str) -> None:
+    with pytest.raises(SignatureError) as info:  # a bare ValueError would escape this
+        make_db("# first\n" + line, name=name)
+    assert str(info.value).startswith(f"{name}:2: ")
+    assert len(str(info.value)) < 300  # the number is not echoed back in full
+
+
+def test_numbers_at_the_limit_still_load() -> None:
+    big = str((1 << 63) - 1)
+    db = make_db(f"S:0:{big},{big}:aabb{{{big}}}ccdd")
+    assert db.body[0].offset == Offset("abs", (1 << 63) - 1, (1 << 63) - 1)
+    with pytest.raises(SignatureError, match="exceeds"):
+        make_db(f"S:0:{1 << 63}:aabbcc")
+
+
+def test_overlong_line_fails_fast_with_little_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "huge.ndb"
+    with open(path, "wb") as f:  # "S:0:*:" then 100 MB of one line (sparse: no disk used)
+        f.write(b"Ok:0:*:aabbcc\nS:0:*:")
+        f.truncate(100 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SignatureError, match=r"^huge\.ndb:2: line longer than"):
+            load_database(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB while refusing a 100 MB line"
+
+
+def test_overlong_line_in_text_is_refused() -> None:
+    from offscan.signatures import MAX_LINE_LENGTH
+
+    with pytest.raises(SignatureError, match=r"^t\.ndb:3: line of \d+ characters exceeds"):
+        make_db("A:0:*:aabbcc\n\nB:0:*:" + "ab" * MAX_LINE_LENGTH)
+
+
+@pytest.mark.parametrize("sep", ["\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\u2028"])
+def test_line_separators_other_than_newline_do_not_shift_line_numbers(sep: str) -> None:
+    db = make_db(f"# a{sep}b comment\nGood:0:*:aabbcc\r\nAlso:0:*:ddeeff\n")
+    assert [s.source for s in db.body] == ["t.ndb:2", "t.ndb:3"]
+    with pytest.raises(SignatureError, match=r"^t\.ndb:3: "):
+        make_db(f"A{sep}x:0:*:aabbcc\nB:0:*:ddeeff\nC:0:*:zz\n")
+
+
+def test_nel_inside_a_signature_name_is_kept() -> None:
+    (sig,) = make_db("N\x85L:0:*:aabbcc\n").body
+    assert sig.name == "N\x85L" and sig.source == "t.ndb:1"

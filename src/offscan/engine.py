@@ -130,7 +130,7 @@ class _Chain:
                     continue
             e = s + part_len[p]
             if k == nparts[sig] - 1 and sig in m._logic.all_hits:
-                self.hits.setdefault(sig, set()).add(e)  # counted: keep every match
+                m._logic.record(self.hits, sig, e, self.size)  # counted: every match, bounded
             elif k == nparts[sig] - 1:
                 matched[sig] = e
                 self.done[m._sig_parts[sig]] = 1  # no more hits of this signature are needed

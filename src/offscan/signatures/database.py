@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from collections.abc import Iterable
@@ -63,7 +64,22 @@ class PatternDB:
 
     @classmethod
     def from_text(cls, files: Iterable[tuple[str, str]]) -> PatternDB:
-        """Build from ``(filename, content)`` pairs; the suffix of each name picks the format."""
+        """Build from ``(filename, content)`` pairs; the suffix of each name picks the format.
+
+        The cyclic garbage collector is paused meanwhile: parsing makes millions of small
+        acyclic objects, and with a database already loaded (an appliance reloading) the
+        collections it triggers doubled the parse time (100k .ndb lines: 1.35 -> 0.6 s CPU).
+        """
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return cls._parse(files)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    @classmethod
+    def _parse(cls, files: Iterable[tuple[str, str]]) -> PatternDB:
         body: list[BodySignature] = []
         hashes: list[HashSignature] = []
         skipped: list[NotApplied] = []
@@ -100,8 +116,8 @@ class PatternDB:
         logical = []
         for p in parsed_logical:  # their body signatures go after every plain one
             first = len(body)
-            body.extend(b for _, b in p.bodies)
-            refs = tuple((first + k, sub) for k, (sub, _) in enumerate(p.bodies))
+            body.extend(b for _, b, _ in p.bodies)
+            refs = tuple((first + k, sub, eof) for k, (sub, _, eof) in enumerate(p.bodies))
             logical.append(
                 LogicalSignature(p.name, p.source, p.expression, p.subsigs, p.file_size, refs)
             )

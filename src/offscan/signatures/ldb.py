@@ -11,14 +11,14 @@ evaluated from which subsignatures matched and, where a count modifier needs it,
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import Literal
 
 from . import fields
 from .body import parse_body
 from .formats import flevel_reason
-from .model import Alt, BodySignature, NotApplied, Part, SignatureError
+from .model import Alt, BodySignature, NotApplied, Offset, Part, SignatureError
 
 MAX_SUBSIGS = 64  # ClamAV's limit
 MAX_DEPTH = 64  # parentheses; bounds the recursive parser and evaluator
@@ -65,14 +65,20 @@ Expr = Sub | Both | Either | Count
 @dataclass(frozen=True, slots=True)
 class LogicalSignature:
     """A parsed logical signature. ``bodies`` maps each body signature the engine matches for
-    it (an index into ``PatternDB.body``) to the subsignature it stands for."""
+    it (an index into ``PatternDB.body``) to the subsignature it stands for, and says whether
+    only a match ending at the end of the file counts (a fullword match at EOF)."""
 
     name: str
     source: str
     expression: Expr
     subsigs: int
     file_size: tuple[int, int] | None
-    bodies: tuple[tuple[int, int], ...]
+    bodies: tuple[tuple[int, int, bool], ...]
+
+    def count_cap(self) -> int:
+        """Matches per subsignature worth counting: one more than the largest number a count
+        modifier compares with (capping every count there changes no comparison)."""
+        return _max_count(self.expression) + 1
 
     def evaluate(self, counts: list[int], size: int, *, sized: bool = True) -> bool:
         """Whether the signature matches a file of ``size`` bytes (any size if not ``sized``)
@@ -81,7 +87,7 @@ class LogicalSignature:
         fs = self.file_size
         if sized and fs is not None and not fs[0] <= size <= fs[1]:
             return False
-        return _value(self.expression, counts) > 0
+        return _eval(self.expression, counts)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +98,7 @@ class ParsedLogical:
     source: str
     expression: Expr
     file_size: tuple[int, int] | None
-    bodies: tuple[tuple[int, BodySignature], ...]  # (subsignature, body signature)
+    bodies: tuple[tuple[int, BodySignature, bool], ...]  # (subsig, body, must end at EOF)
     subsigs: int
 
 
@@ -118,14 +124,14 @@ def parse_ldb_line(line: str, where: str) -> ParsedLogical | NotApplied:
             f"subsignatures 0..{max(used)}"
         )
     counted = _counted(expression, inside=False)
-    bodies: list[tuple[int, BodySignature]] = []
+    bodies: list[tuple[int, BodySignature, bool]] = []
     for i, text in enumerate(subsig_texts):
         sub_where = f"{where}: subsignature {i}"
         result = _parse_subsig(text, sub_where, name, target, all_hits=i in counted)
         if isinstance(result, str):
             skip = skip or result
         else:
-            bodies.extend((i, b) for b in result)
+            bodies.extend((i, b, at_eof) for b, at_eof in result)
     if target != 0:
         return NotApplied(name, where, f"target type {target} not applied")
     if skip:
@@ -239,16 +245,17 @@ class _Parser:
     def _expr(self, depth: int) -> Expr:
         if depth > MAX_DEPTH:
             raise SignatureError(f"{self.where}: nested deeper than {MAX_DEPTH}")
-        left = self._term(depth)
-        tok = self._peek()
-        if tok is None or tok[1] not in "&|":
-            return left
-        self.pos += 1
-        right = self._expr(depth + 1)
-        node = Both if tok[1] == "&" else Either
-        if isinstance(right, node):  # flatten a chain of one operator
-            return node((left, *right.operands))
-        return node((left, right))
+        terms, ops = [self._term(depth)], []
+        while (tok := self._peek()) is not None and tok[1] in ("&", "|"):
+            self.pos += 1
+            ops.append(tok[1])
+            terms.append(self._term(depth))
+        expr = terms[-1]  # fold from the right, without recursion: long chains are fine
+        for op, term in zip(reversed(ops), reversed(terms[:-1])):
+            node = Both if op == "&" else Either
+            rest = expr.operands if isinstance(expr, node) else (expr,)
+            expr = node((term, *rest))
+        return expr
 
     def _term(self, depth: int) -> Expr:
         tok = self._peek()
@@ -266,6 +273,12 @@ class _Parser:
             if close is None or close[1] != ")":
                 raise SignatureError(f"{self.where}: unbalanced '('")
             self.pos += 1
+            nxt = self._peek()
+            if nxt is not None and nxt[1] in "=><" and isinstance(atom, Sub | Count):
+                raise SignatureError(
+                    f"{self.where}: a count modifier on a group of one term; write 0=X, not "
+                    "(0)=X or ((0>1))=X (ClamAV refuses it too)"
+                )
         else:
             raise SignatureError(f"{self.where}: unexpected {tok[1]!r}")
         tok = self._peek()
@@ -294,37 +307,37 @@ def _counted(expr: Expr, *, inside: bool) -> set[int]:
     return out
 
 
-def _value(expr: Expr, counts: list[int]) -> int:
-    """Matches an expression generates (0: false). ``&`` needs every operand and adds their
-    counts, ``|`` adds them; a count modifier yields its operand's count (at least 1) when met."""
+def _max_count(expr: Expr) -> int:
     if isinstance(expr, Sub):
-        return counts[expr.index]
-    if isinstance(expr, Both):
-        total = 0
-        for child in expr.operands:
-            v = _value(child, counts)
-            if not v:
-                return 0
-            total += v
-        return total
-    if isinstance(expr, Either):
-        return sum(_value(child, counts) for child in expr.operands)
-    c = _value(expr.operand, counts)
-    ok = c == expr.x if expr.op == "=" else c > expr.x if expr.op == ">" else c < expr.x
-    if ok and expr.y is not None:
-        ok = sum(1 for i in _leaves(expr.operand) if counts[i]) >= expr.y
-    return max(c, 1) if ok else 0
-
-
-def _leaves(expr: Expr) -> set[int]:
-    if isinstance(expr, Sub):
-        return {expr.index}
+        return 0
     if isinstance(expr, Count):
-        return _leaves(expr.operand)
-    out: set[int] = set()
-    for child in expr.operands:
-        out |= _leaves(child)
-    return out
+        return max(expr.x, _max_count(expr.operand))
+    return max(_max_count(child) for child in expr.operands)
+
+
+def _eval(expr: Expr, counts: list[int]) -> tuple[bool, int, int]:
+    """(holds, matches, bitmask of distinct subsignatures) of an expression, as clamscan 1.4
+    computes them (measured, the documentation leaves it open): ``&`` and ``|`` add the
+    matches and join the subsignatures of their operands that hold; a count modifier yields
+    its operand's matches, and its subsignature when the operand is a single one (even if
+    that matched 0 times, as in ``0=0``) but none for a group."""
+    if isinstance(expr, Sub):
+        c = counts[expr.index]
+        return (c > 0, c, 1 << expr.index if c else 0)
+    if isinstance(expr, Both | Either):
+        held, total, ids = False, 0, 0
+        for child in expr.operands:
+            ok, c, d = _eval(child, counts)
+            if ok:
+                held, total, ids = True, total + c, ids | d
+            elif isinstance(expr, Both):
+                return (False, 0, 0)
+        return (held, total, ids) if held else (False, 0, 0)
+    _, c, d = _eval(expr.operand, counts)
+    ok = c == expr.x if expr.op == "=" else c > expr.x if expr.op == ">" else c < expr.x
+    if not ok or (expr.y is not None and d.bit_count() < expr.y):
+        return (False, 0, 0)
+    return (True, c, 1 << expr.operand.index if isinstance(expr.operand, Sub) else 0)
 
 
 # -- subsignatures -------------------------------------------------------------------------
@@ -334,8 +347,9 @@ _MODIFIERS = frozenset("iwaf")
 
 def _parse_subsig(
     text: str, where: str, name: str, target: int, *, all_hits: bool
-) -> list[BodySignature] | str:
-    """Body signatures for one subsignature, or the reason it cannot be applied."""
+) -> list[tuple[BodySignature, bool]] | str:
+    """Body signatures for one subsignature (each with its "must end at EOF" flag), or the
+    reason it cannot be applied."""
     if text.startswith("$"):
         return "macro subsignatures not supported"
     if "/" in text:
@@ -347,7 +361,7 @@ def _parse_subsig(
     tokens = text.split(":")
     mods = ""
     if len(tokens) in (3, 4):
-        if tokens[-2] != "" or not tokens[-1]:
+        if tokens[-2] != "":  # "hex::" (no modifiers) is accepted, as by ClamAV
             raise SignatureError(f"{where}: expected [Offset:]HexSignature[::Modifiers]")
         mods = tokens[-1]
         tokens = tokens[:-2]
@@ -360,20 +374,28 @@ def _parse_subsig(
     if set(mods) - _MODIFIERS:
         raise SignatureError(f"{where}: unknown modifier in {mods[:20]!r}; expected i, w, a, f")
     offset = fields.offset(offset_text.strip(), where, strict=target == 0)
-    if "f" in mods:
-        return "fullword (::f) subsignatures not supported"
+    if "f" in mods and "w" in mods and offset.kind != "any":
+        return "fullword wide (::wf) with an offset not supported"
+    if "f" in mods and offset.kind == "eof":
+        return "fullword (::f) with an EOF-relative offset not supported"
     hexsig = hexsig.strip()
     forms = []
     if "w" in mods:
         forms.append(_widen(hexsig, where))
     if "w" not in mods or "a" in mods:
         forms.append(hexsig)
-    out = []
-    for form in forms:
+    out: list[tuple[BodySignature, bool]] = []
+    for k, form in enumerate(forms):
+        wide = "w" in mods and k == 0
         parts, gaps = parse_body(form, where)
+        if mods and any(a.negated for p in parts for a in p.alts):
+            raise SignatureError(
+                f"{where}: a negated alternative cannot take ::{mods} (ClamAV refuses it too)"
+            )
         variants = _nocase(parts, where) if "i" in mods else [parts]
         for v in variants:
-            out.append(BodySignature(name, target, offset, v, gaps, where, all_hits=all_hits))
+            body = BodySignature(name, target, offset, v, gaps, where, all_hits=all_hits)
+            out.extend(_fullword(body, wide=wide) if "f" in mods else [(body, False)])
     if len(out) > MAX_VARIANTS:
         raise SignatureError(
             f"{where}: expands into {len(out)} body signatures (at most {MAX_VARIANTS})"
@@ -458,3 +480,75 @@ def _nocase_alt(alt: Alt, where: str) -> Alt:
             if len(options) > 256:
                 raise SignatureError(f"{where}: ::i alternative has too many case variants")
     return Alt(alt.offset, tuple(dict.fromkeys(options)), alt.negated)
+
+
+_ALNUM = tuple(
+    bytes([c]) for c in b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+
+
+# One byte next to a fullword match: (values byte, mask byte, alternative options, negated)
+_Byte = tuple[int, int, tuple[bytes, ...], bool]
+_ANY: _Byte = (0, 0, (), False)
+_NOT_ALNUM: _Byte = (0, 0, _ALNUM, True)
+_IS_ALNUM: _Byte = (0, 0, _ALNUM, False)
+_NOT_NUL: _Byte = (0, 0, (b"\0",), True)
+
+
+def _extend(part: Part, before: list[_Byte], after: list[_Byte]) -> Part:
+    """``part`` with constrained bytes added before and after it."""
+    n = len(before)
+    alts = [Alt(k, o, neg) for k, (_, _, o, neg) in enumerate(before) if o]
+    alts += [Alt(a.offset + n, a.options, a.negated) for a in part.alts]
+    alts += [Alt(n + part.length + k, o, neg) for k, (_, _, o, neg) in enumerate(after) if o]
+    values = bytes(v for v, _, _, _ in before) + part.values + bytes(v for v, _, _, _ in after)
+    masks = bytes(m for _, m, _, _ in before) + part.masks + bytes(m for _, m, _, _ in after)
+    return Part(values, masks, tuple(alts))
+
+
+def _fullword(body: BodySignature, *, wide: bool) -> list[tuple[BodySignature, bool]]:
+    """A fullword (``::f``) subsignature as several body signatures, one per way its match
+    can be delimited, as ClamAV's ``(W)`` marker does (measured with clamscan 1.4.6):
+
+    - ASCII: the byte before and the byte after are not letters or digits, or the match
+      touches the start / end of the file;
+    - wide: the 2-byte character before and after is not a letter or digit followed by NUL,
+      or the match starts at offset 0 or 1, or ends at EOF (or one non-alphanumeric byte
+      before it).
+
+    A match at the end of the file cannot be told by its start, so those variants count every
+    match and keep only one ending at EOF (the flag returned with each body)."""
+    off = body.offset
+    starts: list[tuple[Offset, list[_Byte]]]  # where the variant starts, bytes before
+    if wide:  # offsets other than "*" are refused by the caller
+        starts = [(off, [_NOT_ALNUM, _ANY]), (off, [_IS_ALNUM, _NOT_NUL])]
+        starts += [(Offset("abs", 0), [_ANY]), (Offset("abs", 0), [])]
+        ends: list[tuple[list[_Byte], bool]] = [
+            ([_NOT_ALNUM, _ANY], False),
+            ([_IS_ALNUM, _NOT_NUL], False),
+            ([_NOT_ALNUM], True),
+            ([], True),
+        ]
+    else:
+        ends = [([_NOT_ALNUM], False), ([], True)]
+        if off.kind == "any":
+            starts = [(off, [_NOT_ALNUM]), (Offset("abs", 0), [])]
+        elif off.n >= 1:
+            starts = [(Offset("abs", off.n - 1, off.span), [_NOT_ALNUM])]
+        else:
+            starts = [(Offset("abs", 0), [])]
+            if off.span:
+                starts.append((Offset("abs", 0, off.span - 1), [_NOT_ALNUM]))
+    out = []
+    for offset, before in starts:
+        for after, at_eof in ends:
+            parts = list(body.parts)
+            if len(parts) == 1:
+                parts[0] = _extend(parts[0], before, after)
+            else:
+                parts[0] = _extend(parts[0], before, [])
+                parts[-1] = _extend(parts[-1], [], after)
+            all_hits = body.all_hits or at_eof
+            variant = replace(body, offset=offset, parts=tuple(parts), all_hits=all_hits)
+            out.append((variant, at_eof))
+    return out

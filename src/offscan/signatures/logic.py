@@ -13,19 +13,38 @@ class LogicalIndex:
     """Lookups built once per Matcher so a scan touches only the logical signatures that some
     match concerns (plus those true when nothing matches, e.g. ``0=0``)."""
 
-    __slots__ = ("db", "parts", "all_hits", "owner", "always")
+    __slots__ = ("db", "parts", "all_hits", "owner", "always", "at_eof", "cap")
 
     def __init__(self, db: PatternDB) -> None:
         self.db = db
         self.owner: dict[int, tuple[int, int]] = {}  # body index -> (logical index, subsig)
+        at_eof = []
+        self.cap: dict[int, int] = {}  # body index -> match ends worth keeping
         for li, lg in enumerate(db.logical):
-            for body, sub in lg.bodies:
+            cap = lg.count_cap()
+            for body, sub, eof in lg.bodies:
                 self.owner[body] = (li, sub)
+                self.cap[body] = cap
+                if eof:
+                    at_eof.append(body)
+        self.at_eof = frozenset(at_eof)  # only a match ending at EOF counts
         self.parts = frozenset(self.owner)
         self.all_hits = frozenset(i for i in self.parts if db.body[i].all_hits)
         self.always = tuple(
             li for li, lg in enumerate(db.logical) if lg.evaluate([0] * lg.subsigs, 0, sized=False)
         )
+
+    def record(self, hits: dict[int, set[int]], body: int, end: int, size: int) -> None:
+        """Note a match of a counted body signature ending at ``end``. Memory stays bounded
+        whatever a file holds: past the largest count the expression compares with, more
+        matches change nothing, and a fullword-at-EOF variant only needs the match at EOF."""
+        if body in self.at_eof and end != size:
+            return
+        ends = hits.get(body)
+        if ends is None:
+            hits[body] = {end}
+        elif len(ends) < self.cap[body]:
+            ends.add(end)
 
     def named(self, matched: Mapping[int, int]) -> bool:
         """Whether a body signature reported under its own name matched."""
@@ -48,7 +67,8 @@ class LogicalIndex:
                 counts.setdefault(owner[0], [0] * self.db.logical[owner[0]].subsigs)[owner[1]] += 1
         for body, ends in hits.items():
             li, sub = self.owner[body]
-            counts.setdefault(li, [0] * self.db.logical[li].subsigs)[sub] += len(ends)
+            n = len(ends)
+            counts.setdefault(li, [0] * self.db.logical[li].subsigs)[sub] += n
         return [
             self.db.logical[li].name
             for li in sorted(counts)

@@ -1,0 +1,74 @@
+"""Database load time (issue 10: parser + table build at 100k signatures).
+
+Signatures are built at module level, seeded: 100k ``.ndb`` body signatures of 16-64 random
+bytes (one in ten with a wildcard, gap or alternative; some with offsets), 100k ``.hdb`` MD5
+signatures and 10k ``.ldb`` logical signatures of two or three subsignatures. Each benchmark
+parses the text into a PatternDB; ``test_bench_tables_100k`` builds the matcher tables from the
+parsed .ndb database, so the two sides of a load sit next to each other in one run.
+
+Run: ``python -m pytest bench/test_bench_signatures.py --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from offscan import PatternDB
+from offscan._tables import build_tables
+
+N = 100_000
+N_LDB = 10_000
+
+
+def _ndb(n: int) -> str:
+    rng = random.Random(1)
+    lines = []
+    for i in range(n):
+        body = rng.randbytes(rng.randint(16, 64)).hex()
+        if i % 10 == 0:
+            k = 2 * rng.randrange(4, len(body) // 2 - 4)
+            body = body[:k] + rng.choice(["??", "*", "{2-5}", "(aa|bb)"]) + body[k:]
+        offset = rng.choice(["*"] * 8 + ["0", "EOF-100"])
+        lines.append(f"Bench.Sig-{i}:0:{offset}:{body}")
+    return "\n".join(lines) + "\n"
+
+
+def _hdb(n: int) -> str:
+    return "".join(
+        f"{hashlib.md5(str(i).encode()).hexdigest()}:{i + 1}:Bench.Hash-{i}\n" for i in range(n)
+    )
+
+
+def _ldb(n: int) -> str:
+    rng = random.Random(2)
+    lines = []
+    for i in range(n):
+        subs = [rng.randbytes(rng.randint(8, 24)).hex() for _ in range(rng.choice((2, 3)))]
+        expr = "&".join(str(k) for k in range(len(subs)))
+        lines.append(f"Bench.Ldb-{i};Target:0;{expr};" + ";".join(subs))
+    return "\n".join(lines) + "\n"
+
+
+NDB, HDB, LDB = _ndb(N), _hdb(N), _ldb(N_LDB)
+NDB_DB = PatternDB.from_text([("bench.ndb", NDB)])
+
+
+def test_bench_parse_ndb_100k(benchmark) -> None:  # type: ignore[no-untyped-def]
+    db = benchmark.pedantic(PatternDB.from_text, ([("bench.ndb", NDB)],), rounds=3)
+    assert len(db.body) == N
+
+
+def test_bench_parse_hdb_100k(benchmark) -> None:  # type: ignore[no-untyped-def]
+    db = benchmark.pedantic(PatternDB.from_text, ([("bench.hdb", HDB)],), rounds=3)
+    assert len(db.hashes) == N
+
+
+def test_bench_parse_ldb_10k(benchmark) -> None:  # type: ignore[no-untyped-def]
+    db = benchmark.pedantic(PatternDB.from_text, ([("bench.ldb", LDB)],), rounds=3)
+    assert len(db.logical) == N_LDB
+
+
+def test_bench_tables_100k(benchmark) -> None:  # type: ignore[no-untyped-def]
+    tables = benchmark.pedantic(build_tables, (NDB_DB,), rounds=2)
+    assert tables.n_parts >= N
