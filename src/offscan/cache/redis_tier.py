@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ DEFAULT_LOCK_TTL = 3.0  # seconds a single-flight lock lives unless its holder r
 DEFAULT_RETRY = 1.0  # seconds between reconnect attempts
 DEFAULT_BATCH = 256  # keys per pipelined round trip
 DEFAULT_OUTBOX = 100_000  # verdicts waiting to be written; beyond that the oldest is dropped
+MAX_CLAIMS = 4096  # unused lookup claims kept before the stale ones are forgotten
 POLL_FIRST = 0.01  # seconds before a waiting appliance first looks at the winner's entry...
 POLL_MAX = 0.1  # ...doubling up to this between looks
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -61,6 +63,22 @@ SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
 # appliance took over must not be released by its previous holder.
 _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+# A lookup that, finding no entry, claims the content's lock in the same round trip: the
+# appliance that misses is the one about to judge it (see SharedTier.once).
+_LOOKUP = (
+    "local v = redis.call('get', KEYS[1]) "
+    "if v then return {v, 0} end "
+    "if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, 1} end "
+    "return {false, 0}"
+)
+# Take (or keep, if it holds our token) a content's lock, and read its entry.
+_ACQUIRE = (
+    "local v = redis.call('get', KEYS[1]) or false "
+    "local held = redis.call('get', KEYS[2]) "
+    "if held == ARGV[1] then redis.call('pexpire', KEYS[2], ARGV[2]) return {v, 1} end "
+    "if held then return {v, 0} end "
+    "redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2]) return {v, 1}"
 )
 _REFRESH = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
@@ -134,8 +152,8 @@ def _connect(url: str, timeout: float) -> Any:
     )
 
 
-def _getter(names: list[bytes]) -> Callable[[Any], list[Any]]:
-    return lambda p: [p.get(n) for n in names]
+def _looker(keys: list[tuple[EntryKey, str]], lock_ms: int) -> Callable[[Any], list[Any]]:
+    return lambda p: [p.eval(_LOOKUP, 2, k.name, k.lock, t, lock_ms) for k, t in keys]
 
 
 class SharedTier:
@@ -157,6 +175,8 @@ class SharedTier:
         self._outbox_lock = threading.Lock()  # publish() may be called from a worker thread
         self._write_task: asyncio.Task[None] | None = None
         self._held: set[bytes] = set()  # entries whose lock we hold: written on release
+        # Locks a lookup took on a miss (entry name -> token, when), for once() to use.
+        self._claims: dict[bytes, tuple[str, float]] = {}
         self._reconnect_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counts: dict[str, int] = dict.fromkeys(
@@ -239,12 +259,22 @@ class SharedTier:
             batch = [(k, f) for k, f in batch if not f.done()]
             if not batch:
                 continue
-            out = await self._call(_getter([k.name for k, _ in batch]))
+            tokens = [(k, os.urandom(16).hex()) for k, _ in batch]
+            out = await self._call(_looker(tokens, self._lock_ms))
             self.counts["keys_looked_up"] += len(batch)
+            now = time.monotonic()
             for i, (k, fut) in enumerate(batch):
-                v = self._accept(k, out[i]) if out is not None else None
+                v = None
+                if out is not None:
+                    raw, won = out[i]
+                    if won:
+                        self._claims[k.name] = (tokens[i][1], now)
+                    v = self._accept(k, raw)
                 if not fut.done():
                     fut.set_result(v)
+            if len(self._claims) > MAX_CLAIMS:  # claims nobody used (a request failed)
+                old = now - self.settings.lock_ttl
+                self._claims = {n: c for n, c in self._claims.items() if c[1] > old}
 
     def _accept(self, key: EntryKey, raw: Any) -> CachedVerdict | None:
         """The verdict in a value read from Redis (put into L1), or None if there is none or
@@ -273,13 +303,17 @@ class SharedTier:
         key = self.key(digest, size, version)
         token = os.urandom(16).hex()
         waited = False
-        while True:
+        claim = self._claims.pop(key.name, None)  # the lookup's claim: any request may use it
+        fresh = claim is not None and time.monotonic() - claim[1] < self.settings.lock_ttl / 2
+        if claim is not None:
+            token = claim[0]  # a stale claim may still be ours: _ACQUIRE checks
+        while not fresh:
             out = await self._call(
-                lambda p: [p.set(key.lock, token, nx=True, px=self._lock_ms), p.get(key.name)]
+                lambda p: [p.eval(_ACQUIRE, 2, key.name, key.lock, token, self._lock_ms)]
             )
             if out is None:
                 return await judge()
-            won, raw = bool(out[0]), out[1]
+            raw, won = out[0][0], bool(out[0][1])
             found = self._accept(key, raw) if raw is not None else None
             if found is not None:
                 if won:
