@@ -360,3 +360,37 @@ def base_sources() -> list[Path]:
     if not root.is_dir():
         root = Path(__file__).resolve().parents[1] / "patterns"
     return sorted(p for p in root.iterdir() if p.suffix in (".ndb", ".hdb"))
+
+
+def test_metrics_report_the_shared_tier(tmp_path: Path) -> None:
+    """``/metrics`` carries the tier's counters, whether Redis is up, and its outbox."""
+    import urllib.request
+
+    key = fleet_key(tmp_path / "fleet.key", KEY)
+    data = contents(3, size=4096)
+    root = tmp_path / "vm"
+    names = write_vm(root, data)
+    with redis_server(tmp_path / "redis") as redis:
+
+        async def main() -> str:
+            app = Appliance(
+                socket_path=str(tmp_path / "a.sock"),
+                cache_redis=redis.url,
+                cache_key=str(key),
+                metrics=("127.0.0.1", 0),
+            )
+            await app.start()
+            try:
+                await scan_all(tmp_path / "a.sock", "vm", root, names)
+                url = f"http://127.0.0.1:{app.metrics_port}/metrics"
+                return await asyncio.to_thread(
+                    lambda: urllib.request.urlopen(url, timeout=10).read().decode()
+                )
+            finally:
+                await app.stop()
+
+        text = run_async(main, timeout=60)
+    assert "offscan_shared_cache_up 1" in text
+    assert 'offscan_shared_cache_total{event="misses"} 3' in text
+    assert 'offscan_shared_cache_total{event="forged"} 0' in text
+    assert "offscan_shared_cache_outbox" in text
