@@ -394,3 +394,55 @@ def test_metrics_report_the_shared_tier(tmp_path: Path) -> None:
     assert 'offscan_shared_cache_total{event="misses"} 3' in text
     assert 'offscan_shared_cache_total{event="forged"} 0' in text
     assert "offscan_shared_cache_outbox" in text
+
+
+def _self_signed(d: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, made by openssl."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_rediss_url_speaks_tls(tmp_path: Path) -> None:
+    """``rediss://`` reaches a TLS-only redis-server, certificate checked against a CA."""
+    import subprocess
+
+    from fleet_support import REDIS, free_port
+
+    assert REDIS is not None
+    cert, pem = _self_signed(tmp_path)
+    port = free_port()
+    log = open(tmp_path / "redis-tls.log", "ab")
+    server = subprocess.Popen(
+        [REDIS, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"]
+        + ["--tls-cert-file", str(cert), "--tls-key-file", str(pem)]
+        + ["--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no", "--save", ""],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        key = fleet_key(tmp_path / "fleet.key", KEY)
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        data = contents(2, size=4096)
+        with fleet_appliances(tmp_path, url, key, 1) as (a,):
+            wait_for(lambda: status(a.sock)["shared_cache"]["state"] == "up", 30, "TLS up")
+            root = tmp_path / "vm"
+            names = write_vm(root, data)
+            got = run_async(scan_all(a.sock, "vm", root, names), timeout=60)
+            assert [v["status"] for v in got] == ["infected", "clean"]
+            wait_for(lambda: status(a.sock)["shared_cache"]["writes"] == 2, 30, "written")
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
