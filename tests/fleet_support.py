@@ -131,8 +131,22 @@ def fleet_key(path: Path, key: bytes = b"0123456789abcdef-fleet-key") -> Path:
     return path
 
 
+# Tests that count matches need Redis counted up throughout: a loaded CI machine may take
+# longer than the 0.25 s default for a round trip. Tests of a stall pass their own timeout
+# (argparse keeps the last one given).
+TEST_TIMEOUT = "5"
+
+
 def fleet_args(url: str, key: Path, *extra: str) -> tuple[str, ...]:
-    return ("--cache-redis", url, "--cache-key", str(key), *extra)
+    return (
+        "--cache-redis",
+        url,
+        "--cache-key",
+        str(key),
+        "--cache-redis-timeout",
+        TEST_TIMEOUT,
+        *extra,
+    )
 
 
 @contextlib.contextmanager

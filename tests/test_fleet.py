@@ -313,6 +313,7 @@ def test_revalidation_after_an_update_happens_once_across_the_fleet(tmp_path: Pa
                         state_dir=str(d / "state"),
                         cache_redis=redis.url,
                         cache_key=str(key),
+                        cache_redis_timeout=5.0,
                     )
                 )
             for app in apps:
@@ -377,6 +378,7 @@ def test_metrics_report_the_shared_tier(tmp_path: Path) -> None:
                 socket_path=str(tmp_path / "a.sock"),
                 cache_redis=redis.url,
                 cache_key=str(key),
+                cache_redis_timeout=5.0,
                 metrics=("127.0.0.1", 0),
             )
             await app.start()

@@ -53,6 +53,7 @@ DEFAULT_LOCK_TTL = 3.0  # seconds a single-flight lock lives unless its holder r
 DEFAULT_RETRY = 1.0  # seconds between reconnect attempts
 DEFAULT_BATCH = 256  # keys per pipelined round trip
 DEFAULT_OUTBOX = 100_000  # verdicts waiting to be written; beyond that the oldest is dropped
+FORGED_LOG_EVERY = 1000  # forged entries between two log lines about them
 MAX_CLAIMS = 4096  # unused lookup claims kept before the stale ones are forgotten
 POLL_FIRST = 0.01  # seconds before a waiting appliance first looks at the winner's entry...
 POLL_MAX = 0.1  # ...doubling up to this between looks
@@ -178,7 +179,6 @@ class SharedTier:
         # Locks a lookup took on a miss (entry name -> token, when), for once() to use.
         self._claims: dict[bytes, tuple[str, float]] = {}
         self._reconnect_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
         self.counts: dict[str, int] = dict.fromkeys(
             (
                 "hits",
@@ -216,10 +216,11 @@ class SharedTier:
         """Send what the outbox holds (one bounded try), stop the background tasks, close."""
         if self.up and self._outbox:
             await self._write_batch(len(self._outbox))
-        for t in [self._get_task, self._write_task, self._reconnect_task, *self._tasks]:
+        tasks = [self._get_task, self._write_task, self._reconnect_task]
+        for t in tasks:
             if t is not None:
                 t.cancel()
-        for t in [self._get_task, self._write_task, self._reconnect_task, *self._tasks]:
+        for t in tasks:
             if t is not None:
                 with contextlib.suppress(BaseException):
                     await t
@@ -285,7 +286,12 @@ class SharedTier:
         v = decode_entry(key, raw, self.settings.fleet_key)
         if v is None:
             self.counts["forged"] += 1
-            log.warning("ignored a shared cache entry that fails the fleet key check: %r", key.name)
+            if self.counts["forged"] % FORGED_LOG_EVERY == 1:  # a flood must not flood the log
+                log.warning(
+                    "ignored a shared cache entry that fails the fleet key check (%d so far): %r",
+                    self.counts["forged"],
+                    key.name,
+                )
             return None
         self.counts["hits"] += 1
         self._fill(v)
