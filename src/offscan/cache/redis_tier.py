@@ -54,6 +54,7 @@ DEFAULT_RETRY = 1.0  # seconds between reconnect attempts
 DEFAULT_BATCH = 256  # keys per pipelined round trip
 DEFAULT_OUTBOX = 100_000  # verdicts waiting to be written; beyond that the oldest is dropped
 FORGED_LOG_EVERY = 1000  # forged entries between two log lines about them
+SLOW_LIMIT = 3  # round trips in a row past the timeout that count Redis as down
 MAX_CLAIMS = 4096  # unused lookup claims kept before the stale ones are forgotten
 POLL_FIRST = 0.01  # seconds before a waiting appliance first looks at the winner's entry...
 POLL_MAX = 0.1  # ...doubling up to this between looks
@@ -153,6 +154,13 @@ def _connect(url: str, timeout: float) -> Any:
     )
 
 
+def _pair(item: Any) -> tuple[Any, bool]:
+    """A lookup script's ``[value or nil, won]``; a command error reads as an unreadable value."""
+    if isinstance(item, Exception):
+        return item, False
+    return item[0], bool(item[1])
+
+
 def _looker(keys: list[tuple[EntryKey, str]], lock_ms: int) -> Callable[[Any], list[Any]]:
     return lambda p: [p.eval(_LOOKUP, 2, k.name, k.lock, t, lock_ms) for k, t in keys]
 
@@ -179,6 +187,7 @@ class SharedTier:
         # Locks a lookup took on a miss (entry name -> token, when), for once() to use.
         self._claims: dict[bytes, tuple[str, float]] = {}
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._slow = 0  # round trips in a row that timed out
         self.counts: dict[str, int] = dict.fromkeys(
             (
                 "hits",
@@ -267,7 +276,7 @@ class SharedTier:
             for i, (k, fut) in enumerate(batch):
                 v = None
                 if out is not None:
-                    raw, won = out[i]
+                    raw, won = _pair(out[i])
                     if won:
                         self._claims[k.name] = (tokens[i][1], now)
                     v = self._accept(k, raw)
@@ -283,7 +292,7 @@ class SharedTier:
         if raw is None:
             self.counts["misses"] += 1
             return None
-        v = decode_entry(key, raw, self.settings.fleet_key)
+        v = None if isinstance(raw, Exception) else decode_entry(key, raw, self.settings.fleet_key)
         if v is None:
             self.counts["forged"] += 1
             if self.counts["forged"] % FORGED_LOG_EVERY == 1:  # a flood must not flood the log
@@ -319,7 +328,10 @@ class SharedTier:
             )
             if out is None:
                 return await judge()
-            raw, won = out[0][0], bool(out[0][1])
+            raw, won = _pair(out[0])
+            if isinstance(raw, Exception):  # the key holds something else: judge it here
+                self._accept(key, raw)
+                return await judge()
             found = self._accept(key, raw) if raw is not None else None
             if found is not None:
                 if won:
@@ -361,7 +373,7 @@ class SharedTier:
                 found = self._accept(key, out[0])
                 if found is not None:
                     return found
-            if not out[1]:
+            if isinstance(out[1], Exception) or not out[1]:
                 return None
 
     async def _keep_lock(self, key: EntryKey, token: str) -> None:
@@ -429,14 +441,17 @@ class SharedTier:
             batch = [self._outbox.popitem(last=False) for _ in range(min(n, len(self._outbox)))]
         if not batch:
             return True
-        if await self._call(lambda p: [p.set(k, v, px=self._ttl_ms) for k, v in batch]) is None:
+        out = await self._call(lambda p: [p.set(k, v, px=self._ttl_ms) for k, v in batch])
+        if out is None:
             with self._outbox_lock:  # back at the front, unless a newer verdict replaced one
                 for k, v in reversed(batch):
                     if k not in self._outbox:
                         self._outbox[k] = v
                         self._outbox.move_to_end(k, last=False)
             return False
-        self.counts["writes"] += len(batch)
+        failed = sum(isinstance(x, Exception) for x in out)  # e.g. Redis full (noeviction)
+        self.counts["errors"] += failed
+        self.counts["writes"] += len(batch) - failed
         return True
 
     # -- round trips and health ----------------------------------------------------------------
@@ -450,15 +465,23 @@ class SharedTier:
             async with asyncio.timeout(self.settings.timeout):
                 pipe = self._client.pipeline(transaction=False)
                 build(pipe)
-                out: list[Any] = await pipe.execute()
+                # A command's own error (a key of the wrong type...) is that command's
+                # answer, not an outage: it comes back in its place in the list.
+                out: list[Any] = await pipe.execute(raise_on_error=False)
         except _ERRORS as exc:
-            self._went_down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.counts["errors"] += 1
+            self.last_error = why
+            slow = isinstance(exc, TimeoutError) or type(exc).__name__ == "TimeoutError"
+            self._slow = self._slow + 1 if slow else SLOW_LIMIT
+            if self._slow >= SLOW_LIMIT:  # refused, reset, or slow several times running
+                self._went_down(why)
             return None
+        self._slow = 0
         self.counts["round_trips"] += 1
         return out
 
     def _went_down(self, why: str) -> None:
-        self.counts["errors"] += 1
         self.last_error = why
         if self.up or self._reconnect_task is None:
             self.counts["outages"] += 1
