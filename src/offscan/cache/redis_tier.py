@@ -161,6 +161,21 @@ def _pair(item: Any) -> tuple[Any, bool]:
     return item[0], bool(item[1])
 
 
+def _releaser(
+    batch: list[tuple[EntryKey, str]], values: list[bytes | None], ttl_ms: int
+) -> Callable[[Any], list[Any]]:
+    """Each lock's verdict (if it still waits) then the lock's compare-and-delete."""
+
+    def build(p: Any) -> list[Any]:
+        for (k, token), value in zip(batch, values, strict=True):
+            if value is not None:
+                p.set(k.name, value, px=ttl_ms)
+            p.eval(_RELEASE, 1, k.lock, token)
+        return []
+
+    return build
+
+
 def _looker(keys: list[tuple[EntryKey, str]], lock_ms: int) -> Callable[[Any], list[Any]]:
     return lambda p: [p.eval(_LOOKUP, 2, k.name, k.lock, t, lock_ms) for k, t in keys]
 
@@ -187,6 +202,8 @@ class SharedTier:
         # Locks a lookup took on a miss (entry name -> token, when), for once() to use.
         self._claims: dict[bytes, tuple[str, float]] = {}
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._releases: list[tuple[EntryKey, str]] = []  # locks to drop (see _release)
+        self._release_task: asyncio.Task[None] | None = None
         self._slow = 0  # round trips in a row that timed out
         self.counts: dict[str, int] = dict.fromkeys(
             (
@@ -222,10 +239,16 @@ class SharedTier:
             self._went_down(self.last_error or "no answer")
 
     async def close(self) -> None:
-        """Send what the outbox holds (one bounded try), stop the background tasks, close."""
+        """Send the releases and what the outbox holds (one bounded try), stop the background
+        tasks, close."""
+        busy = [t for t in (self._release_task, self._write_task) if t and not t.done()]
+        if busy:  # a batch in flight holds entries popped from the outbox: let it land
+            await asyncio.wait(busy, timeout=4 * self.settings.timeout)
+        if self.up and self._releases:
+            await self._drain_releases()
         if self.up and self._outbox:
             await self._write_batch(len(self._outbox))
-        tasks = [self._get_task, self._write_task, self._reconnect_task]
+        tasks = [self._get_task, self._write_task, self._reconnect_task, self._release_task]
         for t in tasks:
             if t is not None:
                 t.cancel()
@@ -382,20 +405,25 @@ class SharedTier:
             await self._call(lambda p: [p.eval(_REFRESH, 1, key.lock, token, self._lock_ms)])
 
     async def _release(self, key: EntryKey, token: str) -> None:
-        """Write this content's verdict if it still waits in the outbox, then drop the lock,
-        in one round trip: a waiting appliance finds the entry before it finds the lock gone."""
-        with self._outbox_lock:
-            value = self._outbox.pop(key.name, None)
+        """Queue the release of ``key``'s lock (the caller does not wait for it); releases
+        that pile up go out together, each with its verdict if that still waits in the
+        outbox, in one round trip: a waiting appliance finds the entry before the lock gone."""
+        self._releases.append((key, token))
+        if self._release_task is None or self._release_task.done():
+            self._release_task = asyncio.create_task(self._drain_releases())
 
-        def build(p: Any) -> list[Any]:
-            ops = [] if value is None else [p.set(key.name, value, px=self._ttl_ms)]
-            return [*ops, p.eval(_RELEASE, 1, key.lock, token)]
-
-        if await self._call(build) is None:
-            if value is not None:
-                self._queue(key.name, value)  # the lock expires by itself
-        elif value is not None:
-            self.counts["writes"] += 1
+    async def _drain_releases(self) -> None:
+        while self._releases:
+            batch = self._releases[: self.settings.batch]
+            del self._releases[: len(batch)]
+            with self._outbox_lock:
+                values = [self._outbox.pop(k.name, None) for k, _ in batch]
+            if await self._call(_releaser(batch, values, self._ttl_ms)) is None:
+                for (k, _), value in zip(batch, values, strict=True):
+                    if value is not None:
+                        self._queue(k.name, value)  # the locks expire by themselves
+            else:
+                self.counts["writes"] += sum(v is not None for v in values)
 
     # -- writes --------------------------------------------------------------------------------
 
