@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -194,6 +195,7 @@ class SharedTier:
         self.up = False
         self.last_error: str | None = None
         self._gets: list[tuple[EntryKey, asyncio.Future[CachedVerdict | None]]] = []
+        self._asked: dict[bytes, asyncio.Future[CachedVerdict | None]] = {}  # in flight
         self._get_task: asyncio.Task[None] | None = None
         self._outbox: OrderedDict[bytes, bytes] = OrderedDict()
         self._outbox_lock = threading.Lock()  # publish() may be called from a worker thread
@@ -277,11 +279,19 @@ class SharedTier:
         if not self.up:
             self.counts["skipped"] += 1
             return None
-        fut: asyncio.Future[CachedVerdict | None] = asyncio.get_running_loop().create_future()
-        self._gets.append((self.key(digest, size, version), fut))
-        if self._get_task is None or self._get_task.done():
-            self._get_task = asyncio.create_task(self._drain_gets())
-        return await fut
+        key = self.key(digest, size, version)
+        fut = self._asked.get(key.name)
+        if fut is None:  # one lookup per key at a time: the VMs of a host ask together
+            fut = asyncio.get_running_loop().create_future()
+            self._asked[key.name] = fut
+            fut.add_done_callback(functools.partial(self._forget_asked, key.name))
+            self._gets.append((key, fut))
+            if self._get_task is None or self._get_task.done():
+                self._get_task = asyncio.create_task(self._drain_gets())
+        return await asyncio.shield(fut)
+
+    def _forget_asked(self, name: bytes, _fut: object) -> None:
+        self._asked.pop(name, None)
 
     async def _drain_gets(self) -> None:
         """Send queued lookups, up to ``batch`` keys a round trip, until none are left; the
@@ -289,7 +299,7 @@ class SharedTier:
         while self._gets:
             batch = self._gets[: self.settings.batch]
             del self._gets[: len(batch)]
-            batch = [(k, f) for k, f in batch if not f.done()]
+            batch = [(k, f) for k, f in batch if not f.done()]  # (close() answered them)
             if not batch:
                 continue
             tokens = [(k, os.urandom(16).hex()) for k, _ in batch]
