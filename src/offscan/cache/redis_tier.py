@@ -177,6 +177,10 @@ def _releaser(
     return build
 
 
+def _acquirer(key: EntryKey, token: str, lock_ms: int) -> Callable[[Any], list[Any]]:
+    return lambda p: [p.eval(_ACQUIRE, 2, key.name, key.lock, token, lock_ms)]
+
+
 def _looker(keys: list[tuple[EntryKey, str]], lock_ms: int) -> Callable[[Any], list[Any]]:
     return lambda p: [p.eval(_LOOKUP, 2, k.name, k.lock, t, lock_ms) for k, t in keys]
 
@@ -351,14 +355,14 @@ class SharedTier:
         key = self.key(digest, size, version)
         token = os.urandom(16).hex()
         waited = False
-        claim = self._claims.pop(key.name, None)  # the lookup's claim: any request may use it
-        fresh = claim is not None and time.monotonic() - claim[1] < self.settings.lock_ttl / 2
-        if claim is not None:
-            token = claim[0]  # a stale claim may still be ours: _ACQUIRE checks
-        while not fresh:
-            out = await self._call(
-                lambda p: [p.eval(_ACQUIRE, 2, key.name, key.lock, token, self._lock_ms)]
-            )
+        while True:
+            claim = self._claims.pop(key.name, None)  # a lookup's claim: any request may use it
+            if claim is not None:
+                token = claim[0]  # a stale claim may still be ours: _ACQUIRE checks
+                if time.monotonic() - claim[1] < self.settings.lock_ttl / 2:
+                    self.counts["takeovers"] += waited
+                    break
+            out = await self._call(_acquirer(key, token, self._lock_ms))
             if out is None:
                 return await judge()
             raw, won = _pair(out[0])
@@ -376,7 +380,7 @@ class SharedTier:
                 break
             self.counts["lock_waits"] += 1
             waited = True
-            found = await self._wait(key)
+            found = await self._wait(digest, size, version)
             if found is not None:
                 self.counts["served_by_peer"] += 1
                 return found
@@ -392,22 +396,20 @@ class SharedTier:
                 await keeper
             await self._release(key, token)
 
-    async def _wait(self, key: EntryKey) -> CachedVerdict | None:
-        """Wait while another appliance holds ``key``'s lock: its verdict, or None once the
-        lock is gone without one (or Redis is)."""
+    async def _wait(self, digest: bytes, size: int, version: str) -> CachedVerdict | None:
+        """Wait while another appliance holds the content's lock, looking again (batched with
+        the other lookups) after 10 ms, doubling to 100 ms: its verdict; or None once the
+        lookup found the lock free and took it (a claim), or Redis is gone."""
+        name = self.key(digest, size, version).name
         pause = POLL_FIRST
         while True:
             await asyncio.sleep(pause)
             pause = min(2 * pause, POLL_MAX)
-            out = await self._call(lambda p: [p.get(key.name), p.exists(key.lock)])
-            if out is None:
+            if not self.up:
                 return None
-            if out[0] is not None:
-                found = self._accept(key, out[0])
-                if found is not None:
-                    return found
-            if isinstance(out[1], Exception) or not out[1]:
-                return None
+            found = await self.get(digest, size, version)
+            if found is not None or name in self._claims:
+                return found
 
     async def _keep_lock(self, key: EntryKey, token: str) -> None:
         while True:
