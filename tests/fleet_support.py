@@ -8,6 +8,7 @@ by the fixture or ``with`` block that started it.
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import signal
 import socket
@@ -22,10 +23,24 @@ REDIS = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(*, cluster: bool = False) -> int:
+    """A free TCP port on 127.0.0.1; with ``cluster``, one whose cluster bus port (+10000)
+    is free too (and below 65536)."""
+    if not cluster:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 50000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port pair for a Redis Cluster node")
 
 
 class RedisServer:
@@ -131,8 +146,22 @@ def fleet_key(path: Path, key: bytes = b"0123456789abcdef-fleet-key") -> Path:
     return path
 
 
+# Tests that count matches need Redis counted up throughout: a loaded CI machine may take
+# longer than the 0.25 s default for a round trip. Tests of a stall pass their own timeout
+# (argparse keeps the last one given).
+TEST_TIMEOUT = "5"
+
+
 def fleet_args(url: str, key: Path, *extra: str) -> tuple[str, ...]:
-    return ("--cache-redis", url, "--cache-key", str(key), *extra)
+    return (
+        "--cache-redis",
+        url,
+        "--cache-key",
+        str(key),
+        "--cache-redis-timeout",
+        TEST_TIMEOUT,
+        *extra,
+    )
 
 
 @contextlib.contextmanager

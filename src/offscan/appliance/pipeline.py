@@ -69,24 +69,41 @@ class PriorityGate:
 
     @contextlib.asynccontextmanager
     async def slot(self, prio: int) -> AsyncIterator[None]:
-        if self.active < self.limit and not self._waiters:
-            self.active += 1
-        else:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiters, (prio, next(self._seq), fut))
-            try:
-                await fut  # the releaser hands its slot over (active stays counted)
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    self._release()
-                else:
-                    self._waiters = [w for w in self._waiters if w[2] is not fut]
-                    heapq.heapify(self._waiters)
-                raise
+        await self._acquire(prio)
         try:
             yield
         finally:
             self._release()
+
+    @contextlib.asynccontextmanager
+    async def released(self, prio: int) -> AsyncIterator[None]:
+        """Inside :meth:`slot`: give the slot up while waiting on something that neither
+        reads nor matches (a round trip to the fleet's tier), then take one again."""
+        self._release()
+        try:
+            yield
+        finally:
+            try:
+                await self._acquire(prio)
+            except asyncio.CancelledError:
+                self.active += 1  # the enclosing slot() gives it back on the way out
+                raise
+
+    async def _acquire(self, prio: int) -> None:
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (prio, next(self._seq), fut))
+        try:
+            await fut  # the releaser hands its slot over (active stays counted)
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()
+            else:
+                self._waiters = [w for w in self._waiters if w[2] is not fut]
+                heapq.heapify(self._waiters)
+            raise
 
     def _release(self) -> None:
         while self._waiters:
@@ -314,7 +331,8 @@ class Pipeline:
             self.locations.add(digest, vm.name, path, ident)
             cached = self.cache.get(digest, size, eng.version)
             if cached is None and self.shared is not None:  # judged elsewhere in the fleet?
-                cached = await self.shared.get(digest, size, eng.version)
+                async with self.gate.released(prio):
+                    cached = await self.shared.get(digest, size, eng.version)
             if cached is None and eng.revalidation is not None:
                 cached = await self.revalidate(eng, digest, size, fd, ident)
                 if cached is not None:

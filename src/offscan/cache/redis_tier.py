@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,6 +54,9 @@ DEFAULT_LOCK_TTL = 3.0  # seconds a single-flight lock lives unless its holder r
 DEFAULT_RETRY = 1.0  # seconds between reconnect attempts
 DEFAULT_BATCH = 256  # keys per pipelined round trip
 DEFAULT_OUTBOX = 100_000  # verdicts waiting to be written; beyond that the oldest is dropped
+FORGED_LOG_EVERY = 1000  # forged entries between two log lines about them
+SLOW_LIMIT = 3  # round trips in a row past the timeout that count Redis as down
+MAX_CLAIMS = 4096  # unused lookup claims kept before the stale ones are forgotten
 POLL_FIRST = 0.01  # seconds before a waiting appliance first looks at the winner's entry...
 POLL_MAX = 0.1  # ...doubling up to this between looks
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -61,6 +66,22 @@ SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
 # appliance took over must not be released by its previous holder.
 _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+# A lookup that, finding no entry, claims the content's lock in the same round trip: the
+# appliance that misses is the one about to judge it (see SharedTier.once).
+_LOOKUP = (
+    "local v = redis.call('get', KEYS[1]) "
+    "if v then return {v, 0} end "
+    "if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, 1} end "
+    "return {false, 0}"
+)
+# Take (or keep, if it holds our token) a content's lock, and read its entry.
+_ACQUIRE = (
+    "local v = redis.call('get', KEYS[1]) or false "
+    "local held = redis.call('get', KEYS[2]) "
+    "if held == ARGV[1] then redis.call('pexpire', KEYS[2], ARGV[2]) return {v, 1} end "
+    "if held then return {v, 0} end "
+    "redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2]) return {v, 1}"
 )
 _REFRESH = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
@@ -134,8 +155,34 @@ def _connect(url: str, timeout: float) -> Any:
     )
 
 
-def _getter(names: list[bytes]) -> Callable[[Any], list[Any]]:
-    return lambda p: [p.get(n) for n in names]
+def _pair(item: Any) -> tuple[Any, bool]:
+    """A lookup script's ``[value or nil, won]``; a command error reads as an unreadable value."""
+    if isinstance(item, Exception):
+        return item, False
+    return item[0], bool(item[1])
+
+
+def _releaser(
+    batch: list[tuple[EntryKey, str]], values: list[bytes | None], ttl_ms: int
+) -> Callable[[Any], list[Any]]:
+    """Each lock's verdict (if it still waits) then the lock's compare-and-delete."""
+
+    def build(p: Any) -> list[Any]:
+        for (k, token), value in zip(batch, values, strict=True):
+            if value is not None:
+                p.set(k.name, value, px=ttl_ms)
+            p.eval(_RELEASE, 1, k.lock, token)
+        return []
+
+    return build
+
+
+def _acquirer(key: EntryKey, token: str, lock_ms: int) -> Callable[[Any], list[Any]]:
+    return lambda p: [p.eval(_ACQUIRE, 2, key.name, key.lock, token, lock_ms)]
+
+
+def _looker(keys: list[tuple[EntryKey, str]], lock_ms: int) -> Callable[[Any], list[Any]]:
+    return lambda p: [p.eval(_LOOKUP, 2, k.name, k.lock, t, lock_ms) for k, t in keys]
 
 
 class SharedTier:
@@ -152,13 +199,18 @@ class SharedTier:
         self.up = False
         self.last_error: str | None = None
         self._gets: list[tuple[EntryKey, asyncio.Future[CachedVerdict | None]]] = []
+        self._asked: dict[bytes, asyncio.Future[CachedVerdict | None]] = {}  # in flight
         self._get_task: asyncio.Task[None] | None = None
         self._outbox: OrderedDict[bytes, bytes] = OrderedDict()
         self._outbox_lock = threading.Lock()  # publish() may be called from a worker thread
         self._write_task: asyncio.Task[None] | None = None
         self._held: set[bytes] = set()  # entries whose lock we hold: written on release
+        # Locks a lookup took on a miss (entry name -> token, when), for once() to use.
+        self._claims: dict[bytes, tuple[str, float]] = {}
         self._reconnect_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._releases: list[tuple[EntryKey, str]] = []  # locks to drop (see _release)
+        self._release_task: asyncio.Task[None] | None = None
+        self._slow = 0  # round trips in a row that timed out
         self.counts: dict[str, int] = dict.fromkeys(
             (
                 "hits",
@@ -193,13 +245,20 @@ class SharedTier:
             self._went_down(self.last_error or "no answer")
 
     async def close(self) -> None:
-        """Send what the outbox holds (one bounded try), stop the background tasks, close."""
+        """Send the releases and what the outbox holds (one bounded try), stop the background
+        tasks, close."""
+        busy = [t for t in (self._release_task, self._write_task) if t and not t.done()]
+        if busy:  # a batch in flight holds entries popped from the outbox: let it land
+            await asyncio.wait(busy, timeout=4 * self.settings.timeout)
+        if self.up and self._releases:
+            await self._drain_releases()
         if self.up and self._outbox:
             await self._write_batch(len(self._outbox))
-        for t in [self._get_task, self._write_task, self._reconnect_task, *self._tasks]:
+        tasks = [self._get_task, self._write_task, self._reconnect_task, self._release_task]
+        for t in tasks:
             if t is not None:
                 t.cancel()
-        for t in [self._get_task, self._write_task, self._reconnect_task, *self._tasks]:
+        for t in tasks:
             if t is not None:
                 with contextlib.suppress(BaseException):
                     await t
@@ -224,11 +283,19 @@ class SharedTier:
         if not self.up:
             self.counts["skipped"] += 1
             return None
-        fut: asyncio.Future[CachedVerdict | None] = asyncio.get_running_loop().create_future()
-        self._gets.append((self.key(digest, size, version), fut))
-        if self._get_task is None or self._get_task.done():
-            self._get_task = asyncio.create_task(self._drain_gets())
-        return await fut
+        key = self.key(digest, size, version)
+        fut = self._asked.get(key.name)
+        if fut is None:  # one lookup per key at a time: the VMs of a host ask together
+            fut = asyncio.get_running_loop().create_future()
+            self._asked[key.name] = fut
+            fut.add_done_callback(functools.partial(self._forget_asked, key.name))
+            self._gets.append((key, fut))
+            if self._get_task is None or self._get_task.done():
+                self._get_task = asyncio.create_task(self._drain_gets())
+        return await asyncio.shield(fut)
+
+    def _forget_asked(self, name: bytes, _fut: object) -> None:
+        self._asked.pop(name, None)
 
     async def _drain_gets(self) -> None:
         """Send queued lookups, up to ``batch`` keys a round trip, until none are left; the
@@ -236,15 +303,25 @@ class SharedTier:
         while self._gets:
             batch = self._gets[: self.settings.batch]
             del self._gets[: len(batch)]
-            batch = [(k, f) for k, f in batch if not f.done()]
+            batch = [(k, f) for k, f in batch if not f.done()]  # (close() answered them)
             if not batch:
                 continue
-            out = await self._call(_getter([k.name for k, _ in batch]))
+            tokens = [(k, os.urandom(16).hex()) for k, _ in batch]
+            out = await self._call(_looker(tokens, self._lock_ms))
             self.counts["keys_looked_up"] += len(batch)
+            now = time.monotonic()
             for i, (k, fut) in enumerate(batch):
-                v = self._accept(k, out[i]) if out is not None else None
+                v = None
+                if out is not None:
+                    raw, won = _pair(out[i])
+                    if won:
+                        self._claims[k.name] = (tokens[i][1], now)
+                    v = self._accept(k, raw)
                 if not fut.done():
                     fut.set_result(v)
+            if len(self._claims) > MAX_CLAIMS:  # claims nobody used (a request failed)
+                old = now - self.settings.lock_ttl
+                self._claims = {n: c for n, c in self._claims.items() if c[1] > old}
 
     def _accept(self, key: EntryKey, raw: Any) -> CachedVerdict | None:
         """The verdict in a value read from Redis (put into L1), or None if there is none or
@@ -252,10 +329,15 @@ class SharedTier:
         if raw is None:
             self.counts["misses"] += 1
             return None
-        v = decode_entry(key, raw, self.settings.fleet_key)
+        v = None if isinstance(raw, Exception) else decode_entry(key, raw, self.settings.fleet_key)
         if v is None:
             self.counts["forged"] += 1
-            log.warning("ignored a shared cache entry that fails the fleet key check: %r", key.name)
+            if self.counts["forged"] % FORGED_LOG_EVERY == 1:  # a flood must not flood the log
+                log.warning(
+                    "ignored a shared cache entry that fails the fleet key check (%d so far): %r",
+                    self.counts["forged"],
+                    key.name,
+                )
             return None
         self.counts["hits"] += 1
         self._fill(v)
@@ -274,12 +356,19 @@ class SharedTier:
         token = os.urandom(16).hex()
         waited = False
         while True:
-            out = await self._call(
-                lambda p: [p.set(key.lock, token, nx=True, px=self._lock_ms), p.get(key.name)]
-            )
+            claim = self._claims.pop(key.name, None)  # a lookup's claim: any request may use it
+            if claim is not None:
+                token = claim[0]  # a stale claim may still be ours: _ACQUIRE checks
+                if time.monotonic() - claim[1] < self.settings.lock_ttl / 2:
+                    self.counts["takeovers"] += waited
+                    break
+            out = await self._call(_acquirer(key, token, self._lock_ms))
             if out is None:
                 return await judge()
-            won, raw = bool(out[0]), out[1]
+            raw, won = _pair(out[0])
+            if isinstance(raw, Exception):  # the key holds something else: judge it here
+                self._accept(key, raw)
+                return await judge()
             found = self._accept(key, raw) if raw is not None else None
             if found is not None:
                 if won:
@@ -291,7 +380,7 @@ class SharedTier:
                 break
             self.counts["lock_waits"] += 1
             waited = True
-            found = await self._wait(key)
+            found = await self._wait(digest, size, version)
             if found is not None:
                 self.counts["served_by_peer"] += 1
                 return found
@@ -307,22 +396,20 @@ class SharedTier:
                 await keeper
             await self._release(key, token)
 
-    async def _wait(self, key: EntryKey) -> CachedVerdict | None:
-        """Wait while another appliance holds ``key``'s lock: its verdict, or None once the
-        lock is gone without one (or Redis is)."""
+    async def _wait(self, digest: bytes, size: int, version: str) -> CachedVerdict | None:
+        """Wait while another appliance holds the content's lock, looking again (batched with
+        the other lookups) after 10 ms, doubling to 100 ms: its verdict; or None once the
+        lookup found the lock free and took it (a claim), or Redis is gone."""
+        name = self.key(digest, size, version).name
         pause = POLL_FIRST
         while True:
             await asyncio.sleep(pause)
             pause = min(2 * pause, POLL_MAX)
-            out = await self._call(lambda p: [p.get(key.name), p.exists(key.lock)])
-            if out is None:
+            if not self.up:
                 return None
-            if out[0] is not None:
-                found = self._accept(key, out[0])
-                if found is not None:
-                    return found
-            if not out[1]:
-                return None
+            found = await self.get(digest, size, version)
+            if found is not None or name in self._claims:
+                return found
 
     async def _keep_lock(self, key: EntryKey, token: str) -> None:
         while True:
@@ -330,20 +417,25 @@ class SharedTier:
             await self._call(lambda p: [p.eval(_REFRESH, 1, key.lock, token, self._lock_ms)])
 
     async def _release(self, key: EntryKey, token: str) -> None:
-        """Write this content's verdict if it still waits in the outbox, then drop the lock,
-        in one round trip: a waiting appliance finds the entry before it finds the lock gone."""
-        with self._outbox_lock:
-            value = self._outbox.pop(key.name, None)
+        """Queue the release of ``key``'s lock (the caller does not wait for it); releases
+        that pile up go out together, each with its verdict if that still waits in the
+        outbox, in one round trip: a waiting appliance finds the entry before the lock gone."""
+        self._releases.append((key, token))
+        if self._release_task is None or self._release_task.done():
+            self._release_task = asyncio.create_task(self._drain_releases())
 
-        def build(p: Any) -> list[Any]:
-            ops = [] if value is None else [p.set(key.name, value, px=self._ttl_ms)]
-            return [*ops, p.eval(_RELEASE, 1, key.lock, token)]
-
-        if await self._call(build) is None:
-            if value is not None:
-                self._queue(key.name, value)  # the lock expires by itself
-        elif value is not None:
-            self.counts["writes"] += 1
+    async def _drain_releases(self) -> None:
+        while self._releases:
+            batch = self._releases[: self.settings.batch]
+            del self._releases[: len(batch)]
+            with self._outbox_lock:
+                values = [self._outbox.pop(k.name, None) for k, _ in batch]
+            if await self._call(_releaser(batch, values, self._ttl_ms)) is None:
+                for (k, _), value in zip(batch, values, strict=True):
+                    if value is not None:
+                        self._queue(k.name, value)  # the locks expire by themselves
+            else:
+                self.counts["writes"] += sum(v is not None for v in values)
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -389,14 +481,17 @@ class SharedTier:
             batch = [self._outbox.popitem(last=False) for _ in range(min(n, len(self._outbox)))]
         if not batch:
             return True
-        if await self._call(lambda p: [p.set(k, v, px=self._ttl_ms) for k, v in batch]) is None:
+        out = await self._call(lambda p: [p.set(k, v, px=self._ttl_ms) for k, v in batch])
+        if out is None:
             with self._outbox_lock:  # back at the front, unless a newer verdict replaced one
                 for k, v in reversed(batch):
                     if k not in self._outbox:
                         self._outbox[k] = v
                         self._outbox.move_to_end(k, last=False)
             return False
-        self.counts["writes"] += len(batch)
+        failed = sum(isinstance(x, Exception) for x in out)  # e.g. Redis full (noeviction)
+        self.counts["errors"] += failed
+        self.counts["writes"] += len(batch) - failed
         return True
 
     # -- round trips and health ----------------------------------------------------------------
@@ -410,15 +505,23 @@ class SharedTier:
             async with asyncio.timeout(self.settings.timeout):
                 pipe = self._client.pipeline(transaction=False)
                 build(pipe)
-                out: list[Any] = await pipe.execute()
+                # A command's own error (a key of the wrong type...) is that command's
+                # answer, not an outage: it comes back in its place in the list.
+                out: list[Any] = await pipe.execute(raise_on_error=False)
         except _ERRORS as exc:
-            self._went_down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.counts["errors"] += 1
+            self.last_error = why
+            slow = isinstance(exc, TimeoutError) or type(exc).__name__ == "TimeoutError"
+            self._slow = self._slow + 1 if slow else SLOW_LIMIT
+            if self._slow >= SLOW_LIMIT:  # refused, reset, or slow several times running
+                self._went_down(why)
             return None
+        self._slow = 0
         self.counts["round_trips"] += 1
         return out
 
     def _went_down(self, why: str) -> None:
-        self.counts["errors"] += 1
         self.last_error = why
         if self.up or self._reconnect_task is None:
             self.counts["outages"] += 1

@@ -45,6 +45,8 @@ SHARED_KEYS = (
     "served_by_peer",
     "takeovers",
     "forged",
+    "skipped",
+    "outages",
 )
 
 
@@ -148,6 +150,7 @@ class FleetRun:
         if self.mode != "isolated":
             self.redis = RedisProc(self.rundir / "redis")
             await self.redis.wait()
+            self.procs.meter.add("redis", self.redis.p.pid)  # its CPU counts too
             key = self.rundir / "fleet.key"
             key.write_bytes(FLEET_KEY)
             extra = ["--cache-redis", self.redis.url, "--cache-key", str(key)]

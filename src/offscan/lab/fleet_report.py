@@ -127,8 +127,14 @@ def render_fleet_report(results: dict[str, Any], plots: list[str]) -> str:
             ("Redis keys looked up", ci["keys_looked_up"], cs["keys_looked_up"]),
             ("served by another appliance's verdict", ci["hits"], cs["hits"]),
             ("waited on another appliance's lock", ci["lock_waits"], cs["lock_waits"]),
+            ("lookups skipped (Redis counted down)", ci["skipped"], cs["skipped"]),
+            ("Redis outages (timeouts)", ci["outages"], cs["outages"]),
             ("time to protect, all VMs (s)", iso["time_to_protect_s"], sh["time_to_protect_s"]),
-            ("CPU seconds, all processes", iso["costs"]["cpu_s"], sh["costs"]["cpu_s"]),
+            (
+                "CPU seconds, all processes (Redis included)",
+                iso["costs"]["cpu_s"],
+                sh["costs"]["cpu_s"],
+            ),
         ]
         for name, a, b in rows:
             lines.append(f"| {name} | {_n(a)} | {_n(b)} | {_ratio(b, a)} |")

@@ -237,7 +237,11 @@ class Connection:
         previous: int | None = None
         ready: tuple[int, ShimClient] | None = None
         while True:
-            got = ready or await self._first_healthy(range(len(self.addresses)), errors)
+            order = list(range(len(self.addresses)))
+            if previous is not None and len(order) > 1:  # the one just lost goes last
+                order.remove(previous)
+                order.append(previous)
+            got = ready or await self._first_healthy(order, errors)
             ready = None
             if got is None:
                 await asyncio.sleep(delay)
