@@ -1,7 +1,7 @@
 # One obvious command for each job.
 PYTHON ?= python3
 
-.PHONY: test test-pure test-simd deps bench bench-quick bench-baseline bench-compare lint ci
+.PHONY: test test-pure test-simd deps bench bench-quick bench-baseline bench-compare lint ci fuzz
 GATE ?= min:15%
 # One perf baseline per kind of machine (CPU model, widest SIMD path, Python): a baseline only
 # means something on the machine kind that recorded it.
@@ -24,6 +24,10 @@ test-pure:       ## the whole suite again on the pure-Python twin (OFFSCAN_NO_EX
 
 test-simd:       ## the native-vs-twin tests on every SIMD path this CPU has (scalar forced)
 	OFFSCAN_SIMD=none $(PYTHON) -m pytest -q tests/test_twin.py tests/test_engine.py
+
+FUZZ_EXAMPLES ?= 5000
+fuzz:            ## the fuzz suites for longer (CI runs them bounded): FUZZ_EXAMPLES=N per property
+	OFFSCAN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest -q tests/test_fuzz*.py
 
 lint:            ## ruff (check + format) and mypy, zero errors
 	ruff check src tests bench scripts/bench-machine-id
