@@ -105,6 +105,7 @@ class Appliance:
             vault=self.vault,
             isolation_hook=cfg.isolation_hook,
             hook_timeout=cfg.hook_timeout,
+            released_file=cfg.state_file("released.json"),
         )
         self.verdicts = Verdicts(self.events, self.counters, self.actions, self.clock)
         self.memo = IdentityMemo()
@@ -141,6 +142,7 @@ class Appliance:
         self.started = self.clock.time()
         self.appliance_id = f"{socket.gethostname()}:{os.getpid()}"
         self.sessions: set[asyncio.Task[None]] = set()  # one per open connection
+        self.live_sessions: set[Session] = set()  # past their hello (policy pushes)
         self._background: set[asyncio.Task[None]] = set()
         self._servers: list[protocol.Server] = []
         self.tcp_port: int | None = None

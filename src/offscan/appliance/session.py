@@ -21,7 +21,15 @@ from . import limits
 from .common import RequestFailed, close_fds, log
 
 if TYPE_CHECKING:
-    from ..protocol.messages import ApplianceStatus, ErrorMessage, Pong, Verdict, Welcome
+    from ..protocol.messages import (
+        Adopt,
+        ApplianceStatus,
+        ErrorMessage,
+        PolicyUpdate,
+        Pong,
+        Verdict,
+        Welcome,
+    )
     from .control import Reply
     from .facade import Appliance
 
@@ -51,6 +59,7 @@ class Session:
         self.draining: dict[int, None] = {}
         self.stream_slots: set[int] = set()  # stream scans holding one of the client's slots
         self.controls: set[asyncio.Task[None]] = set()
+        self.shim: str | None = None  # who said hello
 
     async def run(self) -> None:
         conn = self.conn
@@ -63,6 +72,8 @@ class Session:
             admitted = True
             shim = await self._handshake()
             if shim is not None:
+                self.shim = shim
+                self.app.live_sessions.add(self)
                 await self._serve(shim)
         except protocol.ProtocolError as exc:
             self.app.counters.protocol_errors += 1
@@ -75,6 +86,7 @@ class Session:
         except Exception:  # never let one client take the appliance down
             log.exception("%s: internal error; closing connection", conn.peer)
         finally:
+            self.app.live_sessions.discard(self)
             for st in [*self.inflight.values(), *self.controls]:
                 st.cancel()
             for q in self.streams.values():  # wake stream threads at once: none outlives us
@@ -194,6 +206,11 @@ class Session:
         }
         with contextlib.suppress(ConnectionError, OSError, TimeoutError):
             await self._send(_frame(refused))
+
+    async def push(self, msg: PolicyUpdate | Adopt) -> None:
+        """Tell this session's shim, unasked, of a change to its VMs (best effort)."""
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError, protocol.ProtocolError):
+            await self._send(cast("dict[str, Any]", msg))
 
     async def _send(self, frame: dict[str, Any]) -> None:
         """Send one frame; a client that does not take it within three heartbeats stopped

@@ -50,6 +50,8 @@ __all__ = [
     "PatternSwap",
     "PatternsSource",
     "Ping",
+    "PolicyUpdate",
+    "Adopt",
     "Pong",
     "Priority",
     "Register",
@@ -97,6 +99,8 @@ MessageType = Literal[
     "credit",
     "ok",
     "verdict",
+    "policy",
+    "adopt",
 ]
 
 # What an ``error`` frame's ``code`` says. Senders use these; receivers accept any string, so
@@ -284,6 +288,25 @@ class Control(TypedDict):
 class Credit(TypedDict):
     t: Literal["credit"]
     n: int
+
+
+class PolicyUpdate(TypedDict):
+    """Appliance → the shim that owns ``vm``, unasked: the operator changed the VM's policy
+    (``offscan policy set``); ``policy`` is the new effective one (its ``fail_mode``...)."""
+
+    t: Literal["policy"]
+    vm: str
+    policy: dict[str, Any]
+
+
+class Adopt(TypedDict):
+    """Appliance → the shim that owns ``clone_of``, unasked: the operator cloned it
+    (``offscan vm clone``); the shim starts protecting the clone at once."""
+
+    t: Literal["adopt"]
+    vm: str
+    root: str
+    clone_of: str
 
 
 class Ok(TypedDict):
@@ -486,4 +509,6 @@ MESSAGES: dict[MessageType, tuple[type, ...]] = {
     "credit": (Credit,),
     "ok": (Ok,),
     "verdict": (Verdict,),
+    "policy": (PolicyUpdate,),
+    "adopt": (Adopt,),
 }

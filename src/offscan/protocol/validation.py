@@ -181,6 +181,8 @@ SCHEMAS: dict[str, _Schema] = {
     # appliance -> client
     "credit": _S({"n": _pos_int}, {}),
     "ok": _S({"id": _req_id}, {}),
+    "policy": _S({"vm": _name, "policy": _map}, {}),
+    "adopt": _S({"vm": _name, "root": _name, "clone_of": _name}, {}),
     "verdict": _S(
         {
             "id": _req_id,
