@@ -117,6 +117,7 @@ class Connection:
 
         client = ApplianceClient(self.address, shim_id=self.shim_id, secret=self.secret)
         client.on_adopt = self.on_adopt  # clones the operator makes of our VMs
+        client.policies = self.policies  # shared: the appliance pushes policy changes into it
         return client
 
     async def register(self, client: ShimClient, vm: _VM) -> None:

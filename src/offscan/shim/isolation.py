@@ -51,9 +51,7 @@ class FailClosed:
         return sorted(self._isolated)
 
     def _fail_mode(self, vm: _VM) -> str:
-        # the client's view is the freshest: the appliance pushes operator policy changes
-        pushed = getattr(self._link.client, "policies", None) or {}
-        policy = pushed.get(vm.name) or self._link.policies.get(vm.name) or vm.spec.policy or {}
+        policy = self._link.policies.get(vm.name) or vm.spec.policy or {}
         return str(policy.get("fail_mode", "open"))
 
     async def run(self) -> None:
