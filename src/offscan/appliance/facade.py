@@ -31,7 +31,7 @@ from .actions import Actions
 from .common import SYSTEM_CLOCK, Clock, log
 from .config import ApplianceConfig, ApplianceOptions
 from .inventory import Inventory, LocationIndex
-from .limits import ClientBudget
+from .limits import ClientBudget, DrainMeter
 from .patterns import Engine, Patterns, initial_engine, open_pattern_source
 from .pipeline import Pipeline, PriorityGate
 from .registry import Registry
@@ -98,6 +98,7 @@ class Appliance:
             vm_areas=cfg.vm_areas,
         )
         self.client_budget = ClientBudget(cfg.connections_per_client, cfg.streams_per_client)
+        self.drain = DrainMeter()
         self.actions = Actions(
             self.registry,
             self.counters,
@@ -202,6 +203,7 @@ class Appliance:
         )
         if self.patterns.update_client is not None:
             self._spawn(self.patterns.update_loop())
+        self._spawn(self.drain.run(self.clock, self.counters))
         if cfg.metrics:
             from ..metrics import start_metrics_server
 

@@ -60,16 +60,12 @@ class Session:
         self.stream_slots: set[int] = set()  # stream scans holding one of the client's slots
         self.controls: set[asyncio.Task[None]] = set()
         self.shim: str | None = None  # who said hello
+        self.admitted = False  # counted in the client's connections
 
     async def run(self) -> None:
         conn = self.conn
         budget = self.app.client_budget
-        admitted = False
         try:
-            if self.admin:
-                limits.check_operator(conn)
-            budget.admit_connection(self.client)
-            admitted = True
             shim = await self._handshake()
             if shim is not None:
                 self.shim = shim
@@ -92,7 +88,7 @@ class Session:
             for q in self.streams.values():  # wake stream threads at once: none outlives us
                 limits.abort_stream(q)
             self.streams.clear()
-            if admitted:
+            if self.admitted:
                 budget.release_connection(self.client)
             conn.close()
 
@@ -105,6 +101,12 @@ class Session:
             log.warning("%s: no hello within %.0f s", conn.peer, HANDSHAKE_TIMEOUT)
             return None
         close_fds(fds)
+        # Refusals come after the hello is read: closing on an unread frame would reset the
+        # connection before the client could read why.
+        if self.admin:
+            limits.check_operator(conn)
+        app.client_budget.admit_connection(self.client)
+        self.admitted = True
         if msg["t"] != "hello":
             raise protocol.ProtocolError("sequence", f"expected hello, got {msg['t']}")
         if msg.get("v") != protocol.PROTOCOL_VERSION:

@@ -159,7 +159,8 @@ def run_status(args: argparse.Namespace) -> int:
     if st.get("update_error"):
         print(f"          last update failed: {st['update_error']}")
     print(
-        f"queue     {st['queue_depth']} waiting, {st['in_flight']} in flight, {st['connections']} connection(s)"
+        f"queue     {st['queue_depth']} waiting, {st['in_flight']} in flight, "
+        f"draining {st.get('drain_rate', 0.0):g} verdicts/s, {st['connections']} connection(s)"
     )
     print(
         f"verdicts  {st['verdicts']}: {st['contents_matched']} contents matched, "

@@ -475,6 +475,7 @@ class StatusReport(Counters):
     locations: int
     vms: list[VMInfo]
     queue_depth: int
+    drain_rate: float  # verdicts per second over the last 10 s
     in_flight: int
     connections: int
     served_from_cache: int
