@@ -70,7 +70,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--poll", type=float, default=60.0, metavar="SECONDS", help="update poll interval"
     )
-    # -- hardening (issue 14): the operator's socket, where VM roots may be, client limits --
+    _add_hardening_arguments(p)
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(run=run)
+
+
+def _add_hardening_arguments(p: argparse.ArgumentParser) -> None:
+    """Issue 14: the operator's socket, where VM roots may be, per-client limits."""
     p.add_argument(
         "--admin-socket",
         metavar="PATH",
@@ -99,9 +106,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help=f"stream scans one client may have open (default {DEFAULT_STREAMS_PER_CLIENT})",
     )
-    p.add_argument("--ready-file", help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
