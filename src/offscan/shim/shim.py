@@ -220,11 +220,15 @@ class Shim:
 
     async def add_vm(self, spec: VMSpec) -> None:
         """Protect one more VM while running: register it, walk its root, watch it. The same
-        VM again (same root: e.g. a clone the appliance already had this shim adopt) is a
-        no-op; another VM under a name already protected is a ValueError."""
+        VM again (same root, master and policy: e.g. a clone the appliance already had this
+        shim adopt) is a no-op; anything else under a name already protected is a ValueError."""
         known = self._vms.get(spec.name)
         if known is not None:
-            if os.path.realpath(known.spec.root) == os.path.realpath(spec.root):
+            same_root = os.path.realpath(known.spec.root) == os.path.realpath(spec.root)
+            if same_root and (known.spec.clone_of, known.spec.policy) == (
+                spec.clone_of,
+                spec.policy,
+            ):
                 return
             raise ValueError(f"VM {spec.name!r} is already protected by this shim")
         vm = _VM(spec)
