@@ -87,14 +87,17 @@ class ClientBudget:
     connections: Counter[str] = field(default_factory=Counter)
     streams: Counter[str] = field(default_factory=Counter)
 
-    def admit_connection(self, client: str) -> None:
-        """Count a new connection; fatal ``backpressure`` over the limit."""
+    def admit_connection(self, client: str) -> bool:
+        """Count a new connection (from its accept, before any hello); False over the limit."""
         if self.connections[client] >= self.max_connections:
-            raise protocol.ProtocolError(
-                "backpressure",
-                f"{client} already holds {self.max_connections} connections (the limit)",
-            )
+            return False
         self.connections[client] += 1
+        return True
+
+    def refusal(self, client: str) -> protocol.ProtocolError:
+        return protocol.ProtocolError(
+            "backpressure", f"{client} already holds {self.max_connections} connections (the limit)"
+        )
 
     def release_connection(self, client: str) -> None:
         self.connections[client] -= 1

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .facade import Appliance
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds
+REFUSAL_TIMEOUT = 1.0  # seconds a connection over its client's limit may take to say hello
 STREAM_QUEUE_CHUNKS = 8  # chunk frames buffered per stream (at most 2 MiB)
 MAX_CONTROLS = 4  # operator commands running at once per connection; the next one waits
 MAX_DRAINING = 1024  # answered streams whose remaining chunks are still being discarded
@@ -65,6 +66,7 @@ class Session:
     async def run(self) -> None:
         conn = self.conn
         budget = self.app.client_budget
+        self.admitted = budget.admit_connection(self.client)  # counted from accept
         try:
             shim = await self._handshake()
             if shim is not None:
@@ -95,18 +97,20 @@ class Session:
     async def _handshake(self) -> str | None:
         """The shim id from a valid ``hello`` (answered with ``welcome``); None on timeout."""
         conn, app = self.conn, self.app
+        # Over its connection limit, a client gets a second to say hello and hear why.
+        wait = HANDSHAKE_TIMEOUT if self.admitted else REFUSAL_TIMEOUT
         try:
-            msg, fds = await asyncio.wait_for(conn.recv(), timeout=HANDSHAKE_TIMEOUT)
+            msg, fds = await asyncio.wait_for(conn.recv(), timeout=wait)
         except TimeoutError:
-            log.warning("%s: no hello within %.0f s", conn.peer, HANDSHAKE_TIMEOUT)
+            log.warning("%s: no hello within %.0f s", conn.peer, wait)
             return None
         close_fds(fds)
         # Refusals come after the hello is read: closing on an unread frame would reset the
         # connection before the client could read why.
         if self.admin:
             limits.check_operator(conn)
-        app.client_budget.admit_connection(self.client)
-        self.admitted = True
+        if not self.admitted:
+            raise app.client_budget.refusal(self.client)
         if msg["t"] != "hello":
             raise protocol.ProtocolError("sequence", f"expected hello, got {msg['t']}")
         if msg.get("v") != protocol.PROTOCOL_VERSION:
