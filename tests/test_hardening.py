@@ -498,3 +498,28 @@ async def _status_of(app: object) -> dict[str, object]:
         return dict(await c.status())
     finally:
         await c.close()
+
+
+def test_registrations_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from offscan.appliance import limits
+
+    monkeypatch.setattr(limits, "MAX_VMS", 2)
+    roots = [tmp_path / f"vm{i}" for i in range(3)]
+    for r in roots:
+        r.mkdir()
+
+    async def scenario() -> str:
+        async with appliance(tmp_path) as app:
+            c = ApplianceClient(str(app.config.socket_path), shim_id="s")
+            await c.connect()
+            try:
+                await c.register("vm0", str(roots[0]))
+                await c.register("vm1", str(roots[1]))
+                await c.register("vm1", str(roots[1]))  # again: not a new VM
+                with pytest.raises(RequestError) as ei:
+                    await c.register("vm2", str(roots[2]))
+                return ei.value.code
+            finally:
+                await c.close()
+
+    assert run_async(scenario) == "backpressure"

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CONNECTIONS_PER_CLIENT = 64  # open connections one uid / one address may hold
 DEFAULT_STREAMS_PER_CLIENT = 32  # stream scans one client may have waiting for chunks
+MAX_VMS = 100_000  # registered VMs (the inventory, rewritten on every change, stays bounded)
 
 NOT_ADMIN = (
     "operator commands are accepted only on the appliance's admin socket "

@@ -254,6 +254,10 @@ class Session:
                 return
             reply: Reply  # ``ok`` plus the request's own keys
             if t == "register":
+                if msg["vm"] not in app.inventory.vms and len(app.inventory.vms) >= limits.MAX_VMS:
+                    raise RequestFailed(
+                        "backpressure", f"the appliance holds {limits.MAX_VMS} VMs (the limit)"
+                    )
                 reply = app.registry.register(
                     shim, msg["vm"], msg["root"], msg.get("policy") or {}, msg.get("clone_of")
                 )
