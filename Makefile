@@ -1,7 +1,7 @@
 # One obvious command for each job.
 PYTHON ?= python3
 
-.PHONY: test test-pure test-simd deps bench bench-quick bench-baseline bench-compare lint ci
+.PHONY: test test-pure test-simd deps bench bench-quick bench-baseline bench-compare lint ci fuzz
 GATE ?= min:15%
 # One perf baseline per kind of machine (CPU model, widest SIMD path, Python): a baseline only
 # means something on the machine kind that recorded it.
@@ -27,6 +27,10 @@ test-simd:       ## the native-vs-twin tests with each SIMD path this CPU has as
 	  echo "== OFFSCAN_SIMD=$$simd"; \
 	  OFFSCAN_SIMD=$$simd $(PYTHON) -m pytest -q tests/test_twin.py tests/test_engine.py || exit 1; \
 	done
+
+FUZZ_EXAMPLES ?= 5000
+fuzz:            ## the fuzz suites for longer (CI runs them bounded): FUZZ_EXAMPLES=N per property
+	OFFSCAN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest -q tests/test_fuzz*.py
 
 lint:            ## ruff (check + format) and mypy, zero errors
 	ruff check src tests bench scripts/bench-machine-id

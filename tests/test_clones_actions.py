@@ -105,8 +105,9 @@ def test_100_clones_inherit_verdicts_unread(tmp_path):
         )
         assert after["contents_matched"] == base["contents_matched"]
         assert after["served_clone"] >= 100 * 1000
-        # every clone got verdicts after its registration (time to first verdict: bench/ and lab)
-        assert all(first[n] >= registered[n] for n in clones)
+        # every clone got verdicts (the shim adopts them when the appliance clones its master,
+        # so they may come before add_vm; time to first verdict: bench/ and lab)
+        assert all(n in first for n in clones) and set(registered) == set(clones)
         assert final["contents_matched"] == after["contents_matched"] + 1
         assert sources[("clone-42", "dir3/file0003.bin")] == "scan"
         assert not any(

@@ -10,6 +10,7 @@ client. Hang guards are generous timeouts, never assertions about speed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -160,12 +161,15 @@ def test_a_stream_that_never_sends_a_chunk_is_an_error_not_a_traceback(
                 await hello(c, "slow")
                 await request(c, {"t": "register", "id": 1, "vm": "a", "root": str(root)})
                 await c.send(_stream(2, "a"))
-                while True:
-                    reply, _ = await c.recv()
+                for beat in itertools.count(1000):  # stay alive (pings), send no chunk
+                    try:
+                        reply, _ = await asyncio.wait_for(c.recv(), 0.05)
+                    except TimeoutError:
+                        await c.send({"t": "ping", "id": beat})
+                        continue
                     if reply.get("id") == 2:
                         return reply
-                    if reply["t"] == "ping":
-                        await c.send({"t": "pong", "id": reply["id"]})
+                raise AssertionError("unreachable")
             finally:
                 c.close()
 
@@ -453,3 +457,69 @@ def test_files_over_the_size_limit_are_refused_before_being_read(tmp_path: Path)
 def test_protocol_error_codes_are_documented() -> None:
     # "auth" now also answers an operator command off the admin socket
     assert {"auth", "backpressure", "confined"} <= protocol.ERROR_CODES
+
+
+# -- a flood drains with bounded memory; status reports the drain rate ------------------------
+
+
+def test_status_reports_the_drain_rate(tmp_path: Path) -> None:
+    root = tmp_path / "vm"
+    root.mkdir()
+    for i in range(40):
+        (root / f"f{i}").write_bytes(os.urandom(64))
+
+    async def scenario() -> tuple[float, float, dict[str, int]]:
+        async with appliance(tmp_path) as app:
+            idle = (await _status_of(app))["drain_rate"]
+            c = ApplianceClient(str(app.config.socket_path), shim_id="s")
+            await c.connect()
+            try:
+                await c.register("vm", str(root))
+                await asyncio.gather(*(c.scan_path("vm", f"f{i}") for i in range(40)))
+            finally:
+                await c.close()
+            await async_wait_for(lambda: app.drain.rate() > 0, 20)
+            bounds = {
+                "memo": app.memo.max_entries,
+                "locations": app.locations.max_entries,
+            }
+            return idle, (await _status_of(app))["drain_rate"], bounds
+
+    idle, busy, bounds = run_async(scenario, timeout=60)
+    assert idle == 0.0 and busy > 0
+    assert all(0 < v <= 1_000_000 for v in bounds.values())  # what a flood can grow, capped
+
+
+async def _status_of(app: object) -> dict[str, object]:
+    sock = admin_socket_for(str(app.config.socket_path))  # type: ignore[attr-defined]
+    c = ApplianceClient(sock, shim_id="operator")
+    await c.connect()
+    try:
+        return dict(await c.status())
+    finally:
+        await c.close()
+
+
+def test_registrations_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from offscan.appliance import limits
+
+    monkeypatch.setattr(limits, "MAX_VMS", 2)
+    roots = [tmp_path / f"vm{i}" for i in range(3)]
+    for r in roots:
+        r.mkdir()
+
+    async def scenario() -> str:
+        async with appliance(tmp_path) as app:
+            c = ApplianceClient(str(app.config.socket_path), shim_id="s")
+            await c.connect()
+            try:
+                await c.register("vm0", str(roots[0]))
+                await c.register("vm1", str(roots[1]))
+                await c.register("vm1", str(roots[1]))  # again: not a new VM
+                with pytest.raises(RequestError) as ei:
+                    await c.register("vm2", str(roots[2]))
+                return ei.value.code
+            finally:
+                await c.close()
+
+    assert run_async(scenario) == "backpressure"

@@ -118,6 +118,8 @@ SAMPLES: list[dict[str, Any]] = [
     {"t": "bye"},
     {"t": "control", "id": 12, "op": "vm-list", "args": {"name": "vm1"}},
     {"t": "ok", "id": 2, "vm": "vm1", "root": "/srv/vms/vm1"},
+    {"t": "policy", "vm": "vm1", "policy": {"fail_mode": "closed"}},
+    {"t": "adopt", "vm": "vm1-clone001", "root": "/srv/vms/vm1-clone001", "clone_of": "vm1"},
     VERDICT,
     {**VERDICT, "status": "clean", "matches": [], "action": "allow", "source": "identity"},
     {

@@ -73,6 +73,8 @@ class Agent:
             updates=updates,
             trust=trust,
             poll=poll,
+            # the agent's own VM is the one root it scans: its directory is the only VM area
+            vm_areas=(os.path.dirname(os.path.realpath(vm.root)) or "/",),
         )
         self.shim = Shim(self.socket_path, [vm], shim_id=f"agent-{vm.name}", on_verdict=on_verdict)
 

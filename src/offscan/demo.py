@@ -78,6 +78,8 @@ def _start_appliance(
             str(ready),
             "--policies",
             str(policy),
+            "--vm-area",  # the demo's VMs live in its work directory
+            str(ready.parent.resolve()),
         ],
         stdout=logf,
         stderr=subprocess.STDOUT,

@@ -10,13 +10,16 @@ It touches VM files only through the vault.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shlex
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from .._fsutil import atomic_write
 from .common import log
 from .inventory import VMRecord
 from .registry import Registry
@@ -52,6 +55,27 @@ def _threat_rank(tag: str) -> int:
     return _THREATS.index(level) if level in _THREATS else len(_THREATS)
 
 
+class Released:
+    """(VM, content digest) pairs the operator restored from quarantine into that VM: their
+    detections there are allowed, so a restore is not undone by the next scan of the file
+    (or of the temporary file it is written through). Kept in ``STATE/released.json``."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.pairs: set[tuple[str, str]] = set()
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                self.pairs = {(str(v), str(d)) for v, d in json.loads(path.read_text())}
+
+    def add(self, vm: str, digest: str) -> None:
+        self.pairs.add((vm, digest))
+        if self.path is not None:  # durable: the operator's decision must survive a restart
+            atomic_write(self.path, json.dumps(sorted(self.pairs)), fsync=True, mode=0o600)
+
+    def has(self, vm: str, digest: str) -> bool:
+        return (vm, digest) in self.pairs
+
+
 class Actions:
     """Policy actions, VM tags and the isolation hook."""
 
@@ -64,7 +88,9 @@ class Actions:
         vault: Vault | None = None,
         isolation_hook: str | None = None,
         hook_timeout: float = 10.0,
+        released_file: Path | None = None,
     ) -> None:
+        self.released = Released(released_file)
         self.registry = registry
         self.counters = counters
         self.pool = pool
@@ -73,10 +99,22 @@ class Actions:
         self.hook_timeout = hook_timeout
 
     async def act(
-        self, vm: VMRecord, path: str, matches: Sequence[str], ino: int | None
+        self,
+        vm: VMRecord,
+        path: str,
+        matches: Sequence[str],
+        ino: int | None,
+        *,
+        digest: bytes | None = None,
     ) -> tuple[VerdictAction, ActionNotes]:
-        """Actions in policy order, the first that succeeds wins; then tags and the hook."""
+        """Actions in policy order, the first that succeeds wins; then tags and the hook.
+        Content the operator restored from quarantine into this VM is allowed, untouched."""
         extra: ActionNotes = {}
+        if digest is not None and self.released.has(vm.name, digest.hex()):
+            log.info(
+                "VM %s: %s matches %s but was restored by the operator", vm.name, path, matches
+            )
+            return "allow", extra
         action: VerdictAction = "deny"
         for act in self.registry.effective_policy(vm)["actions"]:
             if act == "pass":

@@ -9,6 +9,7 @@ delete, on the scan pool) and, for ``vm-clone``, create clone directories under 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -125,8 +126,9 @@ async def clone(
     clock, vms = app.clock, app.inventory.vms
     made, t0 = [], clock.monotonic()
     totals = {"files": 0, "inherited": 0, "bytes_copied": 0, "reflinked": 0}
-    for i in range(1, count + 1):
-        name = f"{prefix}{i:03d}" if not prefix.endswith("-") else f"{prefix}{i}"
+    first = _next_clone_number(vms, prefix, into)  # numbering continues after earlier clones
+    for i in range(first, first + count):
+        name = _clone_name(prefix, i)
         if name in vms:
             raise RequestFailed("conflict", f"VM {name!r} already exists")
         dest = os.path.join(os.path.realpath(into), name)
@@ -141,6 +143,7 @@ async def clone(
         vms[name] = VMRecord(name, dest, None, {}, base.name)
         made.append({"name": name, "root": dest, "files": st.files, "inherited": st.inherited})
     app.inventory.save()
+    await _offer_clones(app, base, made)
     secs = clock.monotonic() - t0
     log.info(
         "cloned %s x%d into %s in %.2f s (%d files, %d inherit verdicts)",
@@ -152,6 +155,36 @@ async def clone(
         totals["inherited"],
     )
     return {"base": base.name, "clones": made, "seconds": round(secs, 3), **totals}
+
+
+def _clone_name(prefix: str, i: int) -> str:
+    return f"{prefix}{i:03d}" if not prefix.endswith("-") else f"{prefix}{i}"
+
+
+def _next_clone_number(vms: Mapping[str, VMRecord], prefix: str, into: str) -> int:
+    """1, or one past the highest number an existing clone (VM or directory) has."""
+    taken = set(vms)
+    with contextlib.suppress(OSError):
+        taken |= set(os.listdir(into))
+    n = 0
+    for name in taken:
+        rest = name[len(prefix) :] if name.startswith(prefix) else ""
+        if rest.isdigit() and _clone_name(prefix, int(rest)) == name:
+            n = max(n, int(rest))
+    return n + 1
+
+
+async def _offer_clones(app: Appliance, base: VMRecord, made: list[dict[str, Any]]) -> None:
+    """Tell the connected shim that protects ``base`` about its new clones (``adopt``): it
+    watches them at once, with no restart."""
+    if base.owner is None:
+        return
+    for session in list(app.live_sessions):
+        if session.shim == base.owner:
+            for c in made:
+                await session.push(
+                    {"t": "adopt", "vm": c["name"], "root": c["root"], "clone_of": base.name}
+                )
 
 
 # -- policies ---------------------------------------------------------------------------------
@@ -166,7 +199,7 @@ async def _policy_set(app: Appliance, cmd: Command) -> Reply:
     rec.policy = {**rec.policy, **settings}
     app.inventory.save()
     log.info("policy of VM %s set: %s", rec.name, settings)
-    return {"vm": rec.name, "policy": app.registry.effective_policy(rec)}
+    return {"vm": rec.name, "policy": await _push_policy(app, rec)}
 
 
 async def _policy_unset(app: Appliance, cmd: Command) -> Reply:
@@ -174,7 +207,20 @@ async def _policy_unset(app: Appliance, cmd: Command) -> Reply:
     for key in cmd.args.get("keys") or []:
         rec.policy.pop(key, None)
     app.inventory.save()
-    return {"vm": rec.name, "policy": app.registry.effective_policy(rec)}
+    return {"vm": rec.name, "policy": await _push_policy(app, rec)}
+
+
+async def _push_policy(app: Appliance, rec: VMRecord) -> dict[str, Any]:
+    """The VM's new effective policy, pushed to the connected shim that owns it (and to the
+    owners of its clones, which inherit it), so that e.g. ``fail_mode`` applies at once."""
+    names = {rec.name} | {v.name for v in app.inventory.vms.values() if v.clone_of == rec.name}
+    for name in sorted(names):
+        vm = app.inventory.vms[name]
+        policy = app.registry.effective_policy(vm)
+        for session in list(app.live_sessions):
+            if vm.owner is not None and session.shim == vm.owner:
+                await session.push({"t": "policy", "vm": name, "policy": policy})
+    return app.registry.effective_policy(rec)
 
 
 # -- quarantine -------------------------------------------------------------------------------
@@ -208,6 +254,7 @@ async def _quarantine_restore(app: Appliance, vault: Vault, cmd: Command) -> Rep
     rec = app.inventory.vms.get(entry.vm)
     root = rec.root if rec else entry.root
     overwrite = bool(cmd.args.get("overwrite"))
+    app.actions.released.add(entry.vm, entry.digest)  # before the file reappears in the VM
     where = await asyncio.get_running_loop().run_in_executor(
         app.pool, lambda: vault.restore(entry.id, root=root, overwrite=overwrite)
     )

@@ -33,7 +33,7 @@ from .actions import Actions
 from .common import SYSTEM_CLOCK, Clock, log
 from .config import ApplianceConfig, ApplianceOptions
 from .inventory import Inventory, LocationIndex
-from .limits import ClientBudget
+from .limits import ClientBudget, DrainMeter
 from .patterns import Engine, Patterns, initial_engine, open_pattern_source
 from .pipeline import Pipeline, PriorityGate
 from .registry import Registry
@@ -107,6 +107,7 @@ class Appliance:
             vm_areas=cfg.vm_areas,
         )
         self.client_budget = ClientBudget(cfg.connections_per_client, cfg.streams_per_client)
+        self.drain = DrainMeter()
         self.actions = Actions(
             self.registry,
             self.counters,
@@ -114,6 +115,7 @@ class Appliance:
             vault=self.vault,
             isolation_hook=cfg.isolation_hook,
             hook_timeout=cfg.hook_timeout,
+            released_file=cfg.state_file("released.json"),
         )
         self.verdicts = Verdicts(self.events, self.counters, self.actions, self.clock)
         self.memo = _identity_memo(cfg)
@@ -150,6 +152,7 @@ class Appliance:
         self.connections = 0
         self.started = self.clock.time()
         self.sessions: set[asyncio.Task[None]] = set()  # one per open connection
+        self.live_sessions: set[Session] = set()  # past their hello (policy pushes)
         self._background: set[asyncio.Task[None]] = set()
         self._servers: list[protocol.Server] = []
         self.tcp_port: int | None = None
@@ -220,6 +223,7 @@ class Appliance:
         )
         if self.patterns.update_client is not None:
             self._spawn(self.patterns.update_loop())
+        self._spawn(self.drain.run(self.clock, self.counters))
         if cfg.metrics:
             from ..metrics import start_metrics_server
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -22,10 +22,13 @@ from .. import protocol
 
 if TYPE_CHECKING:
     from ..protocol.messages import StatusReport
+    from .common import Clock
     from .facade import Appliance
+    from .status import Counters
 
 DEFAULT_CONNECTIONS_PER_CLIENT = 64  # open connections one uid / one address may hold
 DEFAULT_STREAMS_PER_CLIENT = 32  # stream scans one client may have waiting for chunks
+MAX_VMS = 100_000  # registered VMs (the inventory, rewritten on every change, stays bounded)
 
 NOT_ADMIN = (
     "operator commands are accepted only on the appliance's admin socket "
@@ -85,14 +88,17 @@ class ClientBudget:
     connections: Counter[str] = field(default_factory=Counter)
     streams: Counter[str] = field(default_factory=Counter)
 
-    def admit_connection(self, client: str) -> None:
-        """Count a new connection; fatal ``backpressure`` over the limit."""
+    def admit_connection(self, client: str) -> bool:
+        """Count a new connection (from its accept, before any hello); False over the limit."""
         if self.connections[client] >= self.max_connections:
-            raise protocol.ProtocolError(
-                "backpressure",
-                f"{client} already holds {self.max_connections} connections (the limit)",
-            )
+            return False
         self.connections[client] += 1
+        return True
+
+    def refusal(self, client: str) -> protocol.ProtocolError:
+        return protocol.ProtocolError(
+            "backpressure", f"{client} already holds {self.max_connections} connections (the limit)"
+        )
 
     def release_connection(self, client: str) -> None:
         self.connections[client] -= 1
@@ -123,3 +129,29 @@ def own_status(app: Appliance, shim: str) -> StatusReport:
     report["vms"] = [v for v in report["vms"] if v["name"] in mine]
     report["recent_detections"] = [d for d in report["recent_detections"] if d["vm"] in mine]
     return report
+
+
+DRAIN_WINDOW = 10  # samples (one a second) the drain rate is measured over
+
+
+class DrainMeter:
+    """Verdicts per second over the last :data:`DRAIN_WINDOW` seconds (status ``drain_rate``),
+    from one sample of the verdict counter a second: how fast a flood of new files drains."""
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, int]] = deque(maxlen=DRAIN_WINDOW + 1)
+
+    def sample(self, now: float, verdicts: int) -> None:
+        self.samples.append((now, verdicts))
+
+    def rate(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, v0), (t1, v1) = self.samples[0], self.samples[-1]
+        return round((v1 - v0) / (t1 - t0), 1) if t1 > t0 else 0.0
+
+    async def run(self, clock: Clock, counters: Counters) -> None:
+        """Sample once a second until cancelled (an appliance background task)."""
+        while True:
+            self.sample(clock.monotonic(), counters.verdicts)
+            await asyncio.sleep(1.0)

@@ -22,11 +22,20 @@ from .batch import BATCH_LIMIT, BatchScans
 from .common import RequestFailed, close_fds, log
 
 if TYPE_CHECKING:
-    from ..protocol.messages import ApplianceStatus, ErrorMessage, Pong, Verdict, Welcome
+    from ..protocol.messages import (
+        Adopt,
+        ApplianceStatus,
+        ErrorMessage,
+        PolicyUpdate,
+        Pong,
+        Verdict,
+        Welcome,
+    )
     from .control import Reply
     from .facade import Appliance
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds
+REFUSAL_TIMEOUT = 1.0  # seconds a connection over its client's limit may take to say hello
 STREAM_QUEUE_CHUNKS = 8  # chunk frames buffered per stream (at most 2 MiB)
 MAX_CONTROLS = 4  # operator commands running at once per connection; the next one waits
 MAX_DRAINING = 1024  # answered streams whose remaining chunks are still being discarded
@@ -53,18 +62,18 @@ class Session:
         self.stream_slots: set[int] = set()  # stream scans holding one of the client's slots
         self.controls: set[asyncio.Task[None]] = set()
         self.batches = BatchScans(self)  # scan-batch frames and their verdict-batch replies
+        self.shim: str | None = None  # who said hello
+        self.admitted = False  # counted in the client's connections
 
     async def run(self) -> None:
         conn = self.conn
         budget = self.app.client_budget
-        admitted = False
+        self.admitted = budget.admit_connection(self.client)  # counted from accept
         try:
-            if self.admin:
-                limits.check_operator(conn)
-            budget.admit_connection(self.client)
-            admitted = True
             shim = await self._handshake()
             if shim is not None:
+                self.shim = shim
+                self.app.live_sessions.add(self)
                 await self._serve(shim)
         except protocol.ProtocolError as exc:
             self.app.counters.protocol_errors += 1
@@ -77,24 +86,33 @@ class Session:
         except Exception:  # never let one client take the appliance down
             log.exception("%s: internal error; closing connection", conn.peer)
         finally:
+            self.app.live_sessions.discard(self)
             for st in [*self.inflight.values(), *self.controls]:
                 st.cancel()
             for q in self.streams.values():  # wake stream threads at once: none outlives us
                 limits.abort_stream(q)
             self.streams.clear()
-            if admitted:
+            if self.admitted:
                 budget.release_connection(self.client)
             conn.close()
 
     async def _handshake(self) -> str | None:
         """The shim id from a valid ``hello`` (answered with ``welcome``); None on timeout."""
         conn, app = self.conn, self.app
+        # Over its connection limit, a client gets a second to say hello and hear why.
+        wait = HANDSHAKE_TIMEOUT if self.admitted else REFUSAL_TIMEOUT
         try:
-            msg, fds = await asyncio.wait_for(conn.recv(), timeout=HANDSHAKE_TIMEOUT)
+            msg, fds = await asyncio.wait_for(conn.recv(), timeout=wait)
         except TimeoutError:
-            log.warning("%s: no hello within %.0f s", conn.peer, HANDSHAKE_TIMEOUT)
+            log.warning("%s: no hello within %.0f s", conn.peer, wait)
             return None
         close_fds(fds)
+        # Refusals come after the hello is read: closing on an unread frame would reset the
+        # connection before the client could read why.
+        if self.admin:
+            limits.check_operator(conn)
+        if not self.admitted:
+            raise app.client_budget.refusal(self.client)
         if msg["t"] != "hello":
             raise protocol.ProtocolError("sequence", f"expected hello, got {msg['t']}")
         if msg.get("v") != protocol.PROTOCOL_VERSION:
@@ -202,6 +220,11 @@ class Session:
         with contextlib.suppress(ConnectionError, OSError, TimeoutError):
             await self._send(_frame(refused))
 
+    async def push(self, msg: PolicyUpdate | Adopt) -> None:
+        """Tell this session's shim, unasked, of a change to its VMs (best effort)."""
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError, protocol.ProtocolError):
+            await self._send(cast("dict[str, Any]", msg))
+
     async def _send(self, frame: dict[str, Any]) -> None:
         """Send one frame; a client that does not take it within three heartbeats stopped
         reading: its connection is closed, so unread replies cannot pile up here."""
@@ -238,6 +261,10 @@ class Session:
                 return
             reply: Reply  # ``ok`` plus the request's own keys
             if t == "register":
+                if msg["vm"] not in app.inventory.vms and len(app.inventory.vms) >= limits.MAX_VMS:
+                    raise RequestFailed(
+                        "backpressure", f"the appliance holds {limits.MAX_VMS} VMs (the limit)"
+                    )
                 reply = app.registry.register(
                     shim, msg["vm"], msg["root"], msg.get("policy") or {}, msg.get("clone_of")
                 )

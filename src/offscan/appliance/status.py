@@ -113,6 +113,7 @@ def status(app: Appliance) -> messages.StatusReport:
         "locations": len(app.locations),
         "vms": [app.registry.describe(v) for v in app.inventory.vms.values()],
         "queue_depth": app.gate.waiting,
+        "drain_rate": app.drain.rate(),
         "in_flight": app.gate.active,
         "connections": len(app.sessions),
         "served_from_cache": served,

@@ -135,7 +135,7 @@ class Verdicts:
         extra: ActionNotes = {}
         action: VerdictAction = "allow"
         if res.status == "infected":
-            action, extra = await self.actions.act(vm, path, res.matches, ino)
+            action, extra = await self.actions.act(vm, path, res.matches, ino, digest=digest)
         # the version that judged it: a cached verdict's own, else the engine the scan ran on
         judged_by = getattr(res, "pattern_version", None) or version
         return self.record(vm, path, res, source, digest, t0, action, extra, judged_by)

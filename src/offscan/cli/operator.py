@@ -22,8 +22,22 @@ from ._common import (
 if TYPE_CHECKING:
     from ..protocol.messages import ApplianceStatus, PatternsSource, PreventionStats
 
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+
+def register(sub: Subparsers) -> None:
+    _register_status(sub)
+    _register_vm(sub)
+    _register_policy(sub)
+    _register_quarantine(sub)
+    p = sub.add_parser(
+        "reload", help="make the appliance fetch pattern updates now (or re-read -d databases)"
+    )
+    add_appliance_arguments(p)
+    p.set_defaults(run=run_reload)
+
+
+def _register_status(sub: Subparsers) -> None:
     p = sub.add_parser("status", help="show a running appliance's VMs, queue and cache")
     p.add_argument(
         "--appliance",
@@ -45,6 +59,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(run=run_status)
 
+
+def _register_vm(sub: Subparsers) -> None:
     p = sub.add_parser("vm", help="VM inventory: clone, list, show, unregister, untag")
     p.set_defaults(run=run_vm)
     vsub = p.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
@@ -76,6 +92,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q.add_argument("tags", nargs="*", help="the tags to remove (default: all)")
     add_appliance_arguments(q)
 
+
+def _register_policy(sub: Subparsers) -> None:
     p = sub.add_parser("policy", help="per-VM policy at run time")
     p.set_defaults(run=run_policy)
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
@@ -93,6 +111,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q.add_argument("vm", help="the VM's name")
     add_appliance_arguments(q)
 
+
+def _register_quarantine(sub: Subparsers) -> None:
     p = sub.add_parser("quarantine", help="the quarantine vault: list, restore, delete")
     p.set_defaults(run=run_quarantine)
     qsub = p.add_subparsers(dest="quarantine_command", required=True, metavar="ACTION")
@@ -109,12 +129,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                 "--overwrite", action="store_true", help="replace a file now at that path"
             )
         add_appliance_arguments(q)
-
-    p = sub.add_parser(
-        "reload", help="make the appliance fetch pattern updates now (or re-read -d databases)"
-    )
-    add_appliance_arguments(p)
-    p.set_defaults(run=run_reload)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -159,7 +173,8 @@ def run_status(args: argparse.Namespace) -> int:
     if st.get("update_error"):
         print(f"          last update failed: {st['update_error']}")
     print(
-        f"queue     {st['queue_depth']} waiting, {st['in_flight']} in flight, {st['connections']} connection(s)"
+        f"queue     {st['queue_depth']} waiting, {st['in_flight']} in flight, "
+        f"draining {st.get('drain_rate', 0.0):g} verdicts/s, {st['connections']} connection(s)"
     )
     print(
         f"verdicts  {st['verdicts']}: {st['contents_matched']} contents matched, "

@@ -72,6 +72,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--poll", type=float, default=60.0, metavar="SECONDS", help="update poll interval"
     )
     _add_clamd_arguments(p)
+    _add_fleet_arguments(p)
+    _add_hardening_arguments(p)
+    p.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default=os.environ.get("OFFSCAN_LOOP") or "auto",
+        help="event loop: uvloop if installed (auto, the default), or the stdlib's "
+        "(default: $OFFSCAN_LOOP or auto)",
+    )
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(run=run)
+
+
+def _add_fleet_arguments(p: argparse.ArgumentParser) -> None:
+    """Issue 13: the verdict tier shared by several appliances through Redis."""
     fleet = p.add_argument_group("fleet: a verdict tier shared through Redis (docs/fleet.md)")
     fleet.add_argument(
         "--cache-redis",
@@ -102,7 +118,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="single-flight lock lifetime when its holder stops refreshing it (default 3)",
     )
-    # -- hardening (issue 14): the operator's socket, where VM roots may be, client limits --
+
+
+def _add_hardening_arguments(p: argparse.ArgumentParser) -> None:
+    """Issue 14: the operator's socket, where VM roots may be, per-client limits."""
     p.add_argument(
         "--admin-socket",
         metavar="PATH",
@@ -131,16 +150,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help=f"stream scans one client may have open (default {DEFAULT_STREAMS_PER_CLIENT})",
     )
-    p.add_argument(
-        "--loop",
-        choices=("auto", "uvloop", "asyncio"),
-        default=os.environ.get("OFFSCAN_LOOP") or "auto",
-        help="event loop: uvloop if installed (auto, the default), or the stdlib's "
-        "(default: $OFFSCAN_LOOP or auto)",
-    )
-    p.add_argument("--ready-file", help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    p.set_defaults(run=run)
 
 
 def _add_clamd_arguments(p: argparse.ArgumentParser) -> None:

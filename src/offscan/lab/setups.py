@@ -151,6 +151,8 @@ class Setup:
                 str(state),
                 "--ready-file",
                 str(ready),
+                "--vm-area",  # the lab's VMs (and their clones) live in its work directory
+                str(self.lab.work.resolve()),
                 *self.scan_args,
             ],
         )

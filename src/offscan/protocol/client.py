@@ -130,6 +130,9 @@ class ApplianceClient:
         self.credits = 0
         self.heartbeat = DEFAULT_HEARTBEAT
         self.lost: ConnectionClosed | None = None  # why the last connection ended
+        # each VM's effective policy as the appliance last told it (register, policy push)
+        self.policies: dict[str, dict[str, Any]] = {}
+        self.on_adopt: Callable[[str, str, str], None] | None = None  # (vm, root, clone_of)
         self._conn: Connection | None = None
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
@@ -303,6 +306,11 @@ class ApplianceClient:
         elif t == "credit":
             self.credits += msg["n"]
             self._credit_event.set()
+        elif t == "policy":  # the operator changed one of our VMs' policy
+            self.policies[msg["vm"]] = msg["policy"]
+        elif t == "adopt":  # the operator cloned one of our VMs: protect the clone
+            if self.on_adopt is not None:
+                self.on_adopt(msg["vm"], msg["root"], msg["clone_of"])
         elif t == "error" and msg.get("id") is None:
             raise ConnectionClosed(
                 f"closed by the appliance ({msg['code']}): {msg['message']}", code=msg["code"]
@@ -447,7 +455,10 @@ class ApplianceClient:
             msg["policy"] = policy
         if clone_of is not None:
             msg["clone_of"] = clone_of
-        return await self.request(msg)
+        reply = await self.request(msg)
+        if isinstance(reply.get("policy"), dict):
+            self.policies[vm] = reply["policy"]
+        return reply
 
     async def unregister(self, vm: str) -> dict[str, Any]:
         return await self.request({"t": "unregister", "vm": vm})

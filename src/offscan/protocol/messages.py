@@ -53,6 +53,8 @@ __all__ = [
     "PatternSwap",
     "PatternsSource",
     "Ping",
+    "PolicyUpdate",
+    "Adopt",
     "Pong",
     "PreventionStats",
     "Priority",
@@ -109,6 +111,8 @@ MessageType = Literal[
     "report",
     "scan-batch",
     "verdict-batch",
+    "policy",
+    "adopt",
 ]
 
 # What an ``error`` frame's ``code`` says. Senders use these; receivers accept any string, so
@@ -344,6 +348,25 @@ class Credit(TypedDict):
     n: int
 
 
+class PolicyUpdate(TypedDict):
+    """Appliance → the shim that owns ``vm``, unasked: the operator changed the VM's policy
+    (``offscan policy set``); ``policy`` is the new effective one (its ``fail_mode``...)."""
+
+    t: Literal["policy"]
+    vm: str
+    policy: dict[str, Any]
+
+
+class Adopt(TypedDict):
+    """Appliance → the shim that owns ``clone_of``, unasked: the operator cloned it
+    (``offscan vm clone``); the shim starts protecting the clone at once."""
+
+    t: Literal["adopt"]
+    vm: str
+    root: str
+    clone_of: str
+
+
 class Ok(TypedDict):
     """Plus whatever the request reports (``register``: ``vm``, ``root``, ``policy``)."""
 
@@ -562,6 +585,7 @@ class StatusReport(Counters):
     locations: int
     vms: list[VMInfo]
     queue_depth: int
+    drain_rate: float  # verdicts per second over the last 10 s
     in_flight: int
     connections: int
     served_from_cache: int
@@ -600,4 +624,6 @@ MESSAGES: dict[MessageType, tuple[type, ...]] = {
     "report": (Report,),
     "scan-batch": (ScanBatch,),
     "verdict-batch": (VerdictBatch,),
+    "policy": (PolicyUpdate,),
+    "adopt": (Adopt,),
 }

@@ -300,6 +300,8 @@ SCHEMAS: dict[str, _Schema] = {
     # appliance -> client
     "credit": _S({"n": _pos_int}, {}),
     "ok": _S({"id": _req_id}, {}),
+    "policy": _S({"vm": _name, "policy": _map}, {}),
+    "adopt": _S({"vm": _name, "root": _name, "clone_of": _name}, {}),
     "verdict": _S(_VERDICT_REQUIRED, _VERDICT_OPTIONAL),
     # many scans in one frame, and many verdicts in one reply (docs/protocol.md, Batches)
     "scan-batch": _S({"scans": _items(BATCH_SCAN, "scans", _plain_scan)}, {}),

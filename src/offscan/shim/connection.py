@@ -117,6 +117,7 @@ class Connection:
         self.policies: dict[str, dict[str, Any]] = {}  # effective policy from the appliance
         self.reconnects = 0
         self.closing = False  # the shim is shutting down: a lost connection is expected
+        self.on_adopt: Callable[[str, str, str], None] | None = None  # set by the Shim
         self._lost = asyncio.Event()
 
     def lost(self, client: ShimClient, exc: BaseException | None = None) -> None:
@@ -133,7 +134,10 @@ class Connection:
             return self._client_factory(address, shim_id=self.shim_id, secret=self.secret)
         from ..protocol import ApplianceClient
 
-        return ApplianceClient(address, shim_id=self.shim_id, secret=self.secret)
+        client = ApplianceClient(address, shim_id=self.shim_id, secret=self.secret)
+        client.on_adopt = self.on_adopt  # clones the operator makes of our VMs
+        client.policies = self.policies  # shared: the appliance pushes policy changes into it
+        return client
 
     @property
     def in_use(self) -> str | None:

@@ -95,6 +95,8 @@ class Shim:
             reconnect_max_delay=reconnect_max_delay,
             client_factory=client_factory,
         )
+        self._link.on_adopt = self._adopt
+        self._adopting: set[asyncio.Task[None]] = set()
         self._skips = Skips()
         self._sender = Sender(
             backlog=self._backlog,
@@ -226,8 +228,17 @@ class Shim:
                 loop.call_soon_threadsafe(self._stopped.set)
 
     async def add_vm(self, spec: VMSpec) -> None:
-        """Protect one more VM while running: register it, walk its root, watch it."""
-        if spec.name in self._vms:
+        """Protect one more VM while running: register it, walk its root, watch it. The same
+        VM again (same root, master and policy: e.g. a clone the appliance already had this
+        shim adopt) is a no-op; anything else under a name already protected is a ValueError."""
+        known = self._vms.get(spec.name)
+        if known is not None:
+            same_root = os.path.realpath(known.spec.root) == os.path.realpath(spec.root)
+            if same_root and (known.spec.clone_of, known.spec.policy) == (
+                spec.clone_of,
+                spec.policy,
+            ):
+                return
             raise ValueError(f"VM {spec.name!r} is already protected by this shim")
         vm = _VM(spec)
         self._vms[spec.name] = vm
@@ -235,6 +246,17 @@ class Shim:
             return  # run() will take care of it
         await self._link.register_live(vm, again=False)
         await self._activate(vm)
+
+    def _adopt(self, name: str, root: str, clone_of: str) -> None:
+        """The appliance cloned ``clone_of``: protect the clone now (``offscan vm clone``)."""
+        if name in self._vms or clone_of not in self._vms:
+            return
+        log.info("VM %s: cloned from %s by the operator; protecting it", name, clone_of)
+        task = asyncio.get_running_loop().create_task(
+            self.add_vm(VMSpec(name, root, clone_of=clone_of))
+        )
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     async def remove_vm(self, name: str) -> None:
         """Stop protecting ``name``: stop watching, forget its backlog, unregister it."""
