@@ -100,7 +100,9 @@ def appliance(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _drive(env: dict[str, Any], names: list[str], in_flight: int, *, single: bool = False) -> list[float]:
+def _drive(
+    env: dict[str, Any], names: list[str], in_flight: int, *, single: bool = False
+) -> list[float]:
     """Scan ``names`` with ``in_flight`` requests outstanding; the latency of each."""
     client: ApplianceClient = env["client"]
 
@@ -137,7 +139,9 @@ def _drive(env: dict[str, Any], names: list[str], in_flight: int, *, single: boo
     return env["loop"].run_until_complete(run())
 
 
-def _record(benchmark: Any, server: str, path: str, latencies: list[float], n: int, cpu: float, how: str) -> None:
+def _record(
+    benchmark: Any, server: str, path: str, latencies: list[float], n: int, cpu: float, how: str
+) -> None:
     lat = sorted(latencies)
     best = benchmark.stats.stats.min if benchmark.stats else float("nan")
     info = {
@@ -285,7 +289,9 @@ def _clamdscan(env: dict[str, Any], paths: list[str]) -> None:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("how", ["clamdscan --multiscan --fdpass", "IDSESSION x16", "IDSESSION x256"])
+@pytest.mark.parametrize(
+    "how", ["clamdscan --multiscan --fdpass", "IDSESSION x16", "IDSESSION x256"]
+)
 def test_clamd_cache_hit(benchmark: Any, clamd: dict[str, Any], how: str) -> None:
     paths = [str(clamd["root"] / n) for n in clamd["hits"]]
     latencies: list[float] = []
@@ -301,7 +307,9 @@ def test_clamd_cache_hit(benchmark: Any, clamd: dict[str, Any], how: str) -> Non
     _record(benchmark, "clamd", "cache hit", latencies, len(paths), cpu, how)
 
 
-@pytest.mark.parametrize("how", ["clamdscan --multiscan --fdpass", "IDSESSION x16", "IDSESSION x256"])
+@pytest.mark.parametrize(
+    "how", ["clamdscan --multiscan --fdpass", "IDSESSION x16", "IDSESSION x256"]
+)
 def test_clamd_new_content(benchmark: Any, clamd: dict[str, Any], how: str) -> None:
     def fresh() -> tuple[tuple[list[str]], dict[str, Any]]:
         clamd["rounds"] += 1

@@ -179,9 +179,7 @@ def test_inventory_compacts_and_replay_is_idempotent(
 
 
 def test_verdict_log_group_commit_survives_reopen(tmp_path: Path) -> None:
-    verdicts = [
-        CachedVerdict("clean", (), "v1", os.urandom(32), 100 + i, 0.0) for i in range(500)
-    ]
+    verdicts = [CachedVerdict("clean", (), "v1", os.urandom(32), 100 + i, 0.0) for i in range(500)]
     with VerdictCache(state_dir=tmp_path) as cache:
         cache.put_many(verdicts[:1])
         cache.put_many(verdicts[1:])

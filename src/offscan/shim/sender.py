@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, cast
 
 from .backlog import Backlog, Prio, _Entry
 from .connection import Connection, ShimClient
 from .watch import _VM, Skips, _skip_reason
 
 if TYPE_CHECKING:
+    from ..protocol import BatchItem
     from ..protocol.messages import LocalVerdict, ShimVerdict, Verdict
 
 log = logging.getLogger("offscan.shim")
@@ -32,6 +33,17 @@ CONTENT_MODES = ("auto", "path", "fd", "stream")
 
 # (vm, relpath, verdict): the appliance's Verdict, or the ShimVerdict a failed request became
 VerdictCallback = Callable[[str, str, "LocalVerdict"], None]
+
+
+class _BatchClient(Protocol):
+    """What batching needs of a client beyond :class:`ShimClient` (an ``ApplianceClient``
+    has it; :meth:`Sender._batching` checks ``batch_limit`` before anything is sent)."""
+
+    batch_limit: int
+
+    async def scan_batch(
+        self, items: Sequence[BatchItem], *, timeout: float | None = ...
+    ) -> list[Verdict | Exception]: ...
 
 
 class _Skip(Exception):
@@ -156,8 +168,9 @@ class Sender:
             return
         self.counts["batches"] += 1
         self.counts["batched"] += len(sending)
+        results: list[Verdict | Exception]
         try:
-            results = await client.scan_batch(
+            results = await cast("_BatchClient", client).scan_batch(
                 [(vm.name, e.relpath, e.prio, fd) for e, vm, fd in sending]
             )
         except asyncio.CancelledError:
