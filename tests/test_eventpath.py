@@ -208,3 +208,60 @@ def test_event_log_group_commit_without_a_loop(tmp_path: Path) -> None:
     assert run_async(main).count("\n") == 1
     assert (tmp_path / "events.jsonl").read_text().count("\n") == 3
     events.close()
+
+
+def test_clone_activation_is_one_step_per_clone(tmp_path: Path) -> None:
+    """A clone's inherited verdicts are recorded and reported with its registration: the
+    shim sends no scan for an unchanged inherited file (beyond the few it queues before its
+    walk), and a file changed since the copy is scanned as usual."""
+    from offscan.shim import Shim, VMSpec
+
+    master = tmp_path / "vms" / "master"
+    for i in range(60):
+        (master / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (master / f"d{i % 4}" / f"f{i}.txt").write_bytes(b"master file %d\n" % i * 40)
+    a = ApplianceProc(tmp_path)
+    got: dict[tuple[str, str], dict[str, Any]] = {}
+
+    async def main() -> dict[str, int]:
+        shim = Shim(
+            str(a.sock),
+            [VMSpec("master", str(master))],
+            shim_id="clones",
+            quiet=0.05,
+            on_verdict=lambda vm, path, v: got.__setitem__((vm, path), dict(v)),
+        )
+        runner = asyncio.create_task(shim.run())
+        try:
+            assert await shim.wait_idle(60)
+            op = ApplianceClient(str(a.sock), shim_id="operator")
+            await op.connect()
+            made = await op.control(
+                "vm-clone", base="master", count=3, into=str(tmp_path / "vms"), prefix="c-"
+            )
+            await op.close()
+            changed = Path(made["clones"][1]["root"]) / "d1" / "f1.txt"
+            changed.write_bytes(b"written in the clone after the copy\n")
+            for c in made["clones"]:
+                await shim.add_vm(VMSpec(c["name"], c["root"], clone_of="master"))
+            assert await shim.wait_idle(60)
+            return dict(shim._sender.counts)
+        finally:
+            shim.stop()
+            await runner
+
+    try:
+        counts = run_async(main, timeout=120)
+    finally:
+        a.stop()
+    names = [f"d{i % 4}/f{i}.txt" for i in range(60)]
+    for clone in ("c-1", "c-2", "c-3"):
+        assert all((clone, n) in got for n in names), clone
+    assert got[("c-2", "d1/f1.txt")]["source"] == "scan"
+    assert got[("c-1", "d1/f1.txt")]["source"] == "clone"
+    # Only the walk's head (8 files a clone) and the changed file went as scans.
+    assert counts["inherited"] >= 3 * (60 - 8) - 1
+    assert counts["sent"] <= 60 + 3 * 8 + 1
+    logged = {(e["vm"], e["path"]) for e in a.events() if e.get("source") == "clone"}
+    assert {("c-3", n) for n in names} <= logged
+    assert ("c-2", "d1/f1.txt") not in logged

@@ -17,6 +17,7 @@ import hmac
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import protocol
+from .activation import activate_clone
 from .batch import BATCH_LIMIT, BatchScans
 from .common import RequestFailed, close_fds, log
 
@@ -179,9 +180,12 @@ class Session:
                 return
             reply: Reply  # ``ok`` plus the request's own keys
             if t == "register":
+                before = app.registry.vms.get(msg["vm"])
                 reply = app.registry.register(
                     shim, msg["vm"], msg["root"], msg.get("policy") or {}, msg.get("clone_of")
                 )
+                if before is None or before.owner is None:  # claimed now: activate a clone
+                    reply = {**reply, **await activate_clone(app, app.registry.vms[msg["vm"]])}
             elif t == "unregister":
                 reply = app.registry.unregister(shim, msg["vm"])
             elif t == "control":

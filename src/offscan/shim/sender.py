@@ -85,6 +85,7 @@ class Sender:
             "replayed": 0,
             "batches": 0,  # scan-batch deliveries
             "batched": 0,  # entries sent in them
+            "inherited": 0,  # clone files verdicted by the clone's register reply
         }
 
     async def run(self) -> None:
@@ -268,6 +269,22 @@ class Sender:
 
         kind, _ = parse_address(self._link.address)
         return "path" if kind == "unix" else "stream"
+
+    def inherited(self, vm: str, relpath: str) -> None:
+        """A clone's file the appliance verdicted when the clone was registered (its register
+        reply listed it, unchanged since): counted and reported like any verdict."""
+        self.counts["inherited"] += 1
+        verdict: dict[str, object] = {
+            "t": "verdict",
+            "vm": vm,
+            "path": relpath,
+            "status": "clean",
+            "matches": [],
+            "reason": None,
+            "action": "allow",
+            "source": "clone",
+        }
+        self._count_verdict(vm, relpath, cast("Verdict", verdict))
 
     def _count_verdict(self, vm: str, relpath: str, verdict: LocalVerdict) -> None:
         counts = self.counts
