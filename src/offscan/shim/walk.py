@@ -19,7 +19,10 @@ log = logging.getLogger("offscan.shim")
 
 
 def walk_head(backlog: Backlog, vm: _VM, limit: int) -> int:
-    """Queue up to ``limit`` files near the top of the VM root without waiting for room."""
+    """Queue up to ``limit`` files near the top of the VM root without waiting for room
+    (not for a clone whose registration already brought its verdicts: ``vm.inherited``)."""
+    if vm.inherited:
+        return 0
     queued, queue = 0, [""]
     while queue and queued < limit:
         rel = queue.pop(0)
