@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import policy as policies
 from .. import protocol
@@ -30,6 +30,7 @@ from .fastpath import VerdictCodec, batch_frame, encode_item
 if TYPE_CHECKING:
     from ..protocol.messages import BatchVerdict, ErrorMessage
     from .inventory import VMRecord
+    from .pipeline import DigestSource
     from .session import Session
 
 BATCH_LIMIT = protocol.MAX_BATCH  # what the welcome offers (credits bound it further)
@@ -179,7 +180,7 @@ class BatchScans:
                 self._spawn(scan["id"], pipeline._excluded(vm, path, why, t0), [])
                 continue
             ident = Identity.from_stat("local", st)
-            source = "identity"
+            source: DigestSource = "identity"
             digest = memo_get(ident)
             if digest is None:
                 digest, source = inherited_get(ident), "clone"
@@ -269,7 +270,7 @@ class BatchScans:
         failed: ErrorMessage | None = None
         try:
             record = await work
-            item: BatchVerdict = {"id": rid, **record}
+            item = cast("BatchVerdict", {"id": rid, **record})
             self._outbox.append(encode_item(item))
         except RequestFailed as exc:
             failed = {"t": "error", "id": rid, "code": exc.code, "message": str(exc)}

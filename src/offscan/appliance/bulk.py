@@ -125,9 +125,7 @@ async def _group(
                     alone.append(i)
             if leaders:
                 jobs = [(files[idx[0]].fd, files[idx[0]].path) for idx in leaders.values()]
-                matched = await loop.run_in_executor(
-                    pipeline.pool, _match_all, eng.matcher, jobs
-                )
+                matched = await loop.run_in_executor(pipeline.pool, _match_all, eng.matcher, jobs)
                 puts: list[CachedVerdict] = []
                 for (key, idx), (res, after) in zip(leaders.items(), matched, strict=True):
                     _matched(pipeline, files[idx[0]], key, res, after, puts)
@@ -150,9 +148,9 @@ async def _group(
                 continue
             item = judged[i]
             assert item is not None
-            res, source, digest = item
+            res, source, known = item
             out.append(
-                await pipeline._finish(f.vm, f.path, res, source, digest, t0, eng, ino=f.st.st_ino)
+                await pipeline._finish(f.vm, f.path, res, source, known, t0, eng, ino=f.st.st_ino)
             )
         except Exception as exc:  # one file's failure is its own answer
             out.append(exc)

@@ -96,9 +96,7 @@ def encode_item(item: BatchVerdict) -> bytes:
 
 def batch_frame(items: list[bytes]) -> bytes:
     """The payload of a ``verdict-batch`` frame holding the encoded ``items``."""
-    return (
-        b"\x82\xa1t\xadverdict-batch\xa8verdicts" + _array_header(len(items)) + b"".join(items)
-    )
+    return b"\x82\xa1t\xadverdict-batch\xa8verdicts" + _array_header(len(items)) + b"".join(items)
 
 
 def _map_header(n: int) -> bytes:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .. import protocol
 from . import limits
+from .activation import activate_clone
 from .batch import BATCH_LIMIT, BatchScans
 from .common import RequestFailed, close_fds, log
 
@@ -265,9 +266,12 @@ class Session:
                     raise RequestFailed(
                         "backpressure", f"the appliance holds {limits.MAX_VMS} VMs (the limit)"
                     )
+                before = app.registry.vms.get(msg["vm"])
                 reply = app.registry.register(
                     shim, msg["vm"], msg["root"], msg.get("policy") or {}, msg.get("clone_of")
                 )
+                if before is None or before.owner is None:  # claimed now: activate a clone
+                    reply = {**reply, **await activate_clone(app, app.registry.vms[msg["vm"]])}
             elif t == "unregister":
                 reply = app.registry.unregister(shim, msg["vm"])
             elif t == "report":  # a shim's on-access counters; it learns the pattern version

@@ -514,7 +514,8 @@ class ApplianceClient:
                         break
                     self.credits -= 1
                 rid = next(self._ids)
-                scan = {"id": rid, "vm": vm, "path": path, "mode": "path", "prio": prio}
+                scan: dict[str, Any] = {"id": rid, "vm": vm, "path": path, "mode": "path"}
+                scan["prio"] = prio
                 if fd is not None:
                     scan["mode"] = "fd"
                     fds.append(fd)
@@ -545,7 +546,9 @@ class ApplianceClient:
         msg = {"t": "scan", "vm": vm, "path": path, "mode": "path" if fd is None else "fd"}
         msg["prio"] = prio
         try:
-            return _verdict(await self.request(msg, fds=() if fd is None else [fd], timeout=timeout))
+            return _verdict(
+                await self.request(msg, fds=() if fd is None else [fd], timeout=timeout)
+            )
         except RequestError as exc:
             return exc
 

@@ -343,7 +343,8 @@ def _check_descriptors(t: str, msg: dict[str, Any]) -> None:
         want = sum(1 for scan in msg["scans"] if scan["mode"] == "fd")
         if nfds != want:
             raise ProtocolError(
-                "malformed", f"scan-batch has {want} fd-mode scan(s) but carries {nfds} descriptor(s)"
+                "malformed",
+                f"scan-batch has {want} fd-mode scan(s) but carries {nfds} descriptor(s)",
             )
     elif t == "scan" and msg["mode"] == "fd":
         if nfds != 1:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from .backlog import Backlog, Prio
+from .walk import inherited_listing
 from .watch import _VM
 
 if TYPE_CHECKING:
@@ -152,6 +153,7 @@ class Connection:
             )
             if isinstance(reply, dict) and isinstance(reply.get("policy"), dict):
                 self.policies[spec.name] = reply["policy"]
+            vm.inherited = inherited_listing(reply)  # a clone's files verdicted at once
         except ConnectionError:
             raise
         except Exception as exc:  # one refused VM must not stop the others

@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, cast
 
 from .backlog import Backlog, Prio, _Entry
 from .connection import Connection, ShimClient
 from .watch import _VM, Skips, _skip_reason
 
 if TYPE_CHECKING:
+    from ..protocol import BatchItem
     from ..protocol.messages import LocalVerdict, ShimVerdict, Verdict
 
 log = logging.getLogger("offscan.shim")
@@ -32,6 +33,17 @@ CONTENT_MODES = ("auto", "path", "fd", "stream")
 
 # (vm, relpath, verdict): the appliance's Verdict, or the ShimVerdict a failed request became
 VerdictCallback = Callable[[str, str, "LocalVerdict"], None]
+
+
+class _BatchClient(Protocol):
+    """What batching needs of a client beyond :class:`ShimClient` (an ``ApplianceClient``
+    has it; :meth:`Sender._batching` checks ``batch_limit`` before anything is sent)."""
+
+    batch_limit: int
+
+    async def scan_batch(
+        self, items: Sequence[BatchItem], *, timeout: float | None = ...
+    ) -> list[Verdict | Exception]: ...
 
 
 class _Skip(Exception):
@@ -73,6 +85,7 @@ class Sender:
             "replayed": 0,
             "batches": 0,  # scan-batch deliveries
             "batched": 0,  # entries sent in them
+            "inherited": 0,  # clone files verdicted by the clone's register reply
         }
 
     async def run(self) -> None:
@@ -156,8 +169,9 @@ class Sender:
             return
         self.counts["batches"] += 1
         self.counts["batched"] += len(sending)
+        results: list[Verdict | Exception]
         try:
-            results = await client.scan_batch(
+            results = await cast("_BatchClient", client).scan_batch(
                 [(vm.name, e.relpath, e.prio, fd) for e, vm, fd in sending]
             )
         except asyncio.CancelledError:
@@ -255,6 +269,22 @@ class Sender:
 
         kind, _ = parse_address(self._link.address)
         return "path" if kind == "unix" else "stream"
+
+    def inherited(self, vm: str, relpath: str) -> None:
+        """A clone's file the appliance verdicted when the clone was registered (its register
+        reply listed it, unchanged since): counted and reported like any verdict."""
+        self.counts["inherited"] += 1
+        verdict: dict[str, object] = {
+            "t": "verdict",
+            "vm": vm,
+            "path": relpath,
+            "status": "clean",
+            "matches": [],
+            "reason": None,
+            "action": "allow",
+            "source": "clone",
+        }
+        self._count_verdict(vm, relpath, cast("Verdict", verdict))
 
     def _count_verdict(self, vm: str, relpath: str, verdict: LocalVerdict) -> None:
         counts = self.counts

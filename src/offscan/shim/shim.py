@@ -429,8 +429,22 @@ class Shim:
         def cancelled() -> bool:
             return self._closing or self._vms.get(vm.name) is not vm
 
+        loop = self._loop
+
+        def inherited(path: str) -> None:  # on the walker thread: report on the loop
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(self._sender.inherited, vm.name, path)
+
         fut = self._loop.run_in_executor(
-            self._walk_pool, walk_tree, self._backlog, self._skips, vm, relpath, prio, cancelled
+            self._walk_pool,
+            walk_tree,
+            self._backlog,
+            self._skips,
+            vm,
+            relpath,
+            prio,
+            cancelled,
+            inherited,
         )
         self._walk_futures.add(fut)
 

@@ -19,7 +19,10 @@ log = logging.getLogger("offscan.shim")
 
 
 def walk_head(backlog: Backlog, vm: _VM, limit: int) -> int:
-    """Queue up to ``limit`` files near the top of the VM root without waiting for room."""
+    """Queue up to ``limit`` files near the top of the VM root without waiting for room
+    (not for a clone whose registration already brought its verdicts: ``vm.inherited``)."""
+    if vm.inherited:
+        return 0
     queued, queue = 0, [""]
     while queue and queued < limit:
         rel = queue.pop(0)
@@ -36,6 +39,23 @@ def walk_head(backlog: Backlog, vm: _VM, limit: int) -> int:
     return queued
 
 
+def inherited_listing(reply: object) -> dict[str, tuple[int, int, int, int]] | None:
+    """The ``inherited`` files of a ``register`` reply (docs/protocol.md), None without."""
+    items = reply.get("inherited") if isinstance(reply, dict) else None
+    if not isinstance(items, list):
+        return None
+    out: dict[str, tuple[int, int, int, int]] = {}
+    for item in items:
+        if (
+            isinstance(item, list)
+            and len(item) == 5
+            and isinstance(item[0], str)
+            and all(type(v) is int for v in item[1:])
+        ):
+            out[item[0]] = (item[1], item[2], item[3], item[4])
+    return out
+
+
 def walk_tree(
     backlog: Backlog,
     skips: Skips,
@@ -43,9 +63,17 @@ def walk_tree(
     start: str,
     prio: Prio,
     cancelled: Callable[[], bool],
+    inherited: Callable[[str], None] | None = None,
 ) -> int:
-    """Queue every regular file under ``root/start`` (no symlink following); runs in a thread."""
+    """Queue every regular file under ``root/start`` (no symlink following); runs in a thread.
+
+    On a clone's activation walk (``start`` is the root), a file the appliance reported as
+    verdicted by inheritance (``vm.inherited``) whose ``lstat`` identity is still the one it
+    reported is not queued: ``inherited(relpath)`` reports its verdict instead."""
     queued = 0
+    listed = None
+    if start == "":  # the activation walk uses the listing once; later walks send every file
+        listed, vm.inherited = (vm.inherited if inherited is not None else None), None
     stack = [start]
     while stack:
         if cancelled():
@@ -71,6 +99,10 @@ def walk_tree(
                         stack.append(child)
                         continue
                     if de.is_file(follow_symlinks=False):
+                        if listed and _unchanged(listed.get(child), de):
+                            assert inherited is not None
+                            inherited(child)
+                            continue
                         if not backlog.record_walk(vm.name, child, prio=prio, cancelled=cancelled):
                             return queued
                         queued += 1
@@ -83,3 +115,14 @@ def walk_tree(
                 skips.note(vm.name, child, reason or "special file")
     log.debug("VM %s: walk of %s queued %d file(s)", vm.name, start or "/", queued)
     return queued
+
+
+def _unchanged(known: tuple[int, int, int, int] | None, de: os.DirEntry[str]) -> bool:
+    """Whether the file still has the identity the appliance reported."""
+    if known is None:
+        return False
+    try:
+        st = de.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == known

@@ -136,6 +136,9 @@ class _VM:
         self.missing_logged = False
         self.activating = True  # until its first activation ran; the watch keeper leaves it alone
         self.limit_hit = False  # the watch failed on inotify limits (root present, files walked)
+        # relpath -> (ino, size, mtime_ns, ctime_ns) of files the appliance verdicted when it
+        # registered this clone (its register reply); the activation walk skips those unchanged
+        self.inherited: dict[str, tuple[int, int, int, int]] | None = None
 
     def start_watch(self, backlog: Backlog, connected: Callable[[], bool]) -> bool:
         """Start this VM's observer (blocking: inotify adds a watch per directory); its events
