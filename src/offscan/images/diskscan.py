@@ -76,7 +76,8 @@ def scan_disk(
     t0 = time.monotonic()
     if cache is not None and state_dir is not None:
         raise ValueError("give state_dir or cache, not both")
-    cache = cache if cache is not None else DiskCache(state_dir=state_dir)
+    if cache is None:  # one run only without a state dir: no need to hash the image files
+        cache = DiskCache(state_dir=state_dir, hash_images=state_dir is not None)
     spath = os.fspath(path)
     hashed0 = cache.bytes_hashed
     disk = open_disk(spath, kind)
