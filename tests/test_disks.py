@@ -304,3 +304,45 @@ def test_exfat_image_is_read(tmp_path: Path) -> None:
     bad.write_bytes(bytes(broken))
     with pytest.raises(ImageError):
         scan_image(bad, MATCHER)
+
+
+def test_vmdk_descriptor_and_extents_are_one_image(
+    ext4_raws: dict[str, Path], tmp_path: Path
+) -> None:
+    """A descriptor VMDK's extent files are part of its cache key: replacing the flat extent
+    under an unchanged descriptor is noticed with --state."""
+    desc = tmp_path / "vm.vmdk"
+    sh(
+        "qemu-img",
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        ext4_raws["clean"],
+        desc,
+    )
+    flat = tmp_path / "vm-flat.vmdk"
+    assert flat.exists() and desc.stat().st_size < 4096
+    sparse = tmp_path / "split.vmdk"
+    sh(
+        "qemu-img",
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        ext4_raws["infected"],
+        sparse,
+    )
+    assert paths(scan_image(sparse, MATCHER).infected) == [
+        "/home/u/eicar.com",
+        "/var/spool/copy.com",
+    ]
+    state = tmp_path / "state"
+    first = json.loads(run("scan-image", "--json", "--state", state, desc).stdout)
+    assert first["infected"] == [] and first["bytes_read"] > flat.stat().st_size // 2
+    flat.write_bytes(ext4_raws["infected"].read_bytes())  # same size, other content
+    out = run("scan-image", "--json", "--state", state, desc)
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["infected"] == ["/home/u/eicar.com", "/var/spool/copy.com"]

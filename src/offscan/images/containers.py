@@ -120,6 +120,7 @@ class Disk:
     files: list[CountingFile] = field(default_factory=list)
     backing: Disk | None = None
     changed: list[Range] | None = None
+    named: bool = True  # every file the reader opened is in ``files`` (else: not cacheable)
 
     @property
     def size(self) -> int:
@@ -169,11 +170,11 @@ def _open(path: str, kind: FileKind, f: CountingFile, depth: int) -> Disk:
     if kind == "vmdk":
         from dissect.hypervisor.disk.vmdk import VMDK
 
-        return Disk(path, kind, VMDK(f), [f])
+        return _adopted(Disk(path, kind, VMDK(f), [f]))
     if kind == "vhdx":
         from dissect.hypervisor.disk.vhdx import VHDX
 
-        return Disk(path, kind, VHDX(f), [f])
+        return _adopted(Disk(path, kind, VHDX(f), [f]))
     if kind == "vhd":
         from dissect.hypervisor.disk.vhd import VHD
 
@@ -183,6 +184,41 @@ def _open(path: str, kind: FileKind, f: CountingFile, depth: int) -> Disk:
 
         return Disk(path, kind, VDI(f).open(), [f])
     raise ImageError(f"{path}: unsupported image kind {kind}")
+
+
+def _adopted(disk: Disk) -> Disk:
+    """Swap the files a VMDK or VHDX reader opened itself (descriptor extents, parents) for
+    counted ones that :meth:`Disk.close` closes and the cache key covers."""
+    seen: set[int] = set()
+    todo: list[Any] = [disk.stream]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if hasattr(obj, "fh") and not _swap(obj, disk.files):
+            disk.named = False
+        todo.extend(getattr(obj, "disks", ()))
+        if getattr(obj, "parent", None) is not None:
+            todo.append(obj.parent)
+    return disk
+
+
+def _swap(holder: Any, files: list[CountingFile]) -> bool:
+    fh = holder.fh
+    if isinstance(fh, CountingFile):
+        return True
+    name = getattr(fh, "name", None)
+    if not isinstance(name, str):
+        return False
+    counted = CountingFile(name)
+    fh.close()
+    holder.fh = counted
+    for attr in ("read", "seek", "tell"):  # RawDisk binds its file's methods at init
+        if attr in vars(holder):
+            setattr(holder, attr, getattr(counted, attr))
+    files.append(counted)
+    return True
 
 
 def _open_qcow2(path: str, f: CountingFile, depth: int) -> Disk:
