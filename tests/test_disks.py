@@ -346,3 +346,21 @@ def test_vmdk_descriptor_and_extents_are_one_image(
     out = run("scan-image", "--json", "--state", state, desc)
     assert out.returncode == 1
     assert json.loads(out.stdout)["infected"] == ["/home/u/eicar.com", "/var/spool/copy.com"]
+
+
+def test_vmdk_child_disk_is_a_delta_over_its_parent(tmp_path: Path) -> None:
+    files = {f"srv/f{i:02d}": (f"vmdk {i} ".encode() * 1000)[:8192] for i in range(50)}
+    raw = ext4_image(tmp_path / "base.raw", make_tree(tmp_path / "tree", files), "16M")
+    base = convert(raw, "vmdk", tmp_path / "base.vmdk")
+    child = tmp_path / "child.vmdk"
+    sh("qemu-img", "create", "-q", "-f", "vmdk", "-b", base.name, "-F", "vmdk", child)
+    src = tmp_path / "w.bin"
+    src.write_bytes(EICAR.ljust(4096, b"\0"))
+    offset = block_of(raw, "/srv/f20") * 4096
+    sh("qemu-io", "-f", "vmdk", "-c", f"write -q -s {src} {offset} 4096", child)
+    cache = DiskCache()
+    assert scan_disk(base, MATCHER, cache=cache).files_read == 50
+    report = scan_disk(child, MATCHER, cache=cache)
+    assert report.kind == "vmdk disk image, overlay on " + str(base)
+    assert paths(report.infected) == ["/srv/f20"]
+    assert report.files_read == 1 and report.files_inherited == 49

@@ -170,7 +170,7 @@ def _open(path: str, kind: FileKind, f: CountingFile, depth: int) -> Disk:
     if kind == "vmdk":
         from dissect.hypervisor.disk.vmdk import VMDK
 
-        return _adopted(Disk(path, kind, VMDK(f), [f]))
+        return _vmdk_delta(_adopted(Disk(path, kind, VMDK(f), [f])), depth)
     if kind == "vhdx":
         from dissect.hypervisor.disk.vhdx import VHDX
 
@@ -184,6 +184,38 @@ def _open(path: str, kind: FileKind, f: CountingFile, depth: int) -> Disk:
 
         return Disk(path, kind, VDI(f).open(), [f])
     raise ImageError(f"{path}: unsupported image kind {kind}")
+
+
+def _vmdk_delta(disk: Disk, depth: int) -> Disk:
+    """A sparse VMDK child of a single-file parent (``qemu-img create -f vmdk -b base.vmdk``,
+    vSphere's delta disks) as base + delta: the parent opened on its own as ``backing``, the
+    grains the child holds (allocated or zeroed) as ``changed``. Other layouts are read
+    through their parents by dissect and scanned in full."""
+    subs = getattr(disk.stream, "disks", [])
+    parent = getattr(subs[0], "parent", None) if len(subs) == 1 else None
+    pdisks = getattr(parent, "disks", [])
+    if parent is None or len(pdisks) != 1 or not isinstance(pdisks[0].fh, CountingFile):
+        return disk
+    if depth + 1 >= MAX_BACKING_DEPTH:
+        raise ImageError(f"{disk.path}: parent chain deeper than {MAX_BACKING_DEPTH}")
+    disk.changed = _present(subs[0])
+    disk.backing = open_disk(pdisks[0].fh.name, "vmdk", _depth=depth + 1)
+    return disk
+
+
+def _present(sparse: Any) -> list[Range]:
+    """The guest ranges a sparse VMDK extent holds itself (run type 0: read from the parent)."""
+    out: list[Range] = []
+    pos = 0
+    for run_type, _off, count, _parent in sparse.get_runs(0, int(sparse.sector_count)):
+        length = count * 512
+        if run_type != 0:
+            if out and out[-1][0] + out[-1][1] == pos:
+                out[-1] = (out[-1][0], out[-1][1] + length)
+            else:
+                out.append((pos, length))
+        pos += length
+    return out
 
 
 def _adopted(disk: Disk) -> Disk:
