@@ -198,8 +198,12 @@ def _vmdk_delta(disk: Disk, depth: int) -> Disk:
         return disk
     if depth + 1 >= MAX_BACKING_DEPTH:
         raise ImageError(f"{disk.path}: parent chain deeper than {MAX_BACKING_DEPTH}")
-    disk.changed = _present(subs[0])
-    disk.backing = open_disk(pdisks[0].fh.name, "vmdk", _depth=depth + 1)
+    try:
+        disk.changed = _present(subs[0])
+        disk.backing = open_disk(pdisks[0].fh.name, "vmdk", _depth=depth + 1)
+    except BaseException:
+        disk.close()
+        raise
     return disk
 
 
@@ -272,10 +276,15 @@ def _open_qcow2(path: str, f: CountingFile, depth: int) -> Disk:
         except ImageError as exc:
             raise ImageError(f"{path}: backing file {name!r}: {exc}") from None
         q.backing_file = backing.stream
-    stream = q.open()
-    disk = Disk(path, "qcow2", stream, [f], backing)
-    if backing is not None:
-        disk.changed = _allocated(stream, int(q.header.size))
+    try:
+        stream = q.open()
+        disk = Disk(path, "qcow2", stream, [f], backing)
+        if backing is not None:
+            disk.changed = _allocated(stream, int(q.header.size))
+    except BaseException:
+        if backing is not None:
+            backing.close()
+        raise
     return disk
 
 
