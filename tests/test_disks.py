@@ -364,3 +364,27 @@ def test_vmdk_child_disk_is_a_delta_over_its_parent(tmp_path: Path) -> None:
     assert report.kind == "vmdk disk image, overlay on " + str(base)
     assert paths(report.infected) == ["/srv/f20"]
     assert report.files_read == 1 and report.files_inherited == 49
+
+
+def test_backing_file_must_be_a_disk_image(tmp_path: Path) -> None:
+    """An image naming a host file as its raw base is refused, not read as a disk."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(EICAR + b"\n" + b"password\n" * 1000)
+    clone = tmp_path / "clone.qcow2"
+    sh(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        secret.name,
+        "-F",
+        "raw",
+        clone,
+        "16M",
+    )
+    out = run("scan-image", clone)
+    assert out.returncode == 2 and "backing file 'secret.txt'" in out.stderr
+    assert "FOUND" not in out.stdout

@@ -12,6 +12,7 @@ Reads the image files; writes nothing.
 from __future__ import annotations
 
 import os
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -269,10 +270,8 @@ def _open_qcow2(path: str, f: CountingFile, depth: int) -> Disk:
             raise ImageError(f"{path}: backing chain deeper than {MAX_BACKING_DEPTH}")
         name = q.auto_backing_file
         bpath = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
-        fmt = (q.backing_format or "").lower()
-        bkind: FileKind | None = "raw" if fmt == "raw" else "qcow2" if fmt == "qcow2" else None
         try:
-            backing = open_disk(bpath, bkind, _depth=depth + 1)
+            backing = open_disk(bpath, _backing_kind(bpath, q.backing_format), _depth=depth + 1)
         except ImageError as exc:
             raise ImageError(f"{path}: backing file {name!r}: {exc}") from None
         q.backing_file = backing.stream
@@ -286,6 +285,22 @@ def _open_qcow2(path: str, f: CountingFile, depth: int) -> Disk:
             backing.close()
         raise
     return disk
+
+
+def _backing_kind(path: str, declared: str | None) -> FileKind:
+    """A backing file must be a regular file holding a disk image by its own magic bytes, of
+    the format the overlay declares: an image naming ``/etc/shadow`` or ``/dev/sda`` as its
+    raw base is refused rather than read and reported as files."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageError("not a regular file")
+    except OSError as exc:
+        raise ImageError(os_reason(exc)) from None
+    kind = sniff_file(path)
+    fmt = (declared or "").lower()
+    if kind not in ("raw", "qcow2") or (fmt and fmt != kind):
+        raise ImageError(f"holds {kind}, not the {fmt or 'raw or qcow2'} disk image it should")
+    return kind
 
 
 def _allocated(stream: Any, size: int) -> list[Range]:
