@@ -84,13 +84,15 @@ class BlockCache:
         end = self.size if n is None or n < 0 else min(self.size, self._pos + n)
         if end <= self._pos:
             return b""
-        if end - self._pos >= self.DIRECT:
+        first, last = self._pos // self.BLOCK, (end - 1) // self.BLOCK
+        skip = self._pos - first * self.BLOCK
+        if first == last:  # most metadata reads: a slice of one cached block
+            data: bytes = self._block(first)[skip : skip + end - self._pos]
+        elif end - self._pos >= self.DIRECT:
             self._fh.seek(self._pos)
-            data: bytes = self._fh.read(end - self._pos)
+            data = self._fh.read(end - self._pos)
         else:
-            first, last = self._pos // self.BLOCK, (end - 1) // self.BLOCK
-            joined = b"".join(self._block(i) for i in range(first, last + 1))
-            skip = self._pos - first * self.BLOCK
+            joined = b"".join([self._block(i) for i in range(first, last + 1)])
             data = joined[skip : skip + end - self._pos]
         self._pos += len(data)
         return data
