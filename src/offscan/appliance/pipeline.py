@@ -265,18 +265,29 @@ class Pipeline:
         known = self.inherited.get(ident)
         if known is not None:
             return known, "clone"
-        loop = asyncio.get_running_loop()
-        known = await loop.run_in_executor(self.pool, self.extents.lookup, fd, st)
-        if known is not None:  # a reflinked copy of content digested before: nothing read
-            self.memo.put(ident, known)
-            return known, "clone"
-        digest, nread = await loop.run_in_executor(self.pool, digest_fd, fd, st.st_size)
+        digest, nread, shared = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self._read_digest, fd, st, ident, root, path
+        )
+        if shared:  # a reflinked copy of content digested before: nothing read
+            self.memo.put(ident, digest)
+            return digest, "clone"
         self.counters.bytes_read += nread
         if Identity.from_stat("local", os.fstat(fd)) == ident:
             self.memo.put(ident, digest)
-            if root:
-                await loop.run_in_executor(self.pool, self.extents.note, fd, st, digest, root, path)
         return digest, "digest"
+
+    def _read_digest(
+        self, fd: int, st: os.stat_result, ident: Identity, root: str, path: str
+    ) -> tuple[bytes, int, bool]:
+        """(digest, bytes read, from shared extents): the reflink index first (cache/extents.py,
+        zero bytes read), else a read, noted for later copies when the file did not change."""
+        known = self.extents.lookup(fd, st)
+        if known is not None:
+            return known, 0, True
+        digest, nread = digest_fd(fd, st.st_size)
+        if root and Identity.from_stat("local", os.fstat(fd)) == ident:
+            self.extents.note(fd, st, digest, root, path)
+        return digest, nread, False
 
     async def _match(
         self, eng: Engine, path: str, fd: int, ident: Identity, digest: bytes, size: int
