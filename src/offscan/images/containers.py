@@ -56,21 +56,26 @@ class CountingFile:
 
 
 class BlockCache:
-    """A read-only stream over ``fh`` that keeps recently read 64 KiB blocks (LRU).
+    """A read-only stream over ``fh`` that keeps recently read 16 KiB blocks (LRU).
 
     Filesystem metadata (inodes, directory blocks, extent trees, L2 tables) is read in small
     pieces scattered over the disk; without a cache each piece costs a whole cluster read
     from the container. Large reads (file content) go straight through."""
 
-    BLOCK = 1 << 16
-    BLOCKS = 512  # 32 MiB
-    DIRECT = 8 * BLOCK  # reads this long bypass the cache
+    BLOCK = 1 << 14  # 16 KiB: a directory block costs 16 KiB of storage reads, not a cluster
+    BLOCKS = 2048  # 32 MiB
+    DIRECT = 1 << 19  # reads this long bypass the cache
 
     def __init__(self, fh: Any, size: int) -> None:
+        from dissect.util.stream import AlignedStream
+
         self._fh = fh
         self.size = size
         self._pos = 0
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        # dissect's container streams read whole clusters (64 KiB for QCOW2) through their
+        # own one-cluster buffer; their _read(offset, length) takes any sector-aligned range.
+        self._raw = fh._read if isinstance(fh, AlignedStream) else None
 
     def seek(self, offset: int, whence: int = 0) -> int:
         base = {0: 0, 1: self._pos, 2: self.size}[whence]
@@ -102,8 +107,12 @@ class BlockCache:
         if block is not None:
             self._blocks.move_to_end(i)
             return block
-        self._fh.seek(i * self.BLOCK)
-        block = self._fh.read(min(self.BLOCK, self.size - i * self.BLOCK))
+        length = min(self.BLOCK, self.size - i * self.BLOCK)
+        if self._raw is not None:
+            block = self._raw(i * self.BLOCK, length)
+        else:
+            self._fh.seek(i * self.BLOCK)
+            block = self._fh.read(length)
         self._blocks[i] = block
         if len(self._blocks) > self.BLOCKS:
             self._blocks.popitem(last=False)
