@@ -36,9 +36,11 @@ from offscan.images.diskcache import DiskCache
 from offscan.images.diskscan import scan_disk
 
 pytestmark = pytest.mark.skipif(
-    not have("mkfs.ext4", "qemu-img", "qemu-io", "debugfs", "sfdisk", "mkfs.vfat", "mcopy"),
-    reason="e2fsprogs, qemu-utils, fdisk and dosfstools/mtools are needed to build test images",
+    not have("mkfs.ext4", "qemu-img", "qemu-io", "debugfs"),
+    reason="e2fsprogs and qemu-utils are needed to build test images",
 )
+needs_sfdisk = pytest.mark.skipif(not have("sfdisk", "mkfs.vfat"), reason="fdisk not installed")
+needs_mtools = pytest.mark.skipif(not have("mkfs.vfat", "mcopy"), reason="mtools not installed")
 
 MATCHER = Matcher(load_database())
 BIG = bytes(range(256)) * 400  # 100 KiB, several extents' worth of blocks
@@ -140,6 +142,7 @@ def test_corrupt_images_are_errors(ext4_raws: dict[str, Path], tmp_path: Path) -
         assert out.returncode in (1, 2) and "Traceback" not in out.stderr
 
 
+@needs_mtools
 def test_fat_image(tmp_path: Path) -> None:
     image = fat_image(
         tmp_path / "fat.img",
@@ -176,6 +179,7 @@ def test_ntfs_image(tmp_path: Path) -> None:
     assert not any(p.startswith("/$") for p in paths(report.files))  # metafiles are not files
 
 
+@needs_sfdisk
 def test_gpt_and_mbr_partitions(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", INFECTED_TREE)
     gpt = tmp_path / "gpt.raw"
