@@ -59,9 +59,9 @@ def ext4_image(path: Path, tree: Path, size: str = "8M", *, offset: int = 0) -> 
     return path
 
 
-def convert(raw: Path, fmt: str, out: Path) -> Path:
-    """``qemu-img convert`` to ``fmt`` (qcow2, vmdk, vhdx, vpc)."""
-    sh("qemu-img", "convert", "-f", "raw", "-O", fmt, raw, out)
+def convert(raw: Path, fmt: str, out: Path, *options: str) -> Path:
+    """``qemu-img convert`` to ``fmt`` (qcow2, vmdk, vhdx, vpc, vdi); ``-c`` compresses."""
+    sh("qemu-img", "convert", *options, "-f", "raw", "-O", fmt, raw, out)
     return out
 
 

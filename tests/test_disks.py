@@ -36,9 +36,11 @@ from offscan.images.diskcache import DiskCache
 from offscan.images.diskscan import scan_disk
 
 pytestmark = pytest.mark.skipif(
-    not have("mkfs.ext4", "qemu-img", "qemu-io", "debugfs", "sfdisk", "mkfs.vfat", "mcopy"),
-    reason="e2fsprogs, qemu-utils, fdisk and dosfstools/mtools are needed to build test images",
+    not have("mkfs.ext4", "qemu-img", "qemu-io", "debugfs"),
+    reason="e2fsprogs and qemu-utils are needed to build test images",
 )
+needs_sfdisk = pytest.mark.skipif(not have("sfdisk", "mkfs.vfat"), reason="fdisk not installed")
+needs_mtools = pytest.mark.skipif(not have("mkfs.vfat", "mcopy"), reason="mtools not installed")
 
 MATCHER = Matcher(load_database())
 BIG = bytes(range(256)) * 400  # 100 KiB, several extents' worth of blocks
@@ -60,6 +62,7 @@ FORMATS = {
     "vhdx": "vhdx",
     "vhd": "vpc",
     "vdi": "vdi",
+    "qcow2-compressed": "qcow2",
 }
 
 
@@ -78,13 +81,15 @@ def ext4_raws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_ext4_in_every_container(fmt: str, ext4_raws: dict[str, Path], tmp_path: Path) -> None:
     images = {}
+    options = ("-c",) if fmt.endswith("-compressed") else ()
+    kind = fmt.removesuffix("-compressed")
     for name, raw in ext4_raws.items():
-        images[name] = (
-            raw if FORMATS[fmt] is None else convert(raw, FORMATS[fmt], tmp_path / f"{name}.{fmt}")
-        )
-    assert sniff_file(str(images["infected"])) == fmt  # by magic bytes, not by name
+        target = FORMATS[fmt]
+        out = tmp_path / f"{name}.img"  # the name says nothing: the magic bytes do
+        images[name] = raw if target is None else convert(raw, target, out, *options)
+    assert sniff_file(str(images["infected"])) == kind
     report = scan_image(images["infected"], MATCHER)
-    assert report.kind == f"{fmt} disk image"
+    assert report.kind == f"{kind} disk image"
     assert paths(report.infected) == ["/home/u/eicar.com", "/var/spool/copy.com"]
     assert all(f.matches == (EICAR_NAME,) for f in report.infected)
     assert sorted(paths(report.files)) == sorted("/" + p for p in INFECTED_TREE)
@@ -137,6 +142,7 @@ def test_corrupt_images_are_errors(ext4_raws: dict[str, Path], tmp_path: Path) -
         assert out.returncode in (1, 2) and "Traceback" not in out.stderr
 
 
+@needs_mtools
 def test_fat_image(tmp_path: Path) -> None:
     image = fat_image(
         tmp_path / "fat.img",
@@ -173,6 +179,7 @@ def test_ntfs_image(tmp_path: Path) -> None:
     assert not any(p.startswith("/$") for p in paths(report.files))  # metafiles are not files
 
 
+@needs_sfdisk
 def test_gpt_and_mbr_partitions(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", INFECTED_TREE)
     gpt = tmp_path / "gpt.raw"
@@ -224,6 +231,8 @@ def test_overlay_changing_one_of_300_files_reads_only_that_file(tmp_path: Path) 
     assert report.layers == [("disk (ext2/3/4)", "delta")]
     # the 64 KiB cluster copied on write holds neighbours: compared with the base, not scanned
     assert 0 < report.bytes_compared <= 2 * 65536
+    # metadata (inodes, directories) is read through the overlay too, but no file content
+    assert report.bytes_read < base_report.bytes_read / 2
     # through the CLI, base verdicts inherited from --state
     state = tmp_path / "cli-state"
     run("scan-image", "--state", state, base)
@@ -304,3 +313,87 @@ def test_exfat_image_is_read(tmp_path: Path) -> None:
     bad.write_bytes(bytes(broken))
     with pytest.raises(ImageError):
         scan_image(bad, MATCHER)
+
+
+def test_vmdk_descriptor_and_extents_are_one_image(
+    ext4_raws: dict[str, Path], tmp_path: Path
+) -> None:
+    """A descriptor VMDK's extent files are part of its cache key: replacing the flat extent
+    under an unchanged descriptor is noticed with --state."""
+    desc = tmp_path / "vm.vmdk"
+    sh(
+        "qemu-img",
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        ext4_raws["clean"],
+        desc,
+    )
+    flat = tmp_path / "vm-flat.vmdk"
+    assert flat.exists() and desc.stat().st_size < 4096
+    sparse = tmp_path / "split.vmdk"
+    sh(
+        "qemu-img",
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        ext4_raws["infected"],
+        sparse,
+    )
+    assert paths(scan_image(sparse, MATCHER).infected) == [
+        "/home/u/eicar.com",
+        "/var/spool/copy.com",
+    ]
+    state = tmp_path / "state"
+    first = json.loads(run("scan-image", "--json", "--state", state, desc).stdout)
+    assert first["infected"] == [] and first["bytes_read"] > flat.stat().st_size // 2
+    flat.write_bytes(ext4_raws["infected"].read_bytes())  # same size, other content
+    out = run("scan-image", "--json", "--state", state, desc)
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["infected"] == ["/home/u/eicar.com", "/var/spool/copy.com"]
+
+
+def test_vmdk_child_disk_is_a_delta_over_its_parent(tmp_path: Path) -> None:
+    files = {f"srv/f{i:02d}": (f"vmdk {i} ".encode() * 1000)[:8192] for i in range(50)}
+    raw = ext4_image(tmp_path / "base.raw", make_tree(tmp_path / "tree", files), "16M")
+    base = convert(raw, "vmdk", tmp_path / "base.vmdk")
+    child = tmp_path / "child.vmdk"
+    sh("qemu-img", "create", "-q", "-f", "vmdk", "-b", base.name, "-F", "vmdk", child)
+    src = tmp_path / "w.bin"
+    src.write_bytes(EICAR.ljust(4096, b"\0"))
+    offset = block_of(raw, "/srv/f20") * 4096
+    sh("qemu-io", "-f", "vmdk", "-c", f"write -q -s {src} {offset} 4096", child)
+    cache = DiskCache()
+    assert scan_disk(base, MATCHER, cache=cache).files_read == 50
+    report = scan_disk(child, MATCHER, cache=cache)
+    assert report.kind == "vmdk disk image, overlay on " + str(base)
+    assert paths(report.infected) == ["/srv/f20"]
+    assert report.files_read == 1 and report.files_inherited == 49
+
+
+def test_backing_file_must_be_a_disk_image(tmp_path: Path) -> None:
+    """An image naming a host file as its raw base is refused, not read as a disk."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(EICAR + b"\n" + b"password\n" * 1000)
+    clone = tmp_path / "clone.qcow2"
+    sh(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        secret.name,
+        "-F",
+        "raw",
+        clone,
+        "16M",
+    )
+    out = run("scan-image", clone)
+    assert out.returncode == 2 and "backing file 'secret.txt'" in out.stderr
+    assert "FOUND" not in out.stdout

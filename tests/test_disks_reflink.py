@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from disks_support import convert, loop_available, loop_mounted, sh
-from helpers import EICAR, EICAR_NAME, running_appliance, status
+from helpers import EICAR, EICAR_NAME, run, running_appliance, status
 
 from offscan import Matcher, load_database
 from offscan.cache import digest_fd
@@ -44,6 +44,12 @@ def xfs(tmp_path: Path) -> Iterator[Path]:
     with loop_mounted(image, tmp_path / "mnt") as mnt:
         yield mnt
     image.unlink()
+
+
+def vm_area(root: Path) -> list[str]:
+    """``--vm-area ROOT`` when this build's ``serve`` has the option, else nothing."""
+    out = run("serve", "--help")
+    return ["--vm-area", str(root)] if "--vm-area" in out.stdout else []
 
 
 def reflink(src: Path, dst: Path) -> None:
@@ -117,8 +123,8 @@ def test_appliance_gives_a_reflinked_copy_its_verdict_unread(xfs: Path, tmp_path
     write_synced(vm / "big.bin", BODY)
     work = tmp_path / "work"
     work.mkdir()
-    # (with issue 14's --vm-area, the XFS mount is the VM area to allow)
-    with running_appliance(work) as app:
+    # once `serve` confines VM roots to --vm-area (issue 14), the XFS mount is the area
+    with running_appliance(work, *vm_area(xfs)) as app:
 
         async def scan(*names: str) -> list[dict]:
             c = ApplianceClient(str(app.sock), shim_id="t")

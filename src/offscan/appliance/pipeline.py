@@ -362,19 +362,30 @@ class Pipeline:
         known = self.inherited.get(ident)
         if known is not None:
             return known, "clone", None
-        loop = asyncio.get_running_loop()
-        known = await loop.run_in_executor(self.pool, self.extents.lookup, fd, st)
-        if known is not None:  # a reflinked copy of content digested before: nothing read
-            self.memo.put(ident, known)
-            return known, "clone", None
-        read = await loop.run_in_executor(self.pool, read_digest, fd, st.st_size)
-        digest, nread = read.digest, read.nread
+        digest, nread, shared, data = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self._read_digest, fd, st, ident, root, path
+        )
+        if shared:  # a reflinked copy of content digested before: nothing read
+            self.memo.put(ident, digest)
+            return digest, "clone", None
         self.counters.bytes_read += nread
         if Identity.from_stat("local", os.fstat(fd)) == ident:
             self.memo.put(ident, digest)
-            if root:
-                await loop.run_in_executor(self.pool, self.extents.note, fd, st, digest, root, path)
-        return digest, "digest", read.data
+        return digest, "digest", data
+
+    def _read_digest(
+        self, fd: int, st: os.stat_result, ident: Identity, root: str, path: str
+    ) -> tuple[bytes, int, bool, bytearray | None]:
+        """(digest, bytes read, from shared extents, the bytes of a small file): the reflink
+        index first (cache/extents.py, zero bytes read), else one read that keeps a small
+        file's bytes for the match, noted for later copies when the file did not change."""
+        known = self.extents.lookup(fd, st)
+        if known is not None:
+            return known, 0, True, None
+        read = read_digest(fd, st.st_size)
+        if root and Identity.from_stat("local", os.fstat(fd)) == ident:
+            self.extents.note(fd, st, read.digest, root, path)
+        return read.digest, read.nread, False, read.data
 
     async def _match(
         self,

@@ -12,6 +12,7 @@ Reads the image files; writes nothing.
 from __future__ import annotations
 
 import os
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -55,21 +56,26 @@ class CountingFile:
 
 
 class BlockCache:
-    """A read-only stream over ``fh`` that keeps recently read 64 KiB blocks (LRU).
+    """A read-only stream over ``fh`` that keeps recently read 16 KiB blocks (LRU).
 
     Filesystem metadata (inodes, directory blocks, extent trees, L2 tables) is read in small
     pieces scattered over the disk; without a cache each piece costs a whole cluster read
     from the container. Large reads (file content) go straight through."""
 
-    BLOCK = 1 << 16
-    BLOCKS = 512  # 32 MiB
-    DIRECT = 8 * BLOCK  # reads this long bypass the cache
+    BLOCK = 1 << 14  # 16 KiB: a directory block costs 16 KiB of storage reads, not a cluster
+    BLOCKS = 2048  # 32 MiB
+    DIRECT = 1 << 19  # reads this long bypass the cache
 
     def __init__(self, fh: Any, size: int) -> None:
+        from dissect.util.stream import AlignedStream
+
         self._fh = fh
         self.size = size
         self._pos = 0
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        # dissect's container streams read whole clusters (64 KiB for QCOW2) through their
+        # own one-cluster buffer; their _read(offset, length) takes any sector-aligned range.
+        self._raw = fh._read if isinstance(fh, AlignedStream) else None
 
     def seek(self, offset: int, whence: int = 0) -> int:
         base = {0: 0, 1: self._pos, 2: self.size}[whence]
@@ -83,13 +89,15 @@ class BlockCache:
         end = self.size if n is None or n < 0 else min(self.size, self._pos + n)
         if end <= self._pos:
             return b""
-        if end - self._pos >= self.DIRECT:
+        first, last = self._pos // self.BLOCK, (end - 1) // self.BLOCK
+        skip = self._pos - first * self.BLOCK
+        if first == last:  # most metadata reads: a slice of one cached block
+            data: bytes = self._block(first)[skip : skip + end - self._pos]
+        elif end - self._pos >= self.DIRECT:
             self._fh.seek(self._pos)
-            data: bytes = self._fh.read(end - self._pos)
+            data = self._fh.read(end - self._pos)
         else:
-            first, last = self._pos // self.BLOCK, (end - 1) // self.BLOCK
-            joined = b"".join(self._block(i) for i in range(first, last + 1))
-            skip = self._pos - first * self.BLOCK
+            joined = b"".join([self._block(i) for i in range(first, last + 1)])
             data = joined[skip : skip + end - self._pos]
         self._pos += len(data)
         return data
@@ -99,8 +107,12 @@ class BlockCache:
         if block is not None:
             self._blocks.move_to_end(i)
             return block
-        self._fh.seek(i * self.BLOCK)
-        block = self._fh.read(min(self.BLOCK, self.size - i * self.BLOCK))
+        length = min(self.BLOCK, self.size - i * self.BLOCK)
+        if self._raw is not None:
+            block = self._raw(i * self.BLOCK, length)
+        else:
+            self._fh.seek(i * self.BLOCK)
+            block = self._fh.read(length)
         self._blocks[i] = block
         if len(self._blocks) > self.BLOCKS:
             self._blocks.popitem(last=False)
@@ -120,6 +132,7 @@ class Disk:
     files: list[CountingFile] = field(default_factory=list)
     backing: Disk | None = None
     changed: list[Range] | None = None
+    named: bool = True  # every file the reader opened is in ``files`` (else: not cacheable)
 
     @property
     def size(self) -> int:
@@ -169,11 +182,11 @@ def _open(path: str, kind: FileKind, f: CountingFile, depth: int) -> Disk:
     if kind == "vmdk":
         from dissect.hypervisor.disk.vmdk import VMDK
 
-        return Disk(path, kind, VMDK(f), [f])
+        return _vmdk_delta(_adopted(Disk(path, kind, VMDK(f), [f])), depth)
     if kind == "vhdx":
         from dissect.hypervisor.disk.vhdx import VHDX
 
-        return Disk(path, kind, VHDX(f), [f])
+        return _adopted(Disk(path, kind, VHDX(f), [f]))
     if kind == "vhd":
         from dissect.hypervisor.disk.vhd import VHD
 
@@ -183,6 +196,77 @@ def _open(path: str, kind: FileKind, f: CountingFile, depth: int) -> Disk:
 
         return Disk(path, kind, VDI(f).open(), [f])
     raise ImageError(f"{path}: unsupported image kind {kind}")
+
+
+def _vmdk_delta(disk: Disk, depth: int) -> Disk:
+    """A sparse VMDK child of a single-file parent (``qemu-img create -f vmdk -b base.vmdk``,
+    vSphere's delta disks) as base + delta: the parent opened on its own as ``backing``, the
+    grains the child holds (allocated or zeroed) as ``changed``. Other layouts are read
+    through their parents by dissect and scanned in full."""
+    subs = getattr(disk.stream, "disks", [])
+    parent = getattr(subs[0], "parent", None) if len(subs) == 1 else None
+    pdisks = getattr(parent, "disks", [])
+    if parent is None or len(pdisks) != 1 or not isinstance(pdisks[0].fh, CountingFile):
+        return disk
+    if depth + 1 >= MAX_BACKING_DEPTH:
+        raise ImageError(f"{disk.path}: parent chain deeper than {MAX_BACKING_DEPTH}")
+    try:
+        disk.changed = _present(subs[0])
+        disk.backing = open_disk(pdisks[0].fh.name, "vmdk", _depth=depth + 1)
+    except BaseException:
+        disk.close()
+        raise
+    return disk
+
+
+def _present(sparse: Any) -> list[Range]:
+    """The guest ranges a sparse VMDK extent holds itself (run type 0: read from the parent)."""
+    out: list[Range] = []
+    pos = 0
+    for run_type, _off, count, _parent in sparse.get_runs(0, int(sparse.sector_count)):
+        length = count * 512
+        if run_type != 0:
+            if out and out[-1][0] + out[-1][1] == pos:
+                out[-1] = (out[-1][0], out[-1][1] + length)
+            else:
+                out.append((pos, length))
+        pos += length
+    return out
+
+
+def _adopted(disk: Disk) -> Disk:
+    """Swap the files a VMDK or VHDX reader opened itself (descriptor extents, parents) for
+    counted ones that :meth:`Disk.close` closes and the cache key covers."""
+    seen: set[int] = set()
+    todo: list[Any] = [disk.stream]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if hasattr(obj, "fh") and not _swap(obj, disk.files):
+            disk.named = False
+        todo.extend(getattr(obj, "disks", ()))
+        if getattr(obj, "parent", None) is not None:
+            todo.append(obj.parent)
+    return disk
+
+
+def _swap(holder: Any, files: list[CountingFile]) -> bool:
+    fh = holder.fh
+    if isinstance(fh, CountingFile):
+        return True
+    name = getattr(fh, "name", None)
+    if not isinstance(name, str):
+        return False
+    counted = CountingFile(name)
+    fh.close()
+    holder.fh = counted
+    for attr in ("read", "seek", "tell"):  # RawDisk binds its file's methods at init
+        if attr in vars(holder):
+            setattr(holder, attr, getattr(counted, attr))
+    files.append(counted)
+    return True
 
 
 def _open_qcow2(path: str, f: CountingFile, depth: int) -> Disk:
@@ -197,18 +281,37 @@ def _open_qcow2(path: str, f: CountingFile, depth: int) -> Disk:
             raise ImageError(f"{path}: backing chain deeper than {MAX_BACKING_DEPTH}")
         name = q.auto_backing_file
         bpath = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
-        fmt = (q.backing_format or "").lower()
-        bkind: FileKind | None = "raw" if fmt == "raw" else "qcow2" if fmt == "qcow2" else None
         try:
-            backing = open_disk(bpath, bkind, _depth=depth + 1)
+            backing = open_disk(bpath, _backing_kind(bpath, q.backing_format), _depth=depth + 1)
         except ImageError as exc:
             raise ImageError(f"{path}: backing file {name!r}: {exc}") from None
         q.backing_file = backing.stream
-    stream = q.open()
-    disk = Disk(path, "qcow2", stream, [f], backing)
-    if backing is not None:
-        disk.changed = _allocated(stream, int(q.header.size))
+    try:
+        stream = q.open()
+        disk = Disk(path, "qcow2", stream, [f], backing)
+        if backing is not None:
+            disk.changed = _allocated(stream, int(q.header.size))
+    except BaseException:
+        if backing is not None:
+            backing.close()
+        raise
     return disk
+
+
+def _backing_kind(path: str, declared: str | None) -> FileKind:
+    """A backing file must be a regular file holding a disk image by its own magic bytes, of
+    the format the overlay declares: an image naming ``/etc/shadow`` or ``/dev/sda`` as its
+    raw base is refused rather than read and reported as files."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageError("not a regular file")
+    except OSError as exc:
+        raise ImageError(os_reason(exc)) from None
+    kind = sniff_file(path)
+    fmt = (declared or "").lower()
+    if kind not in ("raw", "qcow2") or (fmt and fmt != kind):
+        raise ImageError(f"holds {kind}, not the {fmt or 'raw or qcow2'} disk image it should")
+    return kind
 
 
 def _allocated(stream: Any, size: int) -> list[Range]:

@@ -120,8 +120,12 @@ class DiskCache:
         *,
         state_dir: str | os.PathLike[str] | None = None,
         max_entries: int = DEFAULT_DISK_CACHE_ENTRIES,
+        hash_images: bool = True,
     ) -> None:
         self.max_entries = max_entries
+        # Without hashing, images are named by their identity alone: for a cache that lives
+        # one run (no state dir), where hashing would only cost a full read of every image.
+        self.hash_images = hash_images or state_dir is not None
         self._memory: OrderedDict[tuple[str, str], FsRecord] = OrderedDict()
         self._digests: dict[tuple[int, ...], str] = {}
         self._lock = threading.Lock()
@@ -194,12 +198,15 @@ class DiskCache:
     # -- image digests ---------------------------------------------------------------------
 
     def digest(self, path: str) -> str:
-        """``sha256:<hex>`` of the file at ``path``, memoized by its identity."""
+        """``sha256:<hex>`` of the file at ``path``, memoized by its identity (or the identity
+        itself when ``hash_images`` is off)."""
         try:
             st = os.stat(path)
         except OSError as exc:
             raise ImageError(f"{path}: {os_reason(exc)}") from None
         ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if not self.hash_images:
+            return "identity:" + ":".join(map(str, ident))
         with self._lock:
             known = self._digests.get(ident)
         if known is not None:

@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from ..engine import Matcher
 from .containers import Disk, Range, open_disk
@@ -76,7 +76,8 @@ def scan_disk(
     t0 = time.monotonic()
     if cache is not None and state_dir is not None:
         raise ValueError("give state_dir or cache, not both")
-    cache = cache if cache is not None else DiskCache(state_dir=state_dir)
+    if cache is None:  # one run only without a state dir: no need to hash the image files
+        cache = DiskCache(state_dir=state_dir, hash_images=state_dir is not None)
     spath = os.fspath(path)
     hashed0 = cache.bytes_hashed
     disk = open_disk(spath, kind)
@@ -134,13 +135,12 @@ def _at(f: ImageFile, path: str) -> ImageFile:
 
 
 def _chain_digest(disk: Disk, cache: DiskCache) -> str | None:
-    """A digest over every file the disk's bytes come from; None when dissect opened files of
-    its own that cannot be named (the record is then not cached)."""
-    parts = [cache.digest(disk.path)]
-    for extra in _extra_files(disk.stream, disk.path):
-        if extra is None:
-            return None
-        parts.append(cache.digest(extra))
+    """A digest over every file the disk's bytes come from (the image, extents and parents
+    its reader opened, the QCOW2 backing chain); None when the reader opened a file that
+    cannot be named (the record is then not cached)."""
+    if not disk.named:
+        return None
+    parts = [cache.digest(f.name) for f in disk.files]
     if disk.backing is not None:
         below = _chain_digest(disk.backing, cache)
         if below is None:
@@ -149,22 +149,6 @@ def _chain_digest(disk: Disk, cache: DiskCache) -> str | None:
     if len(parts) == 1:
         return parts[0]
     return "sha256:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-
-def _extra_files(stream: Any, own: str) -> Iterator[str | None]:
-    """Files a VMDK (descriptor extents, parents) or VHDX (parents) reader opened itself."""
-    for sub in getattr(stream, "disks", ()):  # VMDK extents
-        name = getattr(getattr(sub, "fh", None), "name", None)
-        if not isinstance(name, str):
-            yield None
-        elif name != own:
-            yield name
-    parent = getattr(stream, "parent", None)
-    if parent is not None:
-        if not hasattr(parent, "disks"):  # a VHDX parent reads its own file
-            name = getattr(getattr(parent, "fh", None), "name", None)
-            yield name if isinstance(name, str) else None
-        yield from _extra_files(parent, own)
 
 
 def _record(disk: Disk, vol: Volume, run: _Run) -> tuple[FsRecord, str]:
