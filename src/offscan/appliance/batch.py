@@ -128,9 +128,9 @@ class BatchScans:
             if name not in owned:
                 try:
                     owned[name] = rec = registry.owned(shim, name)
-                    policy = registry.effective_policy(rec)
-                    rules = policy.get("exclude_ext") or policy.get("exclude_globs")
-                    path_rules[name] = policy if rules else None
+                    effective = registry.effective_policy(rec)
+                    rules = effective.get("exclude_ext") or effective.get("exclude_globs")
+                    path_rules[name] = effective if rules else None
                 except RequestFailed:
                     owned[name] = None
             vm = owned[name]
@@ -140,8 +140,9 @@ class BatchScans:
                 ok = vm is not None and (fd is None or bool(check_relpath(path)))
             except ConfinementError:
                 ok = False
-            policy = path_rules.get(name)
-            if not ok or vm is None or (policy is not None and policies.excluded(policy, path)):
+            rules_of = path_rules.get(name)
+            excluded = rules_of is not None and bool(policies.excluded(rules_of, path))
+            if not ok or vm is None or excluded:
                 self._slow(shim, scan, fd, t0)
             elif fd is None:
                 to_open.append((scan, vm))
