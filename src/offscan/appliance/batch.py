@@ -120,7 +120,7 @@ class BatchScans:
         to open; the others go to the pipeline now."""
         registry = self.app.registry
         owned: dict[str, VMRecord | None] = {}
-        policy_of: dict[str, dict[str, Any]] = {}
+        path_rules: dict[str, dict[str, Any] | None] = {}  # the policy, if it excludes paths
         opened: list[tuple[dict[str, Any], VMRecord, int, os.stat_result]] = []
         to_open: list[tuple[dict[str, Any], VMRecord]] = []
         for scan in scans:
@@ -128,15 +128,21 @@ class BatchScans:
             if name not in owned:
                 try:
                     owned[name] = rec = registry.owned(shim, name)
-                    policy_of[name] = registry.effective_policy(rec)
+                    effective = registry.effective_policy(rec)
+                    rules = effective.get("exclude_ext") or effective.get("exclude_globs")
+                    path_rules[name] = effective if rules else None
                 except RequestFailed:
                     owned[name] = None
             vm = owned[name]
+            # A path-mode scan is checked component by component when it is opened (an escape
+            # fails there and takes the slow path, which refuses it); an fd-mode one here.
             try:
-                ok = vm is not None and bool(check_relpath(path))
+                ok = vm is not None and (fd is None or bool(check_relpath(path)))
             except ConfinementError:
                 ok = False
-            if not ok or vm is None or policies.excluded(policy_of[name], path):
+            rules_of = path_rules.get(name)
+            excluded = rules_of is not None and bool(policies.excluded(rules_of, path))
+            if not ok or vm is None or excluded:
                 self._slow(shim, scan, fd, t0)
             elif fd is None:
                 to_open.append((scan, vm))
