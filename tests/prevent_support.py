@@ -24,8 +24,8 @@ from offscan.shim.fanotify import unavailable
 OPEN_TIMEOUT = 60.0  # seconds an opener may take before it counts as a hang
 EPERM_EXIT = 13  # what an opener exits with when its open() fails with EPERM
 
-# Opens (or executes) each path given; prints one line per path: OK or EPERM (any other error
-# is a traceback and exit 1). With -j N it opens from N threads at once.
+# Opens each path given; prints one line per path: OK, EPERM or ENOENT (any other error is a
+# traceback and exit 1). With -j N it opens from N threads at once.
 OPENER = r"""
 import errno, os, sys
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +41,8 @@ def one(path):
     except PermissionError as exc:
         assert exc.errno == errno.EPERM, exc
         return "EPERM"
+    except FileNotFoundError:
+        return "ENOENT"
 with ThreadPoolExecutor(jobs) as pool:
     results = list(pool.map(one, args))
 print("\n".join(results), flush=True)

@@ -96,6 +96,24 @@ def test_infected_open_fails_with_eperm_and_clean_opens_work(tmp_path: Path) -> 
             assert appliance.verdict_paths()[("vm1", "eicar.com")]["status"] == "infected"
 
 
+def test_infected_on_open_is_denied_then_quarantined(tmp_path: Path) -> None:
+    """The VM's actions run as for any detection; the appliance's own opens (the move into
+    the vault) are not held."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[default]\nactions = ["quarantine", "deny"]\n')
+    with tmpfs(tmp_path / "vmq") as root:
+        args = ("--policies", str(policy))
+        with prevented(tmp_path, root, appliance_args=args) as (appliance, _shim):
+            write_in_child(root / "eicar.com", EICAR)
+            first = open_in_child(root / "eicar.com")
+            wait_for(lambda: not (root / "eicar.com").exists(), 60, "moved into the vault")
+            assert first in (["EPERM"], ["ENOENT"])  # denied, or already in the vault
+            out = run("quarantine", "list", "--appliance", appliance.sock)
+            assert out.returncode == 0 and "eicar.com" in out.stdout, out.stdout
+            p = wait_prevention(appliance.sock, "vmq", held=0)
+            assert p["timeouts"] == 0 and p["unreachable"] == 0
+
+
 def test_directory_mode_holds_files_in_new_directories(tmp_path: Path) -> None:
     root = tmp_path / "vm2"
     (root / "old").mkdir(parents=True)

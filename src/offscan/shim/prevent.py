@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import resource
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -46,6 +47,7 @@ REPORT_INTERVAL = 1.0  # seconds between reports of the counters to the applianc
 DIR_RESCAN_INTERVAL = 1.0  # seconds between marking new directories (directory mode)
 WATCHDOG_TICK = 0.02  # seconds between checks for held opens past their deadline
 MAX_PRESCANS = 16  # post-write scans in flight at once (more are left to the watch)
+GIL_SWITCH_INTERVAL = 0.0005  # seconds; see Prevention.run
 TIMEOUT_LOG_INTERVAL = 5.0  # seconds between repeated "answered by the fail mode" lines
 
 
@@ -316,6 +318,9 @@ class Prevention:
                 self.off[name] = reason
                 continue
             self.off.pop(name, None)
+            # A reader thread answering from the memo must get the GIL quickly even while the
+            # loop is busy (the default 5 ms switch interval would be a cached open's p99).
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
             self.guards[name] = guard
             self._was_on.add(name)
             log.warning(
@@ -359,11 +364,28 @@ class Prevention:
         task.add_done_callback(self._tasks.discard)
 
     def _spawn_prescan(self, guard: Guard, fd: int, relpath: str, identity: Identity) -> None:
-        task = asyncio.ensure_future(self._prescan(guard, fd, relpath, identity))
+        """On the loop, in event order: an open right after this close finds the post-write
+        scan in flight and waits for it rather than asking again."""
+        if identity in self._inflight:
+            with self._prescan_lock:
+                self._prescans -= 1
+            os.close(fd)
+            return
+        fut: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self._inflight[identity] = fut
+        task = asyncio.ensure_future(self._prescan(guard, fd, relpath, identity, fut))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _prescan(self, guard: Guard, fd: int, relpath: str, identity: Identity) -> None:
+    async def _prescan(
+        self,
+        guard: Guard,
+        fd: int,
+        relpath: str,
+        identity: Identity,
+        fut: asyncio.Future[bool | None],
+    ) -> None:
+        allow: bool | None = None
         try:
             client = self._link.client
             if client is not None and self._link.online:
@@ -371,9 +393,14 @@ class Prevention:
                     self._scan(client, guard.vm, relpath, fd), DEFAULT_PREVENTION_TIMEOUT
                 )
                 self._remember(fd, identity, verdict)
+                allow = verdict.get("action") == "allow"
         except Exception as exc:  # the watch delivers it anyway
             log.debug("VM %s: post-write scan of %s: %s", guard.vm, relpath, exc)
         finally:
+            if self._inflight.get(identity) is fut:
+                del self._inflight[identity]
+            if not fut.done():
+                fut.set_result(allow)
             with self._prescan_lock:
                 self._prescans -= 1
             os.close(fd)
@@ -405,15 +432,19 @@ class Prevention:
         one request."""
         shared = self._inflight.get(held.identity)
         if shared is not None:
-            return await asyncio.shield(shared)
+            result = await asyncio.shield(shared)
+            if result is not None or not self._link.online:
+                return result
+            # That request got no verdict (e.g. a post-write scan that timed out): ask anew.
         fut: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
         self._inflight[held.identity] = fut
-        result: bool | None = None
+        result = None
         try:
             result = await self._ask(guard, held)
             return result
         finally:
-            del self._inflight[held.identity]
+            if self._inflight.get(held.identity) is fut:
+                del self._inflight[held.identity]
             fut.set_result(result)
 
     async def _ask(self, guard: Guard, held: Held) -> bool | None:

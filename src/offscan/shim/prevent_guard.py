@@ -284,18 +284,25 @@ class Guard:
             return True, None
         if not stat.S_ISREG(st.st_mode):
             return True, None
+        identity = identity_of(st)
+        if self.mode == "mount":
+            # Fast path: every file of the mount is under the root, so a memo hit needs no
+            # path (the appliance judged exclusions when it gave the verdict).
+            hit = owner.memo.get(identity)
+            if hit is not None:
+                return hit, "memo_hits"
         relpath = self._relpath(ev.fd)
-        if relpath is None:
+        if relpath is None:  # directory mode: a marked directory was moved out of the root
             return True, None
         if st.st_size == 0:  # nothing to judge (and every new file is opened empty first)
             return True, "allowed"
         timeout, fail_open, policy = owner.vm_settings(self.vm)
         if excluded(policy, relpath, st.st_size) is not None:
             return True, None
-        identity = identity_of(st)
-        hit = owner.memo.get(identity)
-        if hit is not None:
-            return hit, "memo_hits"
+        if self.mode != "mount":
+            hit = owner.memo.get(identity)
+            if hit is not None:
+                return hit, "memo_hits"
         held = Held(
             ev.fd,
             self.vm,
