@@ -130,6 +130,17 @@ def test_directory_mode_holds_files_in_new_directories(tmp_path: Path) -> None:
     assert open_in_child(root / "old" / "e.com") == ["OK"]  # shim stopped: marks gone
 
 
+def test_a_root_mounted_again_is_marked_again(tmp_path: Path) -> None:
+    root = tmp_path / "vmm"
+    with tmpfs(root):
+        with prevented(tmp_path, root) as (appliance, _shim):
+            subprocess.run(["umount", str(root)], check=True)
+            with tmpfs(root):  # a new filesystem where the marked one was
+                write_in_child(root / "eicar.com", EICAR)
+                wait_for(lambda: open_in_child(root / "eicar.com") == ["EPERM"], 60)
+                assert prevention_of(appliance.sock, "vmm")["mode"] == "mount"  # type: ignore[index]
+
+
 def test_exec_of_an_infected_script_fails(tmp_path: Path) -> None:
     db = marker_db(tmp_path / "marker.ndb")
     with tmpfs(tmp_path / "vm3") as root:

@@ -44,6 +44,7 @@ DEFAULT_PREVENTION_TIMEOUT = 5.0  # seconds a held open waits for its verdict (p
 MEMO_ENTRIES = 65_536  # identities remembered by the shim (LRU)
 KEEPER_INTERVAL = 0.2  # seconds between checks of which VMs want prevention
 REPORT_INTERVAL = 1.0  # seconds between reports of the counters to the appliance
+STALE_CHECK_INTERVAL = 1.0  # seconds between checks that each root is still what was marked
 DIR_RESCAN_INTERVAL = 1.0  # seconds between marking new directories (directory mode)
 WATCHDOG_TICK = 0.02  # seconds between checks for held opens past their deadline
 MAX_PRESCANS = 16  # post-write scans in flight at once (more are left to the watch)
@@ -142,6 +143,7 @@ class Prevention:
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_timeout_log = -1e9
+        self._last_stale_check = 0.0
         self._client_seen: ShimClient | None = None
 
     # ---------------------------------------------------------------- for the guards
@@ -296,9 +298,18 @@ class Prevention:
 
     async def _sync_guards(self) -> None:
         wanted = set() if self._stop.is_set() else self._wanted()
-        for name in [n for n in self.guards if n not in wanted]:
+        now = time.monotonic()
+        check = now - self._last_stale_check >= STALE_CHECK_INTERVAL
+        if check:
+            self._last_stale_check = now
+        for name in [
+            n for n in self.guards if n not in wanted or (check and self.guards[n].stale())
+        ]:
             guard = self.guards.pop(name)
-            log.warning("VM %s: on-access prevention off", name)
+            if name in wanted:
+                log.warning("VM %s: %s is another mount now; marking it again", name, guard.root)
+            else:
+                log.warning("VM %s: on-access prevention off", name)
             await self._in_pool(guard.stop)
         for name in [n for n in self.off if n not in wanted]:
             del self.off[name]
@@ -317,6 +328,9 @@ class Prevention:
                     log.error("VM %s: prevention unavailable (%s); watch mode only", name, reason)
                 self.off[name] = reason
                 continue
+            if self._stop.is_set():  # closed while it started
+                await self._in_pool(guard.stop)
+                return
             self.off.pop(name, None)
             # A reader thread answering from the memo must get the GIL quickly even while the
             # loop is busy (the default 5 ms switch interval would be a cached open's p99).

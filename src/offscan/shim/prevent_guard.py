@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -34,6 +35,7 @@ from .fanotify import (
     FanotifyError,
     FanotifyEvent,
     FanotifyGroup,
+    unique_mount_id,
 )
 
 if TYPE_CHECKING:
@@ -79,6 +81,33 @@ class Held:
         self.exec_ = exec_
 
 
+def mount_id(path: str) -> int | None:
+    """The id of the mount on top at ``path``: statx's unique id, else mountinfo's (which the
+    kernel may reuse at once), or None. Not the device number: a tmpfs mounted again may get
+    the same anonymous device."""
+    unique = unique_mount_id(path)
+    if unique is not None:
+        return unique
+    found = None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split(b" ", 5)
+                if len(fields) > 4 and _unescape(fields[4]) == path:
+                    found = int(fields[0])  # the last one listed is the one on top
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def _unescape(raw: bytes) -> str:
+    """mountinfo writes space, tab, newline and backslash in a path as octal escapes."""
+    text = os.fsdecode(raw)
+    if "\\" not in text:
+        return text
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
 def identity_of(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -91,6 +120,7 @@ class Guard:
         self.root = os.path.realpath(root)
         self.owner = owner
         self.mode: Mode = "mount" if os.path.ismount(self.root) else "directories"
+        self._mount = mount_id(self.root) if self.mode == "mount" else None
         self.group = FanotifyGroup()
         self.lock = threading.Lock()  # pending, counts, closed, and every loop-side respond
         self.pending: dict[int, Held] = {}
@@ -133,6 +163,14 @@ class Guard:
                 self._respond_locked(held, held.fail_open, None)
             self.pending.clear()
             self.group.close()
+
+    def stale(self) -> bool:
+        """The root is not what was marked any more (unmounted, another mount there, a
+        mount over a marked directory): the guard must be started again. A directory root
+        that was re-created needs no restart: the next rescan marks the new tree."""
+        if os.path.ismount(self.root) != (self.mode == "mount"):
+            return True
+        return self.mode == "mount" and mount_id(self.root) != self._mount
 
     def rescan(self) -> int:
         """Directory mode: mark directories not marked yet (new ones); the number marked."""
