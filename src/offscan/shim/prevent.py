@@ -145,6 +145,7 @@ class Prevention:
         self._last_timeout_log = -1e9
         self._last_stale_check = 0.0
         self._client_seen: ShimClient | None = None
+        self._unix: tuple[str, bool] | None = None  # (address, on a unix socket: fd passing)
 
     # ---------------------------------------------------------------- for the guards
 
@@ -403,9 +404,8 @@ class Prevention:
         try:
             client = self._link.client
             if client is not None and self._link.online:
-                verdict = await asyncio.wait_for(
-                    self._scan(client, guard.vm, relpath, fd), DEFAULT_PREVENTION_TIMEOUT
-                )
+                async with asyncio.timeout(DEFAULT_PREVENTION_TIMEOUT):
+                    verdict = await self._scan(client, guard.vm, relpath, fd)
                 self._remember(fd, identity, verdict)
                 allow = verdict.get("action") == "allow"
         except Exception as exc:  # the watch delivers it anyway
@@ -471,10 +471,9 @@ class Prevention:
         if fd is None:
             return None  # answered meanwhile (its deadline passed)
         try:
-            remaining = max(held.deadline - time.monotonic(), 0.001)
-            verdict = await asyncio.wait_for(
-                self._scan(client, held.vm, held.relpath, fd), remaining
-            )
+            # asyncio.timeout, not wait_for: no extra task per open on the hot path.
+            async with asyncio.timeout(max(held.deadline - time.monotonic(), 0.001)):
+                verdict = await self._scan(client, held.vm, held.relpath, fd)
             self._remember(fd, held.identity, verdict)
         finally:
             os.close(fd)
@@ -494,9 +493,12 @@ class Prevention:
     async def _scan(self, client: ShimClient, vm: str, relpath: str, fd: int) -> Verdict:
         """The verdict on the file behind ``fd``: passed as is on a unix socket (nothing is
         opened again), streamed on TCP. At ``access`` priority: an open is waiting."""
-        from ..protocol import parse_address
+        address = self._link.address  # may change (failover): the answer is per address
+        if self._unix is None or self._unix[0] != address:
+            from ..protocol import parse_address
 
-        if parse_address(self._link.address)[0] == "unix":
+            self._unix = (address, parse_address(address)[0] == "unix")
+        if self._unix[1]:
             return await client.scan_fd(vm, relpath, fd, prio="access")
         with os.fdopen(fd, "rb", closefd=False) as f:
             f.seek(0)
