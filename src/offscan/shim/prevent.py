@@ -303,14 +303,16 @@ class Prevention:
         check = now - self._last_stale_check >= STALE_CHECK_INTERVAL
         if check:
             self._last_stale_check = now
-        for name in [
-            n for n in self.guards if n not in wanted or (check and self.guards[n].stale())
-        ]:
-            guard = self.guards.pop(name)
-            if name in wanted:
+        for name, guard in list(self.guards.items()):
+            if name not in wanted:
+                log.warning("VM %s: on-access prevention off", name)
+            elif not guard.alive():
+                log.error("VM %s: its fanotify reader stopped; starting it again", name)
+            elif check and guard.stale():
                 log.warning("VM %s: %s is another mount now; marking it again", name, guard.root)
             else:
-                log.warning("VM %s: on-access prevention off", name)
+                continue
+            del self.guards[name]
             await self._in_pool(guard.stop)
         for name in [n for n in self.off if n not in wanted]:
             del self.off[name]

@@ -164,6 +164,10 @@ class Guard:
             self.pending.clear()
             self.group.close()
 
+    def alive(self) -> bool:
+        """The reader thread runs (if it died, opens would wait for it: restart the guard)."""
+        return self._thread.is_alive()
+
     def stale(self) -> bool:
         """The root is not what was marked any more (unmounted, another mount there, a
         mount over a marked directory): the guard must be started again. A directory root
@@ -259,6 +263,8 @@ class Guard:
         """Answer an event the reader decided itself, and close its descriptor."""
         try:
             self.group.respond(fd, allow)
+        except OSError as exc:  # the kernel no longer waits for it (or the group is gone)
+            log.debug("VM %s: answering an open: %s", self.vm, exc)
         finally:
             os.close(fd)
         if count is not None:
@@ -280,7 +286,10 @@ class Guard:
                 time.sleep(0.1)
                 continue
             for ev in events:
-                self._handle(ev)
+                try:
+                    self._handle(ev)
+                except Exception:  # this thread must live: a dead reader hangs every open
+                    log.exception("VM %s: handling a fanotify event failed", self.vm)
 
     def _handle(self, ev: FanotifyEvent) -> None:
         if ev.fd < 0:
