@@ -101,6 +101,24 @@ def start_openers(paths: list[Path], *, jobs: int = 1) -> subprocess.Popen[str]:
     )
 
 
+OPENAT = {"x86_64": 257, "aarch64": 56}.get(os.uname().machine)
+
+
+def blocked_in_open(proc: subprocess.Popen[str], count: int = 1) -> bool:
+    """At least ``count`` threads of ``proc`` sit in openat(2) right now: held by fanotify
+    (read from /proc/PID/task/*/syscall; the kernel holds the open inside that call)."""
+    if OPENAT is None:
+        pytest.skip(f"openat's syscall number on {os.uname().machine} is not known here")
+    waiting = 0
+    for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+        try:
+            nr = (task / "syscall").read_text().split(" ", 1)[0]
+        except OSError:
+            continue
+        waiting += nr == str(OPENAT)
+    return waiting >= count
+
+
 def results(proc: subprocess.Popen[str]) -> list[str]:
     out, err = proc.communicate(timeout=OPEN_TIMEOUT)
     assert proc.returncode in (0, EPERM_EXIT), err

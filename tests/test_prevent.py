@@ -15,6 +15,7 @@ import pytest
 from helpers import EICAR, ApplianceProc, Proc, run, wait_for
 from prevent_support import (
     OPEN_TIMEOUT,
+    blocked_in_open,
     open_in_child,
     prevented,
     prevention_of,
@@ -193,6 +194,7 @@ def test_appliance_killed_while_opens_are_held(tmp_path: Path, fail_mode: str) -
             waiting = start_openers(files[:3], jobs=3)
             assert results(waiting) == [expect] * 3  # answered by the timeout
             held = start_openers(files[3:], jobs=3)
+            wait_for(lambda: blocked_in_open(held, 3), 60, "three opens held")
             appliance.p.send_signal(signal.SIGKILL)
             appliance.p.wait()
             assert results(held) == [expect] * 3  # answered at once or by the timeout
@@ -211,6 +213,54 @@ def test_appliance_killed_while_opens_are_held(tmp_path: Path, fail_mode: str) -
             appliance.p.send_signal(signal.SIGCONT)
             appliance.stop()
     assert "no verdict" in (tmp_path / "shim.log").read_text()
+
+
+def test_shim_killed_while_opens_are_held_leaves_nothing_hanging(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "vmk") as root:
+        with prevented(tmp_path, root, "--prevent-timeout", "600") as (appliance, shim):
+            write_in_child(root / "a.txt", b"some content")
+            appliance.p.send_signal(signal.SIGSTOP)
+            try:
+                write_in_child(root / "b.txt", b"more content")  # no verdict can come now
+                held = start_openers([root / "b.txt"])
+                wait_for(lambda: blocked_in_open(held), 60, "the open is held")
+                shim.kill9()  # the kernel answers what the dead group held: allow
+                assert results(held) == ["OK"]
+            finally:
+                appliance.p.send_signal(signal.SIGCONT)
+
+
+def test_prevention_per_vm_policy_and_the_shims_own_opens(tmp_path: Path) -> None:
+    """Only the VM whose policy asks for prevention is held; the shim's own opens (fd
+    content mode: it opens every file it sends) are exempt, so nothing waits on itself."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[vm.held]\nprevention = true\n")
+    with tmpfs(tmp_path / "held") as held, tmpfs(tmp_path / "free") as free:
+        appliance = ApplianceProc(tmp_path, "--policies", str(policy))
+        shim: Proc | None = None
+        try:
+            shim = Proc(
+                ["shim", "--appliance", str(appliance.sock), "--content", "fd"]
+                + ["--vm", f"held={held}", "--vm", f"free={free}"],
+                tmp_path / "shim.log",
+            )
+            wait_prevention(appliance.sock, "held", enabled=True)
+            for root in (held, free):
+                for i in range(20):
+                    write_in_child(root / f"f{i}.txt", b"file %d" % i)
+                write_in_child(root / "eicar.com", EICAR)
+            assert open_in_child(held / "eicar.com") == ["EPERM"]
+            assert open_in_child(free / "eicar.com") == ["OK"]  # watched, not held
+            wait_for(lambda: len(appliance.verdict_paths()) >= 42, 60, "every file verdicted")
+            p = wait_prevention(appliance.sock, "held", exempt=lambda n: n >= 1, held=0)
+            assert p["timeouts"] == 0 and p["unreachable"] == 0
+            assert prevention_of(appliance.sock, "free") is None
+            out = run("status", "--appliance", appliance.sock)
+            assert "prevention off" in out.stdout and "prevention on (mount)" in out.stdout
+        finally:
+            if shim is not None:
+                shim.stop()
+            appliance.stop()
 
 
 def test_memo_is_dropped_when_the_pattern_version_changes(tmp_path: Path) -> None:
