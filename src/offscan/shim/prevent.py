@@ -46,6 +46,7 @@ KEEPER_INTERVAL = 0.2  # seconds between checks of which VMs want prevention
 REPORT_INTERVAL = 1.0  # seconds between reports of the counters to the appliance
 STALE_CHECK_INTERVAL = 1.0  # seconds between checks that each root is still what was marked
 DIR_RESCAN_INTERVAL = 1.0  # seconds between marking new directories (directory mode)
+RESCAN_DUTY = 10  # a rescan waits at least this many times as long as the last one took
 WATCHDOG_TICK = 0.02  # seconds between checks for held opens past their deadline
 MAX_PRESCANS = 16  # post-write scans in flight at once (more are left to the watch)
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see Prevention.run
@@ -144,6 +145,8 @@ class Prevention:
         self._stop = threading.Event()
         self._last_timeout_log = -1e9
         self._last_stale_check = 0.0
+        self._rescanning: asyncio.Future[int] | None = None
+        self._rescan_started = self._next_rescan = 0.0
         self._client_seen: ShimClient | None = None
         self._unix: tuple[str, bool] | None = None  # (address, on a unix socket: fd passing)
 
@@ -207,8 +210,7 @@ class Prevention:
             target=self._watch_deadlines, name="offscan-prevent-watchdog", daemon=True
         )
         self._watchdog.start()
-        last_report = last_rescan = 0.0
-        rescanning: asyncio.Future[int] | None = None
+        last_report = 0.0
         while not self._stop.is_set():
             try:
                 await self._sync_guards()
@@ -216,22 +218,34 @@ class Prevention:
                 log.exception("prevention: keeping the guards failed")
             self._follow_client()
             now = time.monotonic()
-            if rescanning is None or rescanning.done():
-                rescanning = None
-                dir_guards = [g for g in self.guards.values() if g.mode == "directories"]
-                if dir_guards and now - last_rescan >= DIR_RESCAN_INTERVAL:
-                    last_rescan = now
-                    rescanning = self._loop.run_in_executor(self._pool, _rescan, dir_guards)
+            self._maybe_rescan(now)
             if now - last_report >= REPORT_INTERVAL and self._link.online:
                 last_report = now
                 await self._report()
             await asyncio.sleep(KEEPER_INTERVAL)
+
+    def _maybe_rescan(self, now: float) -> None:
+        """Directory mode: mark new directories in the pool thread, every second, or less
+        often for trees so big that a walk takes long (at most a tenth of the time walking)."""
+        if self._rescanning is not None:
+            if not self._rescanning.done():
+                return
+            took = now - self._rescan_started
+            self._next_rescan = now + max(DIR_RESCAN_INTERVAL, RESCAN_DUTY * took)
+            self._rescanning = None
+        dir_guards = [g for g in self.guards.values() if g.mode == "directories"]
+        if dir_guards and now >= self._next_rescan:
+            assert self._loop is not None
+            self._rescan_started = now
+            self._rescanning = self._loop.run_in_executor(self._pool, _rescan, dir_guards)
 
     async def close(self) -> None:
         """Stop every guard (held opens answered by their fail mode) and the watchdog."""
         self._stop.set()
         guards = list(self.guards.values())
         self.guards.clear()
+        for guard in guards:
+            guard.halt()  # a directory walk in the pool ends at once
         for guard in guards:
             await self._in_pool(guard.stop)
         for task in list(self._tasks):
@@ -340,8 +354,9 @@ class Prevention:
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
             self.guards[name] = guard
             self._was_on.add(name)
+            hint = "" if guard.mode == "mount" else "; bind-mount the root on itself for full cover"
             log.warning(
-                "VM %s: on-access prevention on (%s mode: %s)", name, guard.mode, guard.root
+                "VM %s: on-access prevention on (%s mode: %s)%s", name, guard.mode, guard.root, hint
             )
 
     def _follow_client(self) -> None:

@@ -150,6 +150,11 @@ class Guard:
             self.stop()
             raise
 
+    def halt(self) -> None:
+        """Ask a rescan in progress to end early (any thread); :meth:`stop` follows."""
+        self._stopping = True
+        self.group.wake()
+
     def stop(self) -> None:
         """Stop reading, answer every held open by its fail mode, close the group (the
         kernel allows whatever it still holds unread)."""
