@@ -24,8 +24,8 @@ from offscan.shim.fanotify import unavailable
 OPEN_TIMEOUT = 60.0  # seconds an opener may take before it counts as a hang
 EPERM_EXIT = 13  # what an opener exits with when its open() fails with EPERM
 
-# Opens (or executes) each path given; prints one line per path: OK or EPERM (any other error
-# is a traceback and exit 1). With -j N it opens from N threads at once.
+# Opens each path given; prints one line per path: OK, EPERM or ENOENT (any other error is a
+# traceback and exit 1). With -j N it opens from N threads at once.
 OPENER = r"""
 import errno, os, sys
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +41,8 @@ def one(path):
     except PermissionError as exc:
         assert exc.errno == errno.EPERM, exc
         return "EPERM"
+    except FileNotFoundError:
+        return "ENOENT"
 with ThreadPoolExecutor(jobs) as pool:
     results = list(pool.map(one, args))
 print("\n".join(results), flush=True)
@@ -97,6 +99,24 @@ def start_openers(paths: list[Path], *, jobs: int = 1) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+OPENAT = {"x86_64": 257, "aarch64": 56}.get(os.uname().machine)
+
+
+def blocked_in_open(proc: subprocess.Popen[str], count: int = 1) -> bool:
+    """At least ``count`` threads of ``proc`` sit in openat(2) right now: held by fanotify
+    (read from /proc/PID/task/*/syscall; the kernel holds the open inside that call)."""
+    if OPENAT is None:
+        pytest.skip(f"openat's syscall number on {os.uname().machine} is not known here")
+    waiting = 0
+    for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+        try:
+            nr = (task / "syscall").read_text().split(" ", 1)[0]
+        except OSError:
+            continue
+        waiting += nr == str(OPENAT)
+    return waiting >= count
 
 
 def results(proc: subprocess.Popen[str]) -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 from helpers import EICAR, ApplianceProc, Proc, run, wait_for
 from prevent_support import (
     OPEN_TIMEOUT,
+    blocked_in_open,
     open_in_child,
     prevented,
     prevention_of,
@@ -96,6 +97,24 @@ def test_infected_open_fails_with_eperm_and_clean_opens_work(tmp_path: Path) -> 
             assert appliance.verdict_paths()[("vm1", "eicar.com")]["status"] == "infected"
 
 
+def test_infected_on_open_is_denied_then_quarantined(tmp_path: Path) -> None:
+    """The VM's actions run as for any detection; the appliance's own opens (the move into
+    the vault) are not held."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[default]\nactions = ["quarantine", "deny"]\n')
+    with tmpfs(tmp_path / "vmq") as root:
+        args = ("--policies", str(policy))
+        with prevented(tmp_path, root, appliance_args=args) as (appliance, _shim):
+            write_in_child(root / "eicar.com", EICAR)
+            first = open_in_child(root / "eicar.com")
+            wait_for(lambda: not (root / "eicar.com").exists(), 60, "moved into the vault")
+            assert first in (["EPERM"], ["ENOENT"])  # denied, or already in the vault
+            out = run("quarantine", "list", "--appliance", appliance.sock)
+            assert out.returncode == 0 and "eicar.com" in out.stdout, out.stdout
+            p = wait_prevention(appliance.sock, "vmq", held=0)
+            assert p["timeouts"] == 0 and p["unreachable"] == 0
+
+
 def test_directory_mode_holds_files_in_new_directories(tmp_path: Path) -> None:
     root = tmp_path / "vm2"
     (root / "old").mkdir(parents=True)
@@ -110,6 +129,17 @@ def test_directory_mode_holds_files_in_new_directories(tmp_path: Path) -> None:
         write_in_child(root / "new" / "deeper" / "ok.txt", b"fine")
         assert open_in_child(root / "new" / "deeper" / "ok.txt") == ["OK"]
     assert open_in_child(root / "old" / "e.com") == ["OK"]  # shim stopped: marks gone
+
+
+def test_a_root_mounted_again_is_marked_again(tmp_path: Path) -> None:
+    root = tmp_path / "vmm"
+    with tmpfs(root):
+        with prevented(tmp_path, root) as (appliance, _shim):
+            subprocess.run(["umount", str(root)], check=True)
+            with tmpfs(root):  # a new filesystem where the marked one was
+                write_in_child(root / "eicar.com", EICAR)
+                wait_for(lambda: open_in_child(root / "eicar.com") == ["EPERM"], 60)
+                assert prevention_of(appliance.sock, "vmm")["mode"] == "mount"  # type: ignore[index]
 
 
 def test_exec_of_an_infected_script_fails(tmp_path: Path) -> None:
@@ -164,6 +194,7 @@ def test_appliance_killed_while_opens_are_held(tmp_path: Path, fail_mode: str) -
             waiting = start_openers(files[:3], jobs=3)
             assert results(waiting) == [expect] * 3  # answered by the timeout
             held = start_openers(files[3:], jobs=3)
+            wait_for(lambda: blocked_in_open(held, 3), 60, "three opens held")
             appliance.p.send_signal(signal.SIGKILL)
             appliance.p.wait()
             assert results(held) == [expect] * 3  # answered at once or by the timeout
@@ -182,6 +213,54 @@ def test_appliance_killed_while_opens_are_held(tmp_path: Path, fail_mode: str) -
             appliance.p.send_signal(signal.SIGCONT)
             appliance.stop()
     assert "no verdict" in (tmp_path / "shim.log").read_text()
+
+
+def test_shim_killed_while_opens_are_held_leaves_nothing_hanging(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "vmk") as root:
+        with prevented(tmp_path, root, "--prevent-timeout", "600") as (appliance, shim):
+            write_in_child(root / "a.txt", b"some content")
+            appliance.p.send_signal(signal.SIGSTOP)
+            try:
+                write_in_child(root / "b.txt", b"more content")  # no verdict can come now
+                held = start_openers([root / "b.txt"])
+                wait_for(lambda: blocked_in_open(held), 60, "the open is held")
+                shim.kill9()  # the kernel answers what the dead group held: allow
+                assert results(held) == ["OK"]
+            finally:
+                appliance.p.send_signal(signal.SIGCONT)
+
+
+def test_prevention_per_vm_policy_and_the_shims_own_opens(tmp_path: Path) -> None:
+    """Only the VM whose policy asks for prevention is held; the shim's own opens (fd
+    content mode: it opens every file it sends) are exempt, so nothing waits on itself."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[vm.held]\nprevention = true\n")
+    with tmpfs(tmp_path / "held") as held, tmpfs(tmp_path / "free") as free:
+        appliance = ApplianceProc(tmp_path, "--policies", str(policy))
+        shim: Proc | None = None
+        try:
+            shim = Proc(
+                ["shim", "--appliance", str(appliance.sock), "--content", "fd"]
+                + ["--vm", f"held={held}", "--vm", f"free={free}"],
+                tmp_path / "shim.log",
+            )
+            wait_prevention(appliance.sock, "held", enabled=True)
+            for root in (held, free):
+                for i in range(20):
+                    write_in_child(root / f"f{i}.txt", b"file %d" % i)
+                write_in_child(root / "eicar.com", EICAR)
+            assert open_in_child(held / "eicar.com") == ["EPERM"]
+            assert open_in_child(free / "eicar.com") == ["OK"]  # watched, not held
+            wait_for(lambda: len(appliance.verdict_paths()) >= 42, 60, "every file verdicted")
+            p = wait_prevention(appliance.sock, "held", exempt=lambda n: n >= 1, held=0)
+            assert p["timeouts"] == 0 and p["unreachable"] == 0
+            assert prevention_of(appliance.sock, "free") is None
+            out = run("status", "--appliance", appliance.sock)
+            assert "prevention off" in out.stdout and "prevention on (mount)" in out.stdout
+        finally:
+            if shim is not None:
+                shim.stop()
+            appliance.stop()
 
 
 def test_memo_is_dropped_when_the_pattern_version_changes(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ policy keys, the ``report`` frame and how the appliance takes it, the command li
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -134,3 +135,43 @@ def test_group_close_is_idempotent_and_wake_ends_a_read() -> None:
         group.close()
     group.close()
     assert group.closed
+
+
+def test_a_real_appliance_takes_reports_for_its_vms_only(tmp_path: Path) -> None:
+    import asyncio
+
+    from helpers import ApplianceProc
+
+    from offscan.protocol import ApplianceClient
+    from offscan.protocol import messages as M
+
+    root = tmp_path / "vm"
+    root.mkdir()
+    appliance = ApplianceProc(tmp_path)
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        owner = ApplianceClient(str(appliance.sock), shim_id="owner")
+        other = ApplianceClient(str(appliance.sock), shim_id="other")
+        await owner.connect()
+        await other.connect()
+        try:
+            await owner.register("vm", str(root))
+            reply = await owner.request(
+                {"t": "report", "vms": {"vm": _stats(), "ghost": _stats(), "bad": 3}}
+            )
+            # Another shim cannot overwrite the owner's numbers.
+            await other.request({"t": "report", "vms": {"vm": _stats(allowed=999)}})
+            status = await owner.status()
+            return reply, status, dict(status["vms"][0])
+        finally:
+            await owner.close()
+            await other.close()
+
+    try:
+        reply, status, vm = asyncio.run(scenario())
+    finally:
+        appliance.stop()
+    assert reply["vms"] == 1 and reply["pattern_version"] == status["pattern_version"]
+    p = vm["prevention"]
+    assert set(p) == set(M.PreventionStats.__required_keys__)
+    assert p == _stats()  # the owner's report, not the other shim's

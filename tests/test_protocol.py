@@ -117,6 +117,24 @@ SAMPLES: list[dict[str, Any]] = [
     {"t": "status", "id": 8, "appliance": "dsva:1", "vms": [{"name": "vm1"}], "hit_ratio": 0.5},
     {"t": "bye"},
     {"t": "control", "id": 12, "op": "vm-list", "args": {"name": "vm1"}},
+    {
+        "t": "report",
+        "id": 13,
+        "vms": {
+            "vm1": {
+                "enabled": True,
+                "mode": "mount",
+                "reason": None,
+                "held": 0,
+                "allowed": 10,
+                "denied": 1,
+                "timeouts": 0,
+                "unreachable": 0,
+                "memo_hits": 7,
+                "exempt": 3,
+            }
+        },
+    },
     {"t": "ok", "id": 2, "vm": "vm1", "root": "/srv/vms/vm1"},
     {"t": "policy", "vm": "vm1", "policy": {"fail_mode": "closed"}},
     {"t": "adopt", "vm": "vm1-clone001", "root": "/srv/vms/vm1-clone001", "clone_of": "vm1"},

@@ -228,6 +228,34 @@ class FanotifyGroup:
                 pass
 
 
+# statx(2): the 64-bit mount id that is never reused (Linux 6.8+), to notice a root that was
+# mounted again (mountinfo's ids and tmpfs device numbers are reused at once).
+STATX_MNT_ID_UNIQUE = 0x4000
+AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_SIZE = 256  # bytes of struct statx
+_STATX_MNT_ID_OFFSET = 144  # struct statx.stx_mnt_id
+
+
+def unique_mount_id(path: str) -> int | None:
+    """The never-reused id of the mount ``path`` is on, or None where the kernel (or libc)
+    has no ``STATX_MNT_ID_UNIQUE``."""
+    try:
+        lib = _lib()
+        statx = lib.statx
+    except (FanotifyError, AttributeError):
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
+    statx.restype = ctypes.c_int
+    if statx(AT_FDCWD, os.fsencode(path), AT_SYMLINK_NOFOLLOW, STATX_MNT_ID_UNIQUE, buf) != 0:
+        return None
+    (mask,) = struct.unpack_from("=I", buf.raw, 0)
+    if not mask & STATX_MNT_ID_UNIQUE:
+        return None
+    mnt_id: int = struct.unpack_from("=Q", buf.raw, _STATX_MNT_ID_OFFSET)[0]
+    return mnt_id
+
+
 def unavailable() -> str | None:
     """Why this process cannot hold opens with fanotify permission events, or None."""
     try:

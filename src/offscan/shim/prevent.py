@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import resource
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -43,9 +44,12 @@ DEFAULT_PREVENTION_TIMEOUT = 5.0  # seconds a held open waits for its verdict (p
 MEMO_ENTRIES = 65_536  # identities remembered by the shim (LRU)
 KEEPER_INTERVAL = 0.2  # seconds between checks of which VMs want prevention
 REPORT_INTERVAL = 1.0  # seconds between reports of the counters to the appliance
+STALE_CHECK_INTERVAL = 1.0  # seconds between checks that each root is still what was marked
 DIR_RESCAN_INTERVAL = 1.0  # seconds between marking new directories (directory mode)
+RESCAN_DUTY = 10  # a rescan waits at least this many times as long as the last one took
 WATCHDOG_TICK = 0.02  # seconds between checks for held opens past their deadline
 MAX_PRESCANS = 16  # post-write scans in flight at once (more are left to the watch)
+GIL_SWITCH_INTERVAL = 0.0005  # seconds; see Prevention.run
 TIMEOUT_LOG_INTERVAL = 5.0  # seconds between repeated "answered by the fail mode" lines
 
 
@@ -140,7 +144,11 @@ class Prevention:
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_timeout_log = -1e9
+        self._last_stale_check = 0.0
+        self._rescanning: asyncio.Future[int] | None = None
+        self._rescan_started = self._next_rescan = 0.0
         self._client_seen: ShimClient | None = None
+        self._unix: tuple[str, bool] | None = None  # (address, on a unix socket: fd passing)
 
     # ---------------------------------------------------------------- for the guards
 
@@ -202,8 +210,7 @@ class Prevention:
             target=self._watch_deadlines, name="offscan-prevent-watchdog", daemon=True
         )
         self._watchdog.start()
-        last_report = last_rescan = 0.0
-        rescanning: asyncio.Future[int] | None = None
+        last_report = 0.0
         while not self._stop.is_set():
             try:
                 await self._sync_guards()
@@ -211,22 +218,34 @@ class Prevention:
                 log.exception("prevention: keeping the guards failed")
             self._follow_client()
             now = time.monotonic()
-            if rescanning is None or rescanning.done():
-                rescanning = None
-                dir_guards = [g for g in self.guards.values() if g.mode == "directories"]
-                if dir_guards and now - last_rescan >= DIR_RESCAN_INTERVAL:
-                    last_rescan = now
-                    rescanning = self._loop.run_in_executor(self._pool, _rescan, dir_guards)
+            self._maybe_rescan(now)
             if now - last_report >= REPORT_INTERVAL and self._link.online:
                 last_report = now
                 await self._report()
             await asyncio.sleep(KEEPER_INTERVAL)
+
+    def _maybe_rescan(self, now: float) -> None:
+        """Directory mode: mark new directories in the pool thread, every second, or less
+        often for trees so big that a walk takes long (at most a tenth of the time walking)."""
+        if self._rescanning is not None:
+            if not self._rescanning.done():
+                return
+            took = now - self._rescan_started
+            self._next_rescan = now + max(DIR_RESCAN_INTERVAL, RESCAN_DUTY * took)
+            self._rescanning = None
+        dir_guards = [g for g in self.guards.values() if g.mode == "directories"]
+        if dir_guards and now >= self._next_rescan:
+            assert self._loop is not None
+            self._rescan_started = now
+            self._rescanning = self._loop.run_in_executor(self._pool, _rescan, dir_guards)
 
     async def close(self) -> None:
         """Stop every guard (held opens answered by their fail mode) and the watchdog."""
         self._stop.set()
         guards = list(self.guards.values())
         self.guards.clear()
+        for guard in guards:
+            guard.halt()  # a directory walk in the pool ends at once
         for guard in guards:
             await self._in_pool(guard.stop)
         for task in list(self._tasks):
@@ -294,9 +313,20 @@ class Prevention:
 
     async def _sync_guards(self) -> None:
         wanted = set() if self._stop.is_set() else self._wanted()
-        for name in [n for n in self.guards if n not in wanted]:
-            guard = self.guards.pop(name)
-            log.warning("VM %s: on-access prevention off", name)
+        now = time.monotonic()
+        check = now - self._last_stale_check >= STALE_CHECK_INTERVAL
+        if check:
+            self._last_stale_check = now
+        for name, guard in list(self.guards.items()):
+            if name not in wanted:
+                log.warning("VM %s: on-access prevention off", name)
+            elif not guard.alive():
+                log.error("VM %s: its fanotify reader stopped; starting it again", name)
+            elif check and guard.stale():
+                log.warning("VM %s: %s is another mount now; marking it again", name, guard.root)
+            else:
+                continue
+            del self.guards[name]
             await self._in_pool(guard.stop)
         for name in [n for n in self.off if n not in wanted]:
             del self.off[name]
@@ -315,11 +345,18 @@ class Prevention:
                     log.error("VM %s: prevention unavailable (%s); watch mode only", name, reason)
                 self.off[name] = reason
                 continue
+            if self._stop.is_set():  # closed while it started
+                await self._in_pool(guard.stop)
+                return
             self.off.pop(name, None)
+            # A reader thread answering from the memo must get the GIL quickly even while the
+            # loop is busy (the default 5 ms switch interval would be a cached open's p99).
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
             self.guards[name] = guard
             self._was_on.add(name)
+            hint = "" if guard.mode == "mount" else "; bind-mount the root on itself for full cover"
             log.warning(
-                "VM %s: on-access prevention on (%s mode: %s)", name, guard.mode, guard.root
+                "VM %s: on-access prevention on (%s mode: %s)%s", name, guard.mode, guard.root, hint
             )
 
     def _follow_client(self) -> None:
@@ -359,21 +396,42 @@ class Prevention:
         task.add_done_callback(self._tasks.discard)
 
     def _spawn_prescan(self, guard: Guard, fd: int, relpath: str, identity: Identity) -> None:
-        task = asyncio.ensure_future(self._prescan(guard, fd, relpath, identity))
+        """On the loop, in event order: an open right after this close finds the post-write
+        scan in flight and waits for it rather than asking again."""
+        if identity in self._inflight:
+            with self._prescan_lock:
+                self._prescans -= 1
+            os.close(fd)
+            return
+        fut: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self._inflight[identity] = fut
+        task = asyncio.ensure_future(self._prescan(guard, fd, relpath, identity, fut))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _prescan(self, guard: Guard, fd: int, relpath: str, identity: Identity) -> None:
+    async def _prescan(
+        self,
+        guard: Guard,
+        fd: int,
+        relpath: str,
+        identity: Identity,
+        fut: asyncio.Future[bool | None],
+    ) -> None:
+        allow: bool | None = None
         try:
             client = self._link.client
             if client is not None and self._link.online:
-                verdict = await asyncio.wait_for(
-                    self._scan(client, guard.vm, relpath, fd), DEFAULT_PREVENTION_TIMEOUT
-                )
+                async with asyncio.timeout(DEFAULT_PREVENTION_TIMEOUT):
+                    verdict = await self._scan(client, guard.vm, relpath, fd)
                 self._remember(fd, identity, verdict)
+                allow = verdict.get("action") == "allow"
         except Exception as exc:  # the watch delivers it anyway
             log.debug("VM %s: post-write scan of %s: %s", guard.vm, relpath, exc)
         finally:
+            if self._inflight.get(identity) is fut:
+                del self._inflight[identity]
+            if not fut.done():
+                fut.set_result(allow)
             with self._prescan_lock:
                 self._prescans -= 1
             os.close(fd)
@@ -405,15 +463,19 @@ class Prevention:
         one request."""
         shared = self._inflight.get(held.identity)
         if shared is not None:
-            return await asyncio.shield(shared)
+            result = await asyncio.shield(shared)
+            if result is not None or not self._link.online:
+                return result
+            # That request got no verdict (e.g. a post-write scan that timed out): ask anew.
         fut: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
         self._inflight[held.identity] = fut
-        result: bool | None = None
+        result = None
         try:
             result = await self._ask(guard, held)
             return result
         finally:
-            del self._inflight[held.identity]
+            if self._inflight.get(held.identity) is fut:
+                del self._inflight[held.identity]
             fut.set_result(result)
 
     async def _ask(self, guard: Guard, held: Held) -> bool | None:
@@ -426,10 +488,9 @@ class Prevention:
         if fd is None:
             return None  # answered meanwhile (its deadline passed)
         try:
-            remaining = max(held.deadline - time.monotonic(), 0.001)
-            verdict = await asyncio.wait_for(
-                self._scan(client, held.vm, held.relpath, fd), remaining
-            )
+            # asyncio.timeout, not wait_for: no extra task per open on the hot path.
+            async with asyncio.timeout(max(held.deadline - time.monotonic(), 0.001)):
+                verdict = await self._scan(client, held.vm, held.relpath, fd)
             self._remember(fd, held.identity, verdict)
         finally:
             os.close(fd)
@@ -449,9 +510,12 @@ class Prevention:
     async def _scan(self, client: ShimClient, vm: str, relpath: str, fd: int) -> Verdict:
         """The verdict on the file behind ``fd``: passed as is on a unix socket (nothing is
         opened again), streamed on TCP. At ``access`` priority: an open is waiting."""
-        from ..protocol import parse_address
+        address = self._link.address  # may change (failover): the answer is per address
+        if self._unix is None or self._unix[0] != address:
+            from ..protocol import parse_address
 
-        if parse_address(self._link.address)[0] == "unix":
+            self._unix = (address, parse_address(address)[0] == "unix")
+        if self._unix[1]:
             return await client.scan_fd(vm, relpath, fd, prio="access")
         with os.fdopen(fd, "rb", closefd=False) as f:
             f.seek(0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -34,6 +35,7 @@ from .fanotify import (
     FanotifyError,
     FanotifyEvent,
     FanotifyGroup,
+    unique_mount_id,
 )
 
 if TYPE_CHECKING:
@@ -79,6 +81,33 @@ class Held:
         self.exec_ = exec_
 
 
+def mount_id(path: str) -> int | None:
+    """The id of the mount on top at ``path``: statx's unique id, else mountinfo's (which the
+    kernel may reuse at once), or None. Not the device number: a tmpfs mounted again may get
+    the same anonymous device."""
+    unique = unique_mount_id(path)
+    if unique is not None:
+        return unique
+    found = None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split(b" ", 5)
+                if len(fields) > 4 and _unescape(fields[4]) == path:
+                    found = int(fields[0])  # the last one listed is the one on top
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def _unescape(raw: bytes) -> str:
+    """mountinfo writes space, tab, newline and backslash in a path as octal escapes."""
+    text = os.fsdecode(raw)
+    if "\\" not in text:
+        return text
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
 def identity_of(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -91,6 +120,7 @@ class Guard:
         self.root = os.path.realpath(root)
         self.owner = owner
         self.mode: Mode = "mount" if os.path.ismount(self.root) else "directories"
+        self._mount = mount_id(self.root) if self.mode == "mount" else None
         self.group = FanotifyGroup()
         self.lock = threading.Lock()  # pending, counts, closed, and every loop-side respond
         self.pending: dict[int, Held] = {}
@@ -120,6 +150,11 @@ class Guard:
             self.stop()
             raise
 
+    def halt(self) -> None:
+        """Ask a rescan in progress to end early (any thread); :meth:`stop` follows."""
+        self._stopping = True
+        self.group.wake()
+
     def stop(self) -> None:
         """Stop reading, answer every held open by its fail mode, close the group (the
         kernel allows whatever it still holds unread)."""
@@ -133,6 +168,18 @@ class Guard:
                 self._respond_locked(held, held.fail_open, None)
             self.pending.clear()
             self.group.close()
+
+    def alive(self) -> bool:
+        """The reader thread runs (if it died, opens would wait for it: restart the guard)."""
+        return self._thread.is_alive()
+
+    def stale(self) -> bool:
+        """The root is not what was marked any more (unmounted, another mount there, a
+        mount over a marked directory): the guard must be started again. A directory root
+        that was re-created needs no restart: the next rescan marks the new tree."""
+        if os.path.ismount(self.root) != (self.mode == "mount"):
+            return True
+        return self.mode == "mount" and mount_id(self.root) != self._mount
 
     def rescan(self) -> int:
         """Directory mode: mark directories not marked yet (new ones); the number marked."""
@@ -221,6 +268,8 @@ class Guard:
         """Answer an event the reader decided itself, and close its descriptor."""
         try:
             self.group.respond(fd, allow)
+        except OSError as exc:  # the kernel no longer waits for it (or the group is gone)
+            log.debug("VM %s: answering an open: %s", self.vm, exc)
         finally:
             os.close(fd)
         if count is not None:
@@ -242,7 +291,10 @@ class Guard:
                 time.sleep(0.1)
                 continue
             for ev in events:
-                self._handle(ev)
+                try:
+                    self._handle(ev)
+                except Exception:  # this thread must live: a dead reader hangs every open
+                    log.exception("VM %s: handling a fanotify event failed", self.vm)
 
     def _handle(self, ev: FanotifyEvent) -> None:
         if ev.fd < 0:
@@ -284,18 +336,25 @@ class Guard:
             return True, None
         if not stat.S_ISREG(st.st_mode):
             return True, None
+        identity = identity_of(st)
+        if self.mode == "mount":
+            # Fast path: every file of the mount is under the root, so a memo hit needs no
+            # path (the appliance judged exclusions when it gave the verdict).
+            hit = owner.memo.get(identity)
+            if hit is not None:
+                return hit, "memo_hits"
         relpath = self._relpath(ev.fd)
-        if relpath is None:
+        if relpath is None:  # directory mode: a marked directory was moved out of the root
             return True, None
         if st.st_size == 0:  # nothing to judge (and every new file is opened empty first)
             return True, "allowed"
         timeout, fail_open, policy = owner.vm_settings(self.vm)
         if excluded(policy, relpath, st.st_size) is not None:
             return True, None
-        identity = identity_of(st)
-        hit = owner.memo.get(identity)
-        if hit is not None:
-            return hit, "memo_hits"
+        if self.mode != "mount":
+            hit = owner.memo.get(identity)
+            if hit is not None:
+                return hit, "memo_hits"
         held = Held(
             ev.fd,
             self.vm,
