@@ -517,7 +517,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--clamd-listen", "127.0.0.1:99999"], "port 99999 is out of range"),
+        (["--clamd-listen", "127.0.0.1:99999"], "--clamd-listen wants HOST:PORT (port 0..65535)"),
         (["--clamd-socket", "/nonexistent-dir/c.sock"], "cannot listen: /nonexistent-dir/c.sock"),
         (["--clamd-socket", "x.sock", "--clamd-stream-max", "lots"], "--clamd-stream-max"),
         (["--clamd-root", "/tmp"], "serve needs --socket"),

@@ -20,7 +20,7 @@ from offscan.appliance.fastpath import VerdictCodec, batch_frame, encode_item
 from offscan.appliance.inventory import Inventory
 from offscan.appliance.registry import Registry
 from offscan.cache import CachedVerdict, VerdictCache
-from offscan.protocol import ApplianceClient, unpack
+from offscan.protocol import ApplianceClient, admin_socket_for, unpack
 
 DIGEST = bytes(range(32))
 
@@ -234,12 +234,14 @@ def test_clone_activation_is_one_step_per_clone(tmp_path: Path) -> None:
         runner = asyncio.create_task(shim.run())
         try:
             assert await shim.wait_idle(60)
-            op = ApplianceClient(str(a.sock), shim_id="operator")
+            op = ApplianceClient(admin_socket_for(str(a.sock)), shim_id="operator")
             await op.connect()
-            made = await op.control(
-                "vm-clone", base="master", count=3, into=str(tmp_path / "vms"), prefix="c-"
-            )
-            await op.close()
+            try:
+                made = await op.control(
+                    "vm-clone", base="master", count=3, into=str(tmp_path / "vms"), prefix="c-"
+                )
+            finally:
+                await op.close()
             changed = Path(made["clones"][1]["root"]) / "d1" / "f1.txt"
             changed.write_bytes(b"written in the clone after the copy\n")
             for c in made["clones"]:

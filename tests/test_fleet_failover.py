@@ -11,7 +11,7 @@ from pathlib import Path
 
 from helpers import EICAR, ApplianceProc, Proc, run_async, wait_for
 
-from offscan.protocol import ApplianceClient
+from offscan.protocol import ApplianceClient, admin_socket_for
 from offscan.shim import Shim, VMSpec
 
 
@@ -146,7 +146,8 @@ def test_shim_in_process_reports_the_appliance_in_use(tmp_path: Path) -> None:
         assert st["verdicts"] == 1
 
         async def peek() -> int:
-            async with ApplianceClient(str(with_b.sock), shim_id="probe") as c:
+            # the operator's view (a shim on the main socket sees only its own VMs)
+            async with ApplianceClient(admin_socket_for(str(with_b.sock)), shim_id="probe") as c:
                 return len((await c.status())["vms"])
 
         assert run_async(peek) == 1

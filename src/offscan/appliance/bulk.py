@@ -115,7 +115,9 @@ async def _group(
                 if cached is not None:
                     counters.served_digest += 1
                     judged[i] = (cached, "digest", digest)
-                elif eng.revalidation is not None:
+                elif eng.revalidation is not None or pipeline.shared is not None:
+                    # a pending revalidation, or the fleet's shared tier to ask first (and its
+                    # cluster-wide single-flight): Pipeline.judge, served its digest by the memo
                     alone.append(i)
                 elif key in leaders:
                     leaders[key].append(i)

@@ -144,6 +144,12 @@ class FleetRun:
         self.redis: RedisProc | None = None
         self.socks: list[str] = []
         self.tails: list[EventTail] = []
+        # sockets (and their ".admin" twins) must fit sun_path: a long --work gets a short dir
+        self.sockdir = self.rundir
+        self._short: str | None = None
+        if len(str(self.rundir / "a00.sock.admin")) > SUN_PATH_MAX:
+            self._short = tempfile.mkdtemp(prefix="offscan-fleet-")
+            self.sockdir = Path(self._short)
 
     async def start(self) -> None:
         extra: list[str] = []
@@ -156,7 +162,7 @@ class FleetRun:
             extra = ["--cache-redis", self.redis.url, "--cache-key", str(key)]
         for h in range(len(self.fleet)):
             state = self.rundir / f"appliance{h}"
-            sock, ready = str(self.rundir / f"a{h}.sock"), self.rundir / f"a{h}.ready"
+            sock, ready = str(self.sockdir / f"a{h}.sock"), self.rundir / f"a{h}.ready"
             argv = ["-m", "offscan", "serve", "--socket", sock, "--state", str(state)]
             argv += ["--ready-file", str(ready), "-d", str(self.lab.db_dir), *extra]
             self.procs.launch(f"appliance{h}", argv)
@@ -258,10 +264,15 @@ class FleetRun:
 
     def close(self) -> None:
         try:
+            # shims first, while their appliances still answer: each prints its stats line
+            # (failovers, the appliance in use) at exit, which the results read
+            self.procs.stop([k for k in self.procs.procs if k.startswith("shim")])
             self.procs.close()
         finally:
             if self.redis is not None:
                 self.redis.stop()
+            if self._short is not None:
+                shutil.rmtree(self._short, ignore_errors=True)
 
 
 async def measure_fleet_run(lab: Lab, mode: str, fleet: list[list[LabVM]]) -> dict[str, Any]:
@@ -274,7 +285,7 @@ async def measure_fleet_run(lab: Lab, mode: str, fleet: list[list[LabVM]]) -> di
         redis_info = run.redis.info() if run.redis is not None else {}
     finally:
         run.close()
-    shims = [_shim_stats(run.procs.log_tail(f"shim{h}", 5)) for h in range(len(fleet))]
+    shims = [_shim_stats(run.procs.log_tail(f"shim{h}", 50)) for h in range(len(fleet))]
     if not lab.cfg.keep:
         await asyncio.to_thread(shutil.rmtree, run.rundir, True)
     return {

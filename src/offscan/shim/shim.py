@@ -69,12 +69,7 @@ class Shim:
         prevent: bool = False,
         prevent_timeout: float = DEFAULT_PREVENTION_TIMEOUT,
     ) -> None:
-        if content not in CONTENT_MODES:
-            raise ValueError(f"content must be auto, path, fd or stream, not {content!r}")
-        if quiet < 0:
-            raise ValueError("quiet must be >= 0 seconds")
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        _check_settings(content, quiet, max_in_flight)
         self.quiet = quiet
         self.max_in_flight = max_in_flight
         self._backlog = Backlog(max_backlog, quiet=quiet, on_wake=self._wake_scheduler)
@@ -333,8 +328,10 @@ class Shim:
             len(self._backlog) == 0
             and self._walks_active == 0
             and self._activating == 0
-            and not self._backlog.owed_walks
-        )  # a re-walk is still owed
+            and not self._backlog.owed_walks  # a re-walk is still owed
+            # a VM whose first activation has not even started yet (a loaded machine)
+            and not any(vm.activating for vm in self._vms.values())
+        )
 
     def _wake_scheduler(self) -> None:
         loop = self._loop
@@ -550,3 +547,12 @@ class Shim:
             if pool is not None:
                 pool.shutdown(wait=True)
         self._walk_pool = self._watch_pool = None
+
+
+def _check_settings(content: str, quiet: float, max_in_flight: int) -> None:
+    if content not in CONTENT_MODES:
+        raise ValueError(f"content must be auto, path, fd or stream, not {content!r}")
+    if quiet < 0:
+        raise ValueError("quiet must be >= 0 seconds")
+    if max_in_flight < 1:
+        raise ValueError("max_in_flight must be at least 1")
