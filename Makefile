@@ -30,7 +30,7 @@ test-simd:       ## the native-vs-twin tests with each SIMD path this CPU has as
 
 FUZZ_EXAMPLES ?= 5000
 fuzz:            ## the fuzz suites for longer (CI runs them bounded): FUZZ_EXAMPLES=N per property
-	OFFSCAN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest -q tests/test_fuzz*.py
+	OFFSCAN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest -q tests/test_fuzz*.py tests/test_signatures_fuzz.py
 
 lint:            ## ruff (check + format) and mypy, zero errors
 	ruff check src tests bench scripts/bench-machine-id
