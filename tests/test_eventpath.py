@@ -262,8 +262,13 @@ def test_clone_activation_is_one_step_per_clone(tmp_path: Path) -> None:
     assert got[("c-2", "d1/f1.txt")]["source"] == "scan"
     assert got[("c-1", "d1/f1.txt")]["source"] == "clone"
     # Only the changed file went as a scan (and the master's files before the clones).
-    assert counts["inherited"] == 3 * 60 - 1
+    # 179, or 180 when the adopted clone's walk ran before the test changed the file (the
+    # change is then seen by the watch and sent: "sent" stays 61 either way)
+    assert counts["inherited"] in (3 * 60 - 1, 3 * 60)
     assert counts["sent"] == 60 + 1
     logged = {(e["vm"], e["path"]) for e in a.events() if e.get("source") == "clone"}
     assert {("c-3", n) for n in names} <= logged
-    assert ("c-2", "d1/f1.txt") not in logged
+    # The running shim adopts the clones as soon as they are made (issue 14), so the file
+    # changed after the copy may first be logged as inherited; its last verdict is a scan.
+    last = [e for e in a.events() if (e.get("vm"), e.get("path")) == ("c-2", "d1/f1.txt")]
+    assert last and last[-1]["source"] == "scan"
