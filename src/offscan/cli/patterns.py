@@ -85,29 +85,26 @@ def _add_store_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser
     """The actions that check bundles against trusted keys: verify, apply, fetch, status."""
     p = sub.add_parser("verify", help="check a bundle's signature and digests")
     p.add_argument("bundle", metavar="BUNDLE", help="the bundle file")
-    p.add_argument(
-        "--trust",
-        action="append",
-        required=True,
-        metavar="PUB",
-        help="trusted public key (repeatable)",
-    )
+    _trust(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("apply", help="apply a bundle to a pattern store")
     p.add_argument("bundle", metavar="BUNDLE", help="the bundle file")
-    p.add_argument("--store", required=True, metavar="DIR", help="the pattern store directory")
-    p.add_argument(
-        "--trust",
-        action="append",
-        required=True,
-        metavar="PUB",
-        help="trusted public key (repeatable)",
-    )
+    _store(p)
+    _trust(p)
 
     p = sub.add_parser("fetch", help="update a pattern store from an update server, once")
     p.add_argument("url", metavar="URL", help="the update server")
-    p.add_argument("--store", required=True, metavar="DIR", help="the pattern store directory")
+    _store(p)
+    _trust(p)
+
+    p = sub.add_parser("status", help="show a pattern store's version and origin")
+    _store(p)
+    _trust(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _trust(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust",
         action="append",
@@ -116,16 +113,9 @@ def _add_store_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser
         help="trusted public key (repeatable)",
     )
 
-    p = sub.add_parser("status", help="show a pattern store's version and origin")
+
+def _store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, metavar="DIR", help="the pattern store directory")
-    p.add_argument(
-        "--trust",
-        action="append",
-        required=True,
-        metavar="PUB",
-        help="trusted public key (repeatable)",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def run(args: argparse.Namespace) -> int:
