@@ -285,7 +285,7 @@ async def measure_fleet_run(lab: Lab, mode: str, fleet: list[list[LabVM]]) -> di
         redis_info = run.redis.info() if run.redis is not None else {}
     finally:
         run.close()
-    shims = [_shim_stats(run.procs.log_tail(f"shim{h}", 50)) for h in range(len(fleet))]
+    shims = [_shim_stats(run.procs.log_tail(f"shim{h}", 100_000)) for h in range(len(fleet))]
     if not lab.cfg.keep:
         await asyncio.to_thread(shutil.rmtree, run.rundir, True)
     return {

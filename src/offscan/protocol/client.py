@@ -534,11 +534,19 @@ class ApplianceClient:
                     fut.cancel()
                 raise
         out: list[Verdict | RequestError] = []
-        for fut in futs:
-            try:
-                out.append(_verdict(await self._finish(fut, timeout)))
-            except RequestError as exc:
-                out.append(exc)
+        try:
+            for fut in futs:
+                try:
+                    out.append(_verdict(await self._finish(fut, timeout)))
+                except RequestError as exc:
+                    out.append(exc)
+        except BaseException:  # the link went (or we were cancelled): settle the other scans
+            for fut in futs:
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()  # retrieved: no "exception was never retrieved" noise
+            raise
         return out
 
     async def _one(self, item: BatchItem, timeout: float | None) -> Verdict | RequestError:
