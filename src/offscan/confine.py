@@ -84,16 +84,7 @@ def open_confined(root: str, relpath: str, *, strict_root: bool = False) -> int:
         dirfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name in parts[:-1]:
-            try:
-                nxt = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                    if stat.S_ISLNK(st.st_mode):
-                        raise ConfinementError(
-                            f"path {relpath!r}: component {name!r} is a symlink"
-                        ) from None
-                raise
+            nxt = _open_dir(name, dirfd, relpath)
             os.close(dirfd)
             dirfd = nxt
         name = parts[-1]
@@ -145,16 +136,7 @@ def _open_one(dirs: dict[tuple[str, ...], int], relpath: str) -> tuple[int, os.s
         key = (*key, name)
         nxt = dirs.get(key)
         if nxt is None:
-            try:
-                nxt = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                    if stat.S_ISLNK(st.st_mode):
-                        raise ConfinementError(
-                            f"path {relpath!r}: component {name!r} is a symlink"
-                        ) from None
-                raise
+            nxt = _open_dir(name, dirfd, relpath)
             dirs[key] = nxt
         dirfd = nxt
     name = parts[-1]
@@ -174,3 +156,17 @@ def _open_one(dirs: dict[tuple[str, ...], int], relpath: str) -> tuple[int, os.s
         os.close(fd)
         raise ConfinementError(f"path {relpath!r} is not a regular file")
     return fd, st
+
+
+def _open_dir(name: str, dirfd: int, relpath: str) -> int:
+    """One directory component under ``dirfd``, never through a symlink (ConfinementError)."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise ConfinementError(
+                    f"path {relpath!r}: component {name!r} is a symlink"
+                ) from None
+        raise
