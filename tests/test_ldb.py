@@ -7,6 +7,7 @@ files; tests/test_parity_clamav.py compares generated .ldb databases with clamsc
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from conftest import make_db
@@ -330,3 +331,28 @@ def test_wide_fullword_as_clamscan(impl: str) -> None:
     }
     for data, want in found.items():
         assert m.scan_bytes(data).matches == want, data
+
+
+@pytest.mark.parametrize("impl", ["py", "auto"])
+def test_ign2_drops_a_logical_signature_and_keeps_the_others(tmp_path: Path, impl: str) -> None:
+    from offscan.signatures import load_database
+
+    d = tmp_path / "db"
+    d.mkdir()
+    (d / "t.ldb").write_text(
+        f"Gone;{E};0&1;{A.hex()};{B.hex()}\nKept;{E};0&1;{B.hex()};{C.hex()}\n"
+    )
+    (d / "t.ndb").write_text(f"Plain:0:*:{C.hex()}\n")
+    (d / "x.ign2").write_text("Gone\n")
+    db = load_database(d)
+    assert [lg.name for lg in db.logical] == ["Kept"]
+    assert db.plain_body == 1 and db.signature_count == 2
+    for lg in db.logical:  # the kept signature's body indices point at its own bodies
+        assert all(0 <= i < len(db.body) for i, _, _ in lg.bodies)
+    m = Matcher(db, impl=impl, window_size=64)
+    assert m.scan_bytes(fill(A, B)).matches == ()
+    assert sorted(m.scan_bytes(fill(B, C), allmatch=True).matches) == ["Kept", "Plain"]
+    (d / "x.ign2").write_text("Kept\nPlain\n")
+    m = Matcher(load_database(d), impl=impl, window_size=64)
+    assert m.scan_bytes(fill(A, B)).matches == ("Gone",)
+    assert m.scan_bytes(fill(B, C), allmatch=True).matches == ()

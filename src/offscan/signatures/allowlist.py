@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from . import PatternDB
+    from .ldb import LogicalSignature
+    from .model import BodySignature
 
 __all__ = ["ALLOWLIST_SUFFIXES", "Allowlist", "apply", "parse"]
 
@@ -138,11 +140,32 @@ def apply(db: PatternDB, files: list[tuple[str, str]]) -> PatternDB:
     h = hashlib.sha256(db.version.encode())
     for fname, text in files:
         h.update(b"\0" + os.path.basename(fname).encode() + b"\0" + text.encode("latin-1"))
+    body, logical = _drop_ignored(db, allow.ignored)
     return dataclasses.replace(
         db,
-        body=tuple(s for s in db.body if s.name not in allow.ignored),
+        body=body,
+        logical=logical,
         hashes=tuple(s for s in db.hashes if s.name not in allow.ignored),
         files=(*db.files, *(f for f, _ in files)),
         version="sha256:" + h.hexdigest()[:16],
         allowlist=allow,
     )
+
+
+def _drop_ignored(
+    db: PatternDB, ignored: frozenset[str]
+) -> tuple[tuple[BodySignature, ...], tuple[LogicalSignature, ...]]:
+    """The body and logical signatures of ``db`` less the ignored names. A logical signature
+    is ignored by its own name; its body signatures go with it, and the body indices of the
+    logical signatures kept are renumbered."""
+    owned = {i for lg in db.logical for i, _, _ in lg.bodies}
+    kept_logical = [lg for lg in db.logical if lg.name not in ignored]
+    keep = {i for i, s in enumerate(db.body) if i not in owned and s.name not in ignored}
+    keep.update(i for lg in kept_logical for i, _, _ in lg.bodies)
+    order = sorted(keep)
+    new_index = {old: new for new, old in enumerate(order)}
+    logical = tuple(
+        dataclasses.replace(lg, bodies=tuple((new_index[i], sub, eof) for i, sub, eof in lg.bodies))
+        for lg in kept_logical
+    )
+    return tuple(db.body[i] for i in order), logical
