@@ -185,8 +185,8 @@ def _matched(
     *,
     reread: bool,
 ) -> None:
-    """Count a content matched now (``reread``: read again, not from its digest's bytes); its verdict goes to ``puts`` (to be cached) if the file
-    did not change while it was read."""
+    """Count a content matched now (``reread``: read again, not from its digest's bytes);
+    its verdict goes to ``puts`` (to be cached) if the file did not change while read."""
     counters = pipeline.counters
     counters.contents_matched += 1
     if reread:  # else matched from the bytes read for its digest
