@@ -79,3 +79,21 @@ def test_memo_log_replays_and_cuts_a_torn_tail(tmp_path: Path) -> None:
     finally:
         again.close()
     assert (tmp_path / MEMO_LOG_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_memo_put_many_is_one_write_and_replays(tmp_path: Path) -> None:
+    """A group's identities (bulk.py) reach the log in one write, and replay as single puts."""
+    d = b"\x22" * 32
+    memo = PersistentIdentityMemo(tmp_path)
+    idents = [Identity("local", 1, i, 10, 5, 6) for i in range(64)]
+    before = (tmp_path / MEMO_LOG_NAME).stat().st_size
+    memo.put_many([(i, d) for i in idents])
+    memo.put_many([])  # nothing to write
+    after = (tmp_path / MEMO_LOG_NAME).stat().st_size
+    memo.close()
+    assert after > before
+    again = PersistentIdentityMemo(tmp_path)
+    try:
+        assert len(again) == 64 and all(again.get(i) == d for i in idents)
+    finally:
+        again.close()

@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..cache import CachedVerdict, Identity, digest_fd
-from ..engine import ScanResult
+from ..cache import CachedVerdict, Identity
+from ..engine import ReadDigest, ScanResult, read_digest
 from .pipeline import _reason
 
 if TYPE_CHECKING:
@@ -43,23 +43,29 @@ class NewFile:
     prio: int
 
 
-def _digest_all(jobs: list[tuple[int, int]]) -> list[tuple[bytes, int, os.stat_result] | OSError]:
-    """(digest, bytes read, fstat after) of each (fd, size); on a pool thread."""
-    out: list[tuple[bytes, int, os.stat_result] | OSError] = []
+def _digest_all(
+    jobs: list[tuple[int, int]],
+) -> list[tuple[ReadDigest, os.stat_result] | OSError]:
+    """(the read and digest, fstat after) of each (fd, size), on a pool thread: one read per
+    file, whose bytes (a small file's) are kept so a miss is matched without a second read."""
+    out: list[tuple[ReadDigest, os.stat_result] | OSError] = []
     for fd, size in jobs:
         try:
-            digest, nread = digest_fd(fd, size)
-            out.append((digest, nread, os.fstat(fd)))
+            read = read_digest(fd, size)
+            out.append((read, os.fstat(fd)))
         except OSError as exc:
             out.append(exc)
     return out
 
 
-def _match_all(matcher: Matcher, jobs: list[tuple[int, str]]) -> list[tuple[ScanResult, Any]]:
-    """(result, fstat after or None) of matching each (fd, path); on a pool thread."""
+def _match_all(
+    matcher: Matcher, jobs: list[tuple[int, str, bytearray | None]]
+) -> list[tuple[ScanResult, Any]]:
+    """(result, fstat after or None) of matching each (fd, path, bytes already read or None);
+    on a pool thread."""
     out: list[tuple[ScanResult, Any]] = []
-    for fd, path in jobs:
-        res = matcher.scan_fd(fd, path=path, allmatch=True)
+    for fd, path, data in jobs:
+        res = matcher.scan_fd(fd, path=path, allmatch=True, preread=data)
         try:
             after: Any = os.fstat(fd)
         except OSError:
@@ -93,21 +99,24 @@ async def _group(
     judged: list[tuple[Any, ApplianceVerdictSource, bytes | None] | None] = [None] * len(files)
     alone: list[int] = []  # files that take Pipeline.judge on their own
     leaders: dict[tuple[bytes, int, str], list[int]] = {}
+    kept: dict[int, bytearray | None] = {}  # a leader's bytes, read with its digest
     claims: dict[tuple[bytes, int, str], asyncio.Future[Any]] = {}
     try:
         async with pipeline.gate.slot(min(f.prio for f in files)):
             digests = await loop.run_in_executor(
                 pipeline.pool, _digest_all, [(f.fd, f.st.st_size) for f in files]
             )
+            memo_puts: list[tuple[Identity, bytes]] = []
             for i, (f, got) in enumerate(zip(files, digests, strict=True)):
                 if isinstance(got, OSError):
                     judged[i] = (ScanResult(f.path, "error", reason=_reason(got)), "scan", None)
                     continue
-                digest, nread, after = got
-                counters.bytes_read += nread
+                read, after = got
+                digest = read.digest
+                counters.bytes_read += read.nread
                 ident = Identity.from_stat("local", f.st)
-                if Identity.from_stat("local", after) == ident:
-                    pipeline.memo.put(ident, digest)
+                if Identity.from_stat("local", after) == ident and read.nread == f.st.st_size:
+                    memo_puts.append((ident, digest))
                 pipeline.locations.add(digest, f.vm.name, f.path, ident)
                 size = f.st.st_size
                 cached = pipeline.cache.get(digest, size, eng.version)
@@ -123,14 +132,21 @@ async def _group(
                     leaders[key].append(i)
                 elif (claim := pipeline.flights.lead(key)) is not None:
                     leaders[key], claims[key] = [i], claim
+                    kept[i] = read.data
                 else:  # being matched for another request: join it
                     alone.append(i)
+            pipeline.memo.put_many(memo_puts)  # one identity-log write for the group
             if leaders:
-                jobs = [(files[idx[0]].fd, files[idx[0]].path) for idx in leaders.values()]
+                jobs = [
+                    (files[idx[0]].fd, files[idx[0]].path, kept.pop(idx[0]))
+                    for idx in leaders.values()
+                ]
                 matched = await loop.run_in_executor(pipeline.pool, _match_all, eng.matcher, jobs)
                 puts: list[CachedVerdict] = []
-                for (key, idx), (res, after) in zip(leaders.items(), matched, strict=True):
-                    _matched(pipeline, files[idx[0]], key, res, after, puts)
+                for (key, idx), job, (res, after) in zip(
+                    leaders.items(), jobs, matched, strict=True
+                ):
+                    _matched(pipeline, files[idx[0]], key, res, after, puts, reread=job[2] is None)
                     claim = claims.pop(key)
                     if not claim.done():
                         claim.set_result(res)
@@ -166,12 +182,15 @@ def _matched(
     res: ScanResult,
     after: os.stat_result | None,
     puts: list[CachedVerdict],
+    *,
+    reread: bool,
 ) -> None:
-    """Count a content matched now; its verdict goes to ``puts`` (to be cached) if the file
-    did not change while it was read."""
+    """Count a content matched now (``reread``: read again, not from its digest's bytes);
+    its verdict goes to ``puts`` (to be cached) if the file did not change while read."""
     counters = pipeline.counters
     counters.contents_matched += 1
-    counters.bytes_read += res.bytes_scanned
+    if reread:  # else matched from the bytes read for its digest
+        counters.bytes_read += res.bytes_scanned
     counters.bytes_matched += res.bytes_scanned
     digest, size, version = key
     unchanged = (

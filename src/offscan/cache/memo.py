@@ -74,6 +74,11 @@ class IdentityMemo:
                 self._map.popitem(last=False)
                 self.evictions += 1
 
+    def put_many(self, items: list[tuple[Identity, bytes]]) -> None:
+        """:meth:`put` each (identity, digest), in order."""
+        for ident, digest in items:
+            self.put(ident, digest)
+
     def discard(self, ident: Identity) -> None:
         """Forget an identity (e.g. the file changed while it was read)."""
         with self._lock:

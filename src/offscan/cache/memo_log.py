@@ -112,17 +112,17 @@ class PersistentIdentityMemo(IdentityMemo):
         with self._log_lock:
             self._append_locked(fields)
 
-    def _append_locked(self, fields: list[Any]) -> None:
+    def _append_locked(self, fields: list[Any], *more: list[Any]) -> None:
         if self._fd < 0:
             return
         try:
-            write_all(self._fd, _record(fields))
+            write_all(self._fd, b"".join(_record(f) for f in (fields, *more)))
         except OSError as exc:
             self.persist_errors += 1
             if self.persist_errors == 1:
                 log.warning("identity memo not persisted (%s): kept in memory only", exc)
             return
-        self._records += 1
+        self._records += 1 + len(more)
         if self._records > max(COMPACT_MIN_RECORDS, 2 * len(self._map)):
             try:
                 self._rewrite()
@@ -133,6 +133,16 @@ class PersistentIdentityMemo(IdentityMemo):
     def put(self, ident: Identity, digest: bytes) -> None:
         super().put(ident, digest)
         self._append([*_fields(ident), digest])
+
+    def put_many(self, items: list[tuple[Identity, bytes]]) -> None:
+        """:meth:`put` each (identity, digest), appended to the log in one write."""
+        if not items:
+            return
+        for ident, digest in items:
+            super().put(ident, digest)
+        records = [[*_fields(i), d] for i, d in items]
+        with self._log_lock:
+            self._append_locked(*records)
 
     def discard(self, ident: Identity) -> None:
         super().discard(ident)
