@@ -306,3 +306,37 @@ def test_clamscan_parity(tmp_path: Path, args: list[str]) -> None:
         norm(ref.stdout),
         norm(ref.stderr),
     )
+
+
+def test_command_table_matches_the_full_parser() -> None:
+    """main builds only the named subcommand's parser: its table must name every subcommand
+    the full parser has, with the module that registers it."""
+    import argparse
+
+    from offscan.cli.main import COMMANDS, build_parser
+
+    def subcommands(parser: argparse.ArgumentParser) -> set[str]:
+        (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return set(sub.choices)
+
+    assert subcommands(build_parser()) == set(COMMANDS)
+    for command in COMMANDS:
+        assert command in subcommands(build_parser(command))
+
+
+def test_scan_start_up_imports_no_appliance_lab_or_updates(tmp_path: Path) -> None:
+    """`offscan scan` is a short process: it must not pay for the appliance, the lab or the
+    update code (their imports were most of its start-up)."""
+    f = tmp_path / "f.txt"
+    f.write_text("clean\n")
+    code = (
+        "import sys\n"
+        "from offscan.cli.main import main\n"
+        f"rc = main(['scan', '--no-summary', {str(f)!r}])\n"
+        "heavy = [m for m in sys.modules if m.split('.')[:2] in "
+        "(['offscan', 'appliance'], ['offscan', 'lab'], ['offscan', 'updates'], "
+        "['offscan', 'shim'], ['offscan', 'protocol'])]\n"
+        "print(rc, sorted(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout + out.stderr

@@ -99,8 +99,15 @@ class _Chain:
     def feed(self, parts: np.ndarray, starts: np.ndarray, base: int) -> None:
         if not len(parts):
             return
-        order = np.lexsort((parts, starts))
         m = self.m
+        simple = m._simple[parts].view(np.bool_)
+        if simple.any():
+            self._feed_simple(parts[simple], starts[simple], base)
+            if simple.all():
+                return
+            rest = ~simple
+            parts, starts = parts[rest], starts[rest]
+        order = np.lexsort((parts, starts))
         part_sig, part_index, part_len = m._part_sig, m._part_index, m._part_len
         gaps, nparts, matched, feasible = m._gaps, m._nparts, self.matched, self.feasible
         for p, s in zip(parts[order].tolist(), (starts[order] + base).tolist()):
@@ -142,6 +149,21 @@ class _Chain:
                 elif gaps[sig][k][1] is not None:
                     q2.append(e)  # after an unbounded gap only the earliest end matters
 
+    def _feed_simple(self, parts: np.ndarray, starts: np.ndarray, base: int) -> None:
+        """Hits of one-part signatures that may start anywhere and need only their first
+        match (most real signatures): the earliest hit of each part is its signature's match,
+        found with numpy instead of one Python step per hit (a real file can hold thousands)."""
+        m, matched = self.m, self.matched
+        order = np.argsort(starts, kind="stable")  # earliest first; np.unique keeps the first
+        uniq, first = np.unique(parts[order], return_index=True)
+        ends = starts[order][first].astype(np.int64) + (base + m._part_len_np[uniq])
+        part_sig = m._part_sig
+        for p, e in zip(uniq.tolist(), ends.tolist()):
+            sig = part_sig[p]
+            if sig not in matched:
+                matched[sig] = e
+        self.done[uniq] = 1  # a one-part signature's only part: no more hits of it are needed
+
 
 class Matcher:
     """Body and hash signatures of one PatternDB, compiled for scanning buffers and files.
@@ -179,6 +201,15 @@ class Matcher:
         first = np.cumsum([0] + self._nparts)
         self._sig_parts = [np.arange(first[i], first[i + 1]) for i in range(len(db.body))]
         self._logic = LogicalIndex(db)
+        self._part_len_np = t.part_len.astype(np.int64)
+        # per part: 1 when its hit alone is its signature's match (one part, any offset, only
+        # the first match needed): _Chain.feed settles those hits without a Python step each
+        sig_simple = np.array(
+            [len(g.parts) == 1 and g.offset.kind == "any" and not g.all_hits for g in db.body],
+            dtype=np.uint8,
+        )
+        self._simple = np.zeros(max(1, len(t.part_sig)), dtype=np.uint8)
+        self._simple[: len(t.part_sig)] = sig_simple[t.part_sig] if len(t.part_sig) else 0
         self._hash_by_size: dict[int, list[HashSignature]] = {}
         self._hash_any: list[HashSignature] = []
         for h in db.hashes:

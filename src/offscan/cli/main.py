@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import agent, bench, demo, images, operator, patterns, scan, serve, shim
 from ._common import EXIT_ERROR
 
 DESCRIPTION = (
@@ -24,16 +24,43 @@ DESCRIPTION = (
     "benchmark lab."
 )
 # Order of the subcommands in --help: the user's path from trying it to running it.
-MODULES = (scan, images, serve, shim, operator, agent, bench, patterns, demo)
+MODULES = ("scan", "images", "serve", "shim", "operator", "agent", "bench", "patterns", "demo")
+# The module of this package that registers each subcommand. A command line that names one
+# builds only that module's parser: the others import the appliance, the lab and the update
+# code for their defaults, which is most of a short `offscan scan`'s start-up
+# (tests/test_cli_scan.py checks this table against the full parser).
+COMMANDS = {
+    "scan": "scan",
+    "scan-image": "images",
+    "serve": "serve",
+    "shim": "shim",
+    "status": "operator",
+    "vm": "operator",
+    "policy": "operator",
+    "quarantine": "operator",
+    "reload": "operator",
+    "agent": "agent",
+    "bench": "bench",
+    "patterns": "patterns",
+    "demo": "demo",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``command`` (a key of COMMANDS) only that subcommand's."""
     parser = argparse.ArgumentParser(prog="offscan", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"offscan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in MODULES:
-        module.register(sub)
+    names = (COMMANDS[command],) if command in COMMANDS else MODULES
+    for name in names:
+        importlib.import_module(f"{__package__}.{name}").register(sub)
     return parser
+
+
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The subcommand a command line names, if its first word is one (options before it,
+    such as --help or --version, need the whole parser)."""
+    return argv[0] if argv and argv[0] in COMMANDS else None
 
 
 def _quiet_stdout() -> None:
@@ -57,7 +84,8 @@ def describe_error(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_named_command(words)).parse_args(words)
     try:
         return int(args.run(args))
     except KeyboardInterrupt:

@@ -153,9 +153,8 @@ def run(args: argparse.Namespace) -> int:
             print(warning, file=sys.stderr)
         elif r.status == "error":
             print(f"{r.path}: {r.reason} ERROR", file=out)
-        elif r.infected:
-            for name in r.matches:
-                out.write(f"{r.path}: {name} FOUND\n")
+        elif r.infected:  # one write per file: with --allmatch a file can have thousands
+            out.write("".join(f"{r.path}: {name} FOUND\n" for name in r.matches))
         elif not args.infected:
             out.write(f"{r.path}: OK\n")
 
