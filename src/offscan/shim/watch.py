@@ -183,6 +183,17 @@ class _VM:
         return (st.st_dev, st.st_ino) == self.root_id
 
 
+def _shutdown_race(record: logging.LogRecord) -> bool:
+    """Drop watchdog's "queue_events() called when the thread is inactive": an emitter whose
+    observer is being stopped (the shim stopping, or a VM unregistered) read one more event.
+    Nothing is lost (the VM is no longer watched), but watchdog logs it as an error, and it
+    reached the user's terminal at the end of `offscan demo` and `offscan shim`."""
+    return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_shutdown_race)
+
+
 def _stop_observer(observer: BaseObserver) -> None:
     try:
         observer.stop()
