@@ -9,7 +9,7 @@ with other kinds of signatures (offsets, several parts, counted subsignatures) m
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from offscan import Matcher, PatternDB
@@ -32,7 +32,11 @@ def _db(bodies: list[bytes]) -> PatternDB:
     )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # impl: a plain string
+)
 @given(
     bodies=st.lists(
         st.binary(min_size=2, max_size=6).map(lambda b: bytes(ALPHABET[x % 3] for x in b)),
@@ -41,7 +45,6 @@ def _db(bodies: list[bytes]) -> PatternDB:
     ),
     data=st.binary(min_size=0, max_size=600).map(lambda b: bytes(ALPHABET[x % 3] for x in b)),
     window=st.sampled_from([16, 64, 4096]),
-    impl=st.sampled_from(["c", "py"]),
 )
 def test_fast_path_matches_the_general_loop(
     bodies: list[bytes], data: bytes, window: int, impl: str
