@@ -47,6 +47,9 @@ def test_fast_path_encodings_equal_the_slow_ones() -> None:
         line = codec.event_line(1.5e9, record["vm"], record["path"], tail, 0.0012345)
         event = {"time": 1.5e9, "event": "verdict", **record, "latency_ms": 1.234}
         assert line == json.dumps(event, separators=(",", ":")) + "\n"
+        assert codec.lines(1.5e9, 0.0012345)(record["vm"], record["path"], tail) == line
+        single = codec.frame(7, record["vm"], record["path"], tail)
+        assert single == msgpack.packb({"t": "verdict", "id": 7, **record}, use_bin_type=True)
         frame = batch_frame([item] * 20)
         assert unpack(frame)["verdicts"] == [{"id": 12345678901, **record}] * 20
     assert unpack(batch_frame([encode_item({"id": 1, **record})]))["t"] == "verdict-batch"  # type: ignore[typeddict-item]

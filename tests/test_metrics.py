@@ -153,6 +153,29 @@ def test_label_values_and_help_are_escaped() -> None:
     assert samples[("files_total", L(path="plain"))] == 1
 
 
+def test_histogram_observe_times_equals_repeated_observations() -> None:
+    reg = Registry()
+    once = reg.histogram("a_seconds", "A.", ("source",), buckets=(1, 2, 5))
+    many = reg.histogram("b_seconds", "B.", ("source",), buckets=(1, 2, 5))
+    for v, n in ((0.5, 3), (1.5, 1), (4.0, 64), (9.0, 2)):
+        for _ in range(n):
+            once.observe(v, source="x")
+        many.observe(v, times=n, source="x")
+    many.observe(3.0, times=0, source="x")  # nothing observed
+    assert many.count(source="x") == once.count(source="x") == 70
+    assert many.sum(source="x") == pytest.approx(once.sum(source="x"))
+    assert many.quantile(0.5, source="x") == once.quantile(0.5, source="x")
+    assert many.quantile(0.99, source="x") == once.quantile(0.99, source="x")
+    _, samples, _ = parse(reg.render())
+    for le in ("1.0", "2.0", "5.0", "+Inf"):
+        a = samples[("a_seconds_bucket", L(source="x", le=le))]
+        assert samples[("b_seconds_bucket", L(source="x", le=le))] == a
+    with pytest.raises(ValueError):
+        many.observe(1.0, times=-1, source="x")
+    with pytest.raises(ValueError):  # reserved: it would shadow the count
+        reg.histogram("c_seconds", "C.", ("times",))
+
+
 def test_histogram_buckets_are_cumulative() -> None:
     reg = Registry()
     h = reg.histogram("verdict_seconds", "Verdict latency.", ("source",), buckets=(1, 2, 5))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
+from typing import TypeVar
 
 __all__ = [
     "ConfinementError",
@@ -17,10 +19,12 @@ __all__ = [
     "open_confined",
     "open_confined_many",
     "open_root",
+    "stat_confined_many",
 ]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_DIR_FDS = 64  # directory descriptors open_confined_many keeps open at once
+_T = TypeVar("_T")
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
@@ -103,23 +107,46 @@ def open_confined(root: str, relpath: str, *, strict_root: bool = False) -> int:
 
 
 def open_confined_many(
-    root: str, relpaths: list[str]
+    root: str, relpaths: list[str], *, strict_root: bool = False
 ) -> list[tuple[int, os.stat_result] | OSError]:
     """:func:`open_confined` for many paths under one root, each with its ``fstat``: the
     same checks component by component, but every directory on the way is opened once per
     call, not once per path (a batch of files in a few directories costs about one
     ``openat`` and one ``fstat`` per file). A path that cannot be opened gets its exception
-    (ConfinementError, FileNotFoundError...) in its place in the list."""
-    out: list[tuple[int, os.stat_result] | OSError] = []
+    (ConfinementError, FileNotFoundError...) in its place in the list; ``strict_root`` as
+    for :func:`open_confined` (an error opening the root itself is raised)."""
+    return _walk_many(root, relpaths, _open_last, strict_root)
+
+
+def stat_confined_many(
+    root: str, relpaths: list[str], *, strict_root: bool = False
+) -> list[os.stat_result | OSError]:
+    """What :func:`open_confined_many` would ``fstat``, without opening the files: the same
+    walk (every directory opened with ``O_NOFOLLOW``, once per call), then ``fstatat`` of the
+    last component with ``AT_SYMLINK_NOFOLLOW``. Refuses exactly what it refuses, the same
+    way (ConfinementError for a symlink anywhere, a special file, ``..``, an absolute path),
+    and costs one ``fstatat`` per file: the cache-hit path learns a file's identity with it
+    and opens the file (:func:`open_confined_many`) only when the identity is unknown."""
+    return _walk_many(root, relpaths, _stat_last, strict_root)
+
+
+def _walk_many(
+    root: str, relpaths: list[str], last: Callable[[int, str, str], _T], strict_root: bool
+) -> list[_T | OSError]:
+    out: list[_T | OSError] = []
     dirs: dict[tuple[str, ...], int] = {}
     try:
-        dirs[()] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if strict_root:
+            dirs[()] = open_root(root)
+        else:
+            dirs[()] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         for relpath in relpaths:
             if len(dirs) > MAX_DIR_FDS:  # bounded: deep trees must not exhaust descriptors
                 for key in [k for k in dirs if k]:
                     os.close(dirs.pop(key))
             try:
-                out.append(_open_one(dirs, relpath))
+                name, dirfd = _walk(dirs, relpath)
+                out.append(last(dirfd, name, relpath))
             except OSError as exc:
                 out.append(exc)
     finally:
@@ -128,7 +155,9 @@ def open_confined_many(
     return out
 
 
-def _open_one(dirs: dict[tuple[str, ...], int], relpath: str) -> tuple[int, os.stat_result]:
+def _walk(dirs: dict[tuple[str, ...], int], relpath: str) -> tuple[str, int]:
+    """The last component of ``relpath`` and the descriptor of its directory (opened, and
+    kept in ``dirs``, one component at a time, never through a symlink)."""
     parts = check_relpath(relpath)
     key: tuple[str, ...] = ()
     dirfd = dirs[key]
@@ -139,14 +168,22 @@ def _open_one(dirs: dict[tuple[str, ...], int], relpath: str) -> tuple[int, os.s
             nxt = _open_dir(name, dirfd, relpath)
             dirs[key] = nxt
         dirfd = nxt
-    name = parts[-1]
-    # As open_confined: never open a symlink or a special file (a device's open may act).
+    return parts[-1], dirfd
+
+
+def _stat_last(dirfd: int, name: str, relpath: str) -> os.stat_result:
+    # As open_confined: a symlink or a special file is refused, never followed.
     st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     if stat.S_ISLNK(st.st_mode):
         raise ConfinementError(f"path {relpath!r} is a symlink")
     if not stat.S_ISREG(st.st_mode):
         raise ConfinementError(f"path {relpath!r} is not a regular file")
-    fd = os.open(name, _FILE_FLAGS, dir_fd=dirfd)
+    return st
+
+
+def _open_last(dirfd: int, name: str, relpath: str) -> tuple[int, os.stat_result]:
+    _stat_last(dirfd, name, relpath)  # never open a symlink or a special file (a device's
+    fd = os.open(name, _FILE_FLAGS, dir_fd=dirfd)  # open may act)
     try:
         st = os.fstat(fd)
     except BaseException:

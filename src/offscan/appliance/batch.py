@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import policy as policies
 from .. import protocol
 from ..cache import Identity
-from ..confine import ConfinementError, check_relpath, open_confined_many
+from ..confine import ConfinementError, check_relpath, open_confined_many, stat_confined_many
 from .bulk import NewFile, judge_new
 from .common import RequestFailed, close_fds, log
 from .fastpath import VerdictCodec, batch_frame, encode_item
@@ -34,24 +35,44 @@ if TYPE_CHECKING:
     from .session import Session
 
 BATCH_LIMIT = protocol.MAX_BATCH  # what the welcome offers (credits bound it further)
+SINGLES = 64  # buffered single scan frames served together
+_R = TypeVar("_R")
 
 
-def _open_all(jobs: list[tuple[str, str]]) -> list[tuple[int, os.stat_result] | None]:
-    """Open and fstat each (root, path), confined (:func:`open_confined_many`, directories
-    opened once per root); None where that failed (the slow path opens it again and reports
-    why). Runs on a pool thread: one hop for a whole batch."""
+_Entry = tuple[dict[str, Any], "VMRecord", int | None, os.stat_result]  # fd None: stat only
+
+
+def _by_root(
+    jobs: list[tuple[str, str]], many: Callable[..., list[_R | OSError]]
+) -> list[_R | None]:
+    """``many(root, paths, strict_root=True)`` for each root of the (root, path) jobs, the
+    results back in job order; None where that failed (the slow path tries again and
+    reports why)."""
     by_root: dict[str, list[int]] = {}
     for i, (root, _path) in enumerate(jobs):
         by_root.setdefault(root, []).append(i)
-    out: list[tuple[int, os.stat_result] | None] = [None] * len(jobs)
+    out: list[_R | None] = [None] * len(jobs)
     for root, idx in by_root.items():
         try:
-            got = open_confined_many(root, [jobs[i][1] for i in idx])
+            got = many(root, [jobs[i][1] for i in idx], strict_root=True)
         except OSError:  # the root itself is gone: every scan of it takes the slow path
             continue
         for i, res in zip(idx, got, strict=True):
             out[i] = None if isinstance(res, OSError) else res
     return out
+
+
+def _open_all(jobs: list[tuple[str, str]]) -> list[tuple[int, os.stat_result] | None]:
+    """Open and fstat each (root, path), confined (:func:`open_confined_many`). Runs on a
+    pool thread: one hop for all the misses of a batch."""
+    return _by_root(jobs, open_confined_many)
+
+
+def _stat_all(jobs: list[tuple[str, str]]) -> list[os.stat_result | None]:
+    """The identity of each (root, path) without opening it (:func:`stat_confined_many`:
+    the same refusals). On the event loop: a directory walk and one ``fstatat`` per file,
+    what a hit costs instead of a thread hop, an open and a close."""
+    return _by_root(jobs, stat_confined_many)
 
 
 class BatchScans:
@@ -67,7 +88,11 @@ class BatchScans:
         self.slow = 0  # scans that took the pipeline
 
     async def serve(self, shim: str, msg: dict[str, Any], fds: list[int]) -> None:
-        """Answer one ``scan-batch`` frame (validated: ids, modes and descriptor count)."""
+        """Answer one ``scan-batch`` frame (validated: ids, modes and descriptor count).
+
+        Path-mode scans are looked up by a confined stat on the event loop; the hits are
+        answered at once (their event-log lines written in one ``write(2)``, then their
+        ``verdict-batch`` frame sent); only the misses are opened, in one pool job."""
         scans: list[dict[str, Any]] = msg["scans"]
         self._check_credits(scans, fds)
         t0 = self.app.clock.monotonic()
@@ -77,26 +102,28 @@ class BatchScans:
         for scan in scans:
             if scan["mode"] == "fd":
                 fd_of[scan["id"]] = next(it)
-        opened, to_open = self._admit(shim, scans, fd_of, t0)
-        if to_open:
+        entries, to_stat = self._admit(shim, scans, fd_of, t0)
+        if to_stat:
+            stats = _stat_all([(vm.root, scan["path"]) for scan, vm in to_stat])
+            for (scan, vm), st in zip(to_stat, stats, strict=True):
+                if st is None:
+                    self._slow(shim, scan, None, t0)
+                else:
+                    entries.append((scan, vm, None, st))
+        to_open = self.answer(entries, t0, self._outbox)
+        await self.drain()
+        if to_open:  # the misses: opened (one hop), then judged as fd-mode scans are
             jobs = [(vm.root, scan["path"]) for scan, vm in to_open]
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.app.pool, _open_all, jobs
-            )
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self.app.pool, _open_all, jobs)
+            opened: list[_Entry] = []
             for (scan, vm), got in zip(to_open, results, strict=True):
                 if got is None:
                     self._slow(shim, scan, None, t0)
                 else:
                     opened.append((scan, vm, got[0], got[1]))
-        items, lines, new = self._answer(opened, t0)
-        if new:
-            self._spawn_new(new, t0)
-        if items:
-            self.app.events.flush()  # logged before sent (docs/protocol.md, Batches)
-            for line in lines:
-                self.app.events.write_line(line)
-            self.app.events.flush()
-            self._outbox.extend(items)
+            if self.answer(opened, t0, self._outbox):
+                raise AssertionError("an opened file was sent to be opened")  # pragma: no cover
             await self.drain()
 
     def _check_credits(self, scans: list[dict[str, Any]], fds: list[int]) -> None:
@@ -106,25 +133,42 @@ class BatchScans:
         if len(ids) != len(scans) or not ids.isdisjoint(inflight):
             close_fds(fds)
             raise protocol.ProtocolError("sequence", "duplicate request id in scan-batch")
-        if len(inflight) + len(scans) > credits:
+        if self.session.outstanding() + len(scans) > credits:
             close_fds(fds)
             raise protocol.ProtocolError("backpressure", f"more than {credits} outstanding scans")
 
     def _admit(
         self, shim: str, scans: list[dict[str, Any]], fd_of: dict[int, int], t0: float
-    ) -> tuple[
-        list[tuple[dict[str, Any], VMRecord, int, os.stat_result]],
-        list[tuple[dict[str, Any], VMRecord]],
-    ]:
+    ) -> tuple[list[_Entry], list[tuple[dict[str, Any], VMRecord]]]:
         """Scans that may take the fast path: fd-mode ones with their fstat, path-mode ones
-        to open; the others go to the pipeline now."""
+        to look up; the others go to the pipeline now."""
+        fit = self._fit(shim)
+        entries: list[_Entry] = []
+        to_stat: list[tuple[dict[str, Any], VMRecord]] = []
+        for scan in scans:
+            fd = fd_of.get(scan["id"])
+            vm = fit(scan, fd is not None)
+            if vm is None:
+                self._slow(shim, scan, fd, t0)
+            elif fd is None:
+                to_stat.append((scan, vm))
+            else:
+                try:
+                    entries.append((scan, vm, fd, os.fstat(fd)))
+                except OSError:
+                    self._slow(shim, scan, fd, t0)
+        return entries, to_stat
+
+    def _fit(self, shim: str) -> Callable[[dict[str, Any], bool], VMRecord | None]:
+        """A test of one scan for the fast path: its VM, when ``shim`` owns it, the path is
+        not excluded by name, and (for a descriptor, which no walk checks) the path does not
+        escape; None sends the scan to the pipeline, which answers why."""
         registry = self.app.registry
         owned: dict[str, VMRecord | None] = {}
         path_rules: dict[str, dict[str, Any] | None] = {}  # the policy, if it excludes paths
-        opened: list[tuple[dict[str, Any], VMRecord, int, os.stat_result]] = []
-        to_open: list[tuple[dict[str, Any], VMRecord]] = []
-        for scan in scans:
-            name, path, fd = scan["vm"], scan["path"], fd_of.get(scan["id"])
+
+        def fit(scan: dict[str, Any], by_fd: bool) -> VMRecord | None:
+            name, path = scan["vm"], scan["path"]
             if name not in owned:
                 try:
                     owned[name] = rec = registry.owned(shim, name)
@@ -134,31 +178,65 @@ class BatchScans:
                 except RequestFailed:
                     owned[name] = None
             vm = owned[name]
-            # A path-mode scan is checked component by component when it is opened (an escape
-            # fails there and takes the slow path, which refuses it); an fd-mode one here.
+            # A path-mode scan is checked component by component when it is looked up (an
+            # escape fails there and takes the slow path, which refuses it).
             try:
-                ok = vm is not None and (fd is None or bool(check_relpath(path)))
+                if vm is None or (by_fd and not check_relpath(path)):
+                    return None
             except ConfinementError:
-                ok = False
+                return None
             rules_of = path_rules.get(name)
-            excluded = rules_of is not None and bool(policies.excluded(rules_of, path))
-            if not ok or vm is None or excluded:
-                self._slow(shim, scan, fd, t0)
-            elif fd is None:
-                to_open.append((scan, vm))
-            else:
-                try:
-                    opened.append((scan, vm, fd, os.fstat(fd)))
-                except OSError:
-                    self._slow(shim, scan, fd, t0)
-        return opened, to_open
+            if rules_of is not None and policies.excluded(rules_of, path):
+                return None
+            return vm
 
-    def _answer(
-        self, opened: list[tuple[dict[str, Any], VMRecord, int, os.stat_result]], t0: float
-    ) -> tuple[list[bytes], list[str], list[tuple[int, NewFile]]]:
-        """Cache hits answered here (encoded items and their event lines); the rest handed
-        to the pipeline with their open descriptors. Long-ish: it is the hot loop, kept
-        flat on purpose (one pass, locals bound once)."""
+        return fit
+
+    async def serve_singles(self, shim: str, msgs: list[dict[str, Any]]) -> None:
+        """Path-mode ``scan`` frames that arrived together (up to :data:`SINGLES` of them),
+        served as a batch is: looked up by a confined stat on the event loop, the clean
+        hits answered here, each with its own ``verdict`` frame (the frames written
+        together, after their event-log lines); every other scan started as a single scan
+        always is (:meth:`Session.start_scan <.session.Session.start_scan>`). Request ids
+        and credits are checked frame by frame, in order, as for single scans."""
+        session = self.session
+        t0 = self.app.clock.monotonic()
+        fit = self._fit(shim)
+        to_stat: list[tuple[dict[str, Any], VMRecord]] = []
+        ids: set[int] = set()
+        for msg in msgs:
+            session.check_scan(msg["id"], ids)
+            ids.add(msg["id"])
+            vm = fit(msg, False)
+            if vm is None:
+                ids.discard(msg["id"])
+                session.start_scan(shim, msg, [])
+            else:
+                to_stat.append((msg, vm))
+        entries: list[_Entry] = []
+        if to_stat:
+            stats = _stat_all([(vm.root, msg["path"]) for msg, vm in to_stat])
+            for (msg, vm), st in zip(to_stat, stats, strict=True):
+                if st is None:
+                    session.start_scan(shim, msg, [])
+                else:
+                    entries.append((msg, vm, None, st))
+        frames: list[bytes] = []
+        for msg, _vm in self.answer(entries, t0, frames, frames=True):
+            session.start_scan(shim, msg, [])
+        if frames:
+            self.app.events.flush()  # logged before sent
+            with contextlib.suppress(ConnectionError, OSError):
+                await session.conn.send_encoded_many(frames)
+
+    def answer(
+        self, entries: list[_Entry], t0: float, out: list[bytes], *, frames: bool = False
+    ) -> list[tuple[dict[str, Any], VMRecord]]:
+        """Answer the clean cache hits among ``entries`` here: their encoded replies
+        appended to ``out`` (``verdict-batch`` items, or whole ``verdict`` frames with
+        ``frames``), their event-log lines queued as one write. The other opened ones go to
+        the pipeline with their descriptors; the stat-only ones that missed are returned, to
+        be opened. Long-ish: it is the hot loop, kept flat on purpose (locals bound once)."""
         app = self.app
         pipeline = app.pipeline
         memo_get, inherited_get = pipeline.memo.get, pipeline.inherited.get
@@ -166,15 +244,18 @@ class BatchScans:
         version = pipeline.engine.version
         policy_of: dict[str, dict[str, Any]] = {}
         codec = self.codec
+        item = codec.frame if frames else codec.item
         counters, kinds = app.counters, pipeline.request_kinds
         clock = app.clock
         now, latency = clock.time(), clock.monotonic() - t0
-        histogram = app.verdicts.latency
         log_on = app.events.enabled
-        items: list[bytes] = []
+        line_of = codec.lines(now, latency) if log_on else None
         lines: list[str] = []
         new: list[tuple[int, NewFile]] = []
-        for scan, vm, fd, st in opened:
+        to_open: list[tuple[dict[str, Any], VMRecord]] = []
+        access = demand = identity = clone = 0
+        before = len(out)
+        for scan, vm, fd, st in entries:
             path = scan["path"]
             policy = policy_of.get(vm.name)
             if policy is None:
@@ -182,6 +263,9 @@ class BatchScans:
             size_rules = policy.get("max_size") is not None
             why = policies.excluded(policy, path, st.st_size) if size_rules else None
             if why:
+                if fd is None:  # the slow path excludes it, after opening it
+                    to_open.append((scan, vm))
+                    continue
                 os.close(fd)
                 self._spawn(scan["id"], pipeline._excluded(vm, path, why, t0), [])
                 continue
@@ -191,30 +275,51 @@ class BatchScans:
             if digest is None:
                 digest, source = inherited_get(ident), "clone"
             if digest is None:
+                if fd is None:
+                    to_open.append((scan, vm))
+                    continue
                 prio = 0 if scan.get("prio", "access") == "access" else 1
                 kinds["access" if prio == 0 else "demand"] += 1
                 new.append((scan["id"], NewFile(vm, path, fd, st, prio)))
                 continue
-            cached = None if digest is None else cache_get(digest, st.st_size, version)
+            cached = cache_get(digest, st.st_size, version)
             if cached is None or cached.status != "clean":
-                self._slow_opened(scan, vm, fd, t0)
+                if fd is None:
+                    to_open.append((scan, vm))
+                else:
+                    self._slow_opened(scan, vm, fd, t0)
                 continue
-            os.close(fd)
-            kinds["access" if scan.get("prio", "access") == "access" else "demand"] += 1
+            if fd is not None:
+                os.close(fd)
+            if scan.get("prio", "access") == "access":
+                access += 1
+            else:
+                demand += 1
             add_location(cached.digest, vm.name, path, ident)
             if source == "identity":
-                counters.served_identity += 1
+                identity += 1
             else:
-                counters.served_clone += 1
+                clone += 1
             tail = codec.tail(cached, source)
-            items.append(codec.item(scan["id"], vm.name, path, tail))
-            if log_on:
-                lines.append(codec.event_line(now, vm.name, path, tail, latency))
+            out.append(item(scan["id"], vm.name, path, tail))
+            if line_of is not None:
+                lines.append(line_of(vm.name, path, tail))
+        n = len(out) - before
+        if n:
+            kinds["access"] += access
+            kinds["demand"] += demand
+            counters.served_identity += identity
+            counters.served_clone += clone
+            counters.verdicts += n
+            self.fast += n
+            if lines:  # one group-commit line set: written before the replies are sent
+                app.events.write_lines(lines)
+            histogram = app.verdicts.latency
             if histogram is not None:
-                histogram.observe(latency)
-        counters.verdicts += len(items)
-        self.fast += len(items)
-        return items, lines, new
+                histogram.observe(latency, times=n)
+        if new:
+            self._spawn_new(new, t0)
+        return to_open
 
     # -- the slow path: one task per scan, as for single scans ----------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -30,13 +31,16 @@ _json = json.JSONEncoder(separators=(",", ":")).encode  # as EventLog.write (jso
 class Tail:
     """The encoded fields of one cached verdict as a given source serves it."""
 
-    __slots__ = ("fields", "json", "msgpack", "record")
+    __slots__ = ("fields", "frame_head", "item_head", "json", "msgpack", "record")
 
     def __init__(self, record: dict[str, Any]) -> None:
         self.record = record  # the VerdictRecord fields after vm and path, in wire order
         self.fields = len(record)
         self.msgpack = b"".join(_pack(k) + _pack(v) for k, v in record.items())
         self.json = _json(record)[1:-1]  # '"status":"clean",...' without the braces
+        # what precedes the id: a BatchVerdict's map header; a Verdict frame's, and its "t"
+        self.item_head = _map_header(3 + self.fields) + b"\xa2id"
+        self.frame_head = _map_header(4 + self.fields) + b"\xa1t\xa7verdict\xa2id"
 
 
 class VerdictCodec:
@@ -66,15 +70,38 @@ class VerdictCodec:
             )
         return tail
 
-    def item(self, rid: int, vm: str, path: str, tail: Tail) -> bytes:
-        """One ``BatchVerdict``: ``{"id", "vm", "path", **tail}`` as msgpack."""
+    def _vm(self, vm: str) -> bytes:
         vm_bytes = self._vm_pack.get(vm)
         if vm_bytes is None:
             if len(self._vm_pack) >= MAX_TAILS:
                 self._vm_pack.clear()
-            vm_bytes = self._vm_pack[vm] = b"\xa2vm" + _pack(vm)
-        header = _map_header(3 + tail.fields)
-        return header + b"\xa2id" + _pack(rid) + vm_bytes + b"\xa4path" + _pack(path) + tail.msgpack
+            vm_bytes = self._vm_pack[vm] = b"\xa2vm" + _pack(vm) + b"\xa4path"
+        return vm_bytes
+
+    def item(self, rid: int, vm: str, path: str, tail: Tail) -> bytes:
+        """One ``BatchVerdict``: ``{"id", "vm", "path", **tail}`` as msgpack."""
+        return tail.item_head + _pack(rid) + self._vm(vm) + _pack(path) + tail.msgpack
+
+    def frame(self, rid: int, vm: str, path: str, tail: Tail) -> bytes:
+        """One whole ``verdict`` frame's payload: ``{"t": "verdict", "id", "vm", "path",
+        **tail}``, as the session sends a single scan's verdict."""
+        return tail.frame_head + _pack(rid) + self._vm(vm) + _pack(path) + tail.msgpack
+
+    def lines(self, now: float, latency: float) -> Callable[[str, str, Tail], str]:
+        """:meth:`event_line` for verdicts sharing ``now`` and ``latency`` (one batch):
+        what is common to them formatted once, a line then costs a path's encoding and
+        a few concatenations."""
+        time_head = f'{{"time":{now!r},"event":"verdict","vm":'
+        latency_tail = f',"latency_ms":{round(latency * 1000, 3)!r}}}\n'
+        heads: dict[str, str] = {}
+
+        def line(vm: str, path: str, tail: Tail) -> str:
+            head = heads.get(vm)
+            if head is None:
+                head = heads[vm] = time_head + _json_str(vm) + ',"path":'
+            return head + _json_str(path) + "," + tail.json + latency_tail
+
+        return line
 
     def event_line(self, now: float, vm: str, path: str, tail: Tail, latency: float) -> str:
         """The event-log line :meth:`Verdicts.record <.verdicts.Verdicts.record>` would write."""

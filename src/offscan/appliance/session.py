@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .. import protocol
 from . import limits
 from .activation import activate_clone
-from .batch import BATCH_LIMIT, BatchScans
+from .batch import BATCH_LIMIT, SINGLES, BatchScans
 from .common import RequestFailed, close_fds, log
 
 if TYPE_CHECKING:
@@ -141,47 +141,85 @@ class Session:
     async def _serve(self, shim: str) -> None:
         """Frames until ``bye``, or until the client is silent for three heartbeats."""
         silence = 3 * self.app.config.heartbeat
+        conn = self.conn
         while True:
             try:
-                msg, fds = await asyncio.wait_for(self.conn.recv(), timeout=silence)
+                msg, fds = await asyncio.wait_for(conn.recv(), timeout=silence)
             except TimeoutError:
-                log.warning("%s: no frame for %.0f s, closing", self.conn.peer, silence)
+                log.warning("%s: no frame for %.0f s, closing", conn.peer, silence)
                 return
-            t = msg["t"]
-            if t == "scan-batch":  # its fd-mode scans' descriptors (validated count)
-                await self.batches.serve(shim, msg, fds)
+            if msg["t"] == "scan" and msg.get("mode", "path") == "path" and not fds:
+                # Path-mode scans that arrived together take the hit fast path together.
+                scans, other = [msg], None
+                while len(scans) < SINGLES:
+                    got = conn.next_buffered()
+                    if got is None:
+                        break
+                    if got[0]["t"] != "scan" or got[0].get("mode", "path") != "path" or got[1]:
+                        other = got
+                        break
+                    scans.append(got[0])
+                await self.batches.serve_singles(shim, scans)
+                if other is not None and not await self._handle(shim, *other):
+                    return
                 continue
-            if t != "scan" or msg.get("mode") != "fd":
-                close_fds(fds)  # only an fd-mode scan may pass descriptors
-            if t == "ping":
-                pong: Pong = {"t": "pong", "id": msg["id"]}  # validated: a ping has one
-                await self._send(_frame(pong))
-            elif t == "scan":
-                self._start_scan(shim, msg, fds)
-            elif t == "chunk":
-                await self._chunk(msg)
-            elif t == "bye":
-                await asyncio.gather(*self.inflight.values(), return_exceptions=True)
-                await self.batches.drain()
+            if not await self._handle(shim, msg, fds):
                 return
-            elif t == "control":  # may run for minutes (clones): keep reading frames
-                while len(self.controls) >= MAX_CONTROLS:  # backpressure: stop reading
-                    await asyncio.wait(self.controls, return_when=asyncio.FIRST_COMPLETED)
-                ct = asyncio.create_task(self._serve_control(shim, msg))
-                self.controls.add(ct)
-                ct.add_done_callback(self.controls.discard)
-            else:
-                await self._serve_control(shim, msg)
 
-    def _start_scan(self, shim: str, msg: dict[str, Any], fds: list[int]) -> None:
-        rid = msg["id"]
-        credits = self.app.config.credits
-        if rid in self.inflight:
-            close_fds(fds)
+    async def _handle(self, shim: str, msg: dict[str, Any], fds: list[int]) -> bool:
+        """One frame; False once the client said ``bye`` (and was answered)."""
+        t = msg["t"]
+        if t == "scan-batch":  # its fd-mode scans' descriptors (validated count)
+            await self.batches.serve(shim, msg, fds)
+            return True
+        if t != "scan" or msg.get("mode") != "fd":
+            close_fds(fds)  # only an fd-mode scan may pass descriptors
+        if t == "ping":
+            pong: Pong = {"t": "pong", "id": msg["id"]}  # validated: a ping has one
+            await self._send(_frame(pong))
+        elif t == "scan":
+            self.start_scan(shim, msg, fds)
+        elif t == "chunk":
+            await self._chunk(msg)
+        elif t == "bye":
+            await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+            await self.batches.drain()
+            return False
+        elif t == "control":  # may run for minutes (clones): keep reading frames
+            while len(self.controls) >= MAX_CONTROLS:  # backpressure: stop reading
+                await asyncio.wait(self.controls, return_when=asyncio.FIRST_COMPLETED)
+            ct = asyncio.create_task(self._serve_control(shim, msg))
+            self.controls.add(ct)
+            ct.add_done_callback(self.controls.discard)
+        else:
+            await self._serve_control(shim, msg)
+        return True
+
+    def outstanding(self) -> int:
+        """Scans holding a credit: in flight and not yet answered. A task that sent its
+        reply is done, though its done callback (which forgets it) may not have run yet;
+        the client, which got the reply, may already have used the credit again."""
+        inflight = self.inflight
+        if len(inflight) < self.app.config.credits:
+            return len(inflight)  # the common case: no need to look closer
+        return sum(1 for task in inflight.values() if not task.done())
+
+    def check_scan(self, rid: int, ahead: set[int] | frozenset[int] = frozenset()) -> None:
+        """A ``scan`` frame's id and credit (``ahead``: scans received before it, not yet in
+        flight); ProtocolError (fatal) if the client broke either rule."""
+        if rid in self.inflight or rid in ahead:
             raise protocol.ProtocolError("sequence", f"duplicate request id {rid}")
-        if len(self.inflight) >= credits:
-            close_fds(fds)
+        credits = self.app.config.credits
+        if self.outstanding() + len(ahead) >= credits:
             raise protocol.ProtocolError("backpressure", f"more than {credits} outstanding scans")
+
+    def start_scan(self, shim: str, msg: dict[str, Any], fds: list[int]) -> None:
+        rid = msg["id"]
+        try:
+            self.check_scan(rid)
+        except protocol.ProtocolError:
+            close_fds(fds)
+            raise
         if msg.get("mode") == "stream":
             refusal = self.app.client_budget.take_stream(self.client)
             if refusal is not None:  # answered at once; its chunks are discarded

@@ -87,6 +87,22 @@ class EventLog:
             except RuntimeError:  # no event loop (a tool using the parts directly): now
                 self.flush()
 
+    def write_lines(self, lines: list[str]) -> None:
+        """Queue many pre-encoded lines at once (a batch's verdicts: one write with the next
+        flush)."""
+        if self._fd is None or not lines:
+            return
+        self._pending.extend(lines)
+        self._pending_bytes += sum(map(len, lines))
+        if self._pending_bytes >= MAX_PENDING_BYTES:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self._scheduled = True
+            except RuntimeError:  # no event loop: now
+                self.flush()
+
     def flush(self) -> None:
         """Write every queued line to the OS (one write). Cheap when nothing is queued."""
         self._scheduled = False

@@ -144,6 +144,19 @@ class Connection:
                 if not self._read_some():
                     await self._wait_readable()
 
+    def next_buffered(self) -> tuple[dict[str, Any], list[int]] | None:
+        """The next frame if it is already buffered whole (as :meth:`recv` would return it),
+        else None: never reads the socket, never waits. Lets a reader take the frames one
+        read delivered together (several ``scan`` frames: one pass for all). None too while
+        another :meth:`recv` is waiting, or once the connection failed or closed."""
+        if self._recv_lock.locked() or self._error is not None or self._closed:
+            return None
+        try:
+            return self._next_frame()
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+
     def _read_some(self) -> bool:
         """One non-blocking recvmsg into the buffer; False if nothing was ready."""
         try:
@@ -270,6 +283,19 @@ class Connection:
         if len(payload) > self.max_frame:
             raise ProtocolError("oversized", f"frame of {len(payload)} bytes exceeds limit")
         await self._write_frame(HEADER.pack(len(payload)) + payload, [])
+
+    async def send_encoded_many(self, payloads: list[bytes]) -> None:
+        """:meth:`send_encoded` for several frames, written together (one ``send`` when the
+        socket takes them all), in order."""
+        limit = self.max_frame
+        parts: list[bytes] = []
+        for payload in payloads:
+            if len(payload) > limit:
+                raise ProtocolError("oversized", f"frame of {len(payload)} bytes exceeds limit")
+            parts.append(HEADER.pack(len(payload)))
+            parts.append(payload)
+        if parts:
+            await self._write_frame(b"".join(parts), [])
 
     async def _write_frame(self, data: bytes, anc: list[tuple[int, int, bytes]]) -> None:
         """Write one whole frame (descriptors on its first byte), frames one at a time."""
