@@ -12,8 +12,8 @@ so the shim and the event log cannot tell a fast verdict from a slow one. Pure: 
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses
 from typing import TYPE_CHECKING, Any
 
 import msgpack
