@@ -270,21 +270,31 @@ class Sender:
         kind, _ = parse_address(self._link.address)
         return "path" if kind == "unix" else "stream"
 
-    def inherited(self, vm: str, relpath: str) -> None:
-        """A clone's file the appliance verdicted when the clone was registered (its register
-        reply listed it, unchanged since): counted and reported like any verdict."""
-        self.counts["inherited"] += 1
-        verdict: dict[str, object] = {
-            "t": "verdict",
-            "vm": vm,
-            "path": relpath,
-            "status": "clean",
-            "matches": [],
-            "reason": None,
-            "action": "allow",
-            "source": "clone",
-        }
-        self._count_verdict(vm, relpath, cast("Verdict", verdict))
+    def inherited(self, vm: str, relpaths: list[str]) -> None:
+        """A clone's files the appliance verdicted when the clone was registered (its register
+        reply listed them, unchanged since): counted and reported like any verdict."""
+        counts = self.counts
+        counts["inherited"] += len(relpaths)
+        counts["verdicts"] += len(relpaths)
+        counts["clean"] += len(relpaths)
+        on_verdict = self.on_verdict
+        if on_verdict is None:
+            return
+        for relpath in relpaths:
+            verdict: dict[str, object] = {
+                "t": "verdict",
+                "vm": vm,
+                "path": relpath,
+                "status": "clean",
+                "matches": [],
+                "reason": None,
+                "action": "allow",
+                "source": "clone",
+            }
+            try:
+                on_verdict(vm, relpath, cast("Verdict", verdict))
+            except Exception:
+                log.exception("on_verdict callback failed for %s:%s", vm, relpath)
 
     def _count_verdict(self, vm: str, relpath: str, verdict: LocalVerdict) -> None:
         counts = self.counts

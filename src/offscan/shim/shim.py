@@ -428,9 +428,9 @@ class Shim:
 
         loop = self._loop
 
-        def inherited(path: str) -> None:  # on the walker thread: report on the loop
+        def inherited(paths: list[str]) -> None:  # on the walker thread: report on the loop
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-                loop.call_soon_threadsafe(self._sender.inherited, vm.name, path)
+                loop.call_soon_threadsafe(self._sender.inherited, vm.name, paths)
 
         fut = self._loop.run_in_executor(
             self._walk_pool,

@@ -63,13 +63,14 @@ def walk_tree(
     start: str,
     prio: Prio,
     cancelled: Callable[[], bool],
-    inherited: Callable[[str], None] | None = None,
+    inherited: Callable[[list[str]], None] | None = None,
 ) -> int:
     """Queue every regular file under ``root/start`` (no symlink following); runs in a thread.
 
     On a clone's activation walk (``start`` is the root), a file the appliance reported as
     verdicted by inheritance (``vm.inherited``) whose ``lstat`` identity is still the one it
-    reported is not queued: ``inherited(relpath)`` reports its verdict instead."""
+    reported is not queued: ``inherited(relpaths)`` reports their verdicts instead, once per
+    directory (one hand-off to the event loop for a directory's files, not one per file)."""
     queued = 0
     listed = None
     if start == "":  # the activation walk uses the listing once; later walks send every file
@@ -91,6 +92,7 @@ def walk_tree(
         except OSError as exc:
             log.warning("VM %s: cannot list %s: %s", vm.name, rel or "/", exc.strerror or exc)
             continue
+        found: list[str] = []  # this directory's inherited files, reported together
         with it:
             for de in it:
                 child = f"{rel}/{de.name}" if rel else de.name
@@ -100,8 +102,7 @@ def walk_tree(
                         continue
                     if de.is_file(follow_symlinks=False):
                         if listed and _unchanged(listed.get(child), de):
-                            assert inherited is not None
-                            inherited(child)
+                            found.append(child)
                             continue
                         if not backlog.record_walk(vm.name, child, prio=prio, cancelled=cancelled):
                             return queued
@@ -113,6 +114,9 @@ def walk_tree(
                 except OSError as exc:
                     reason = f"unreadable: {exc.strerror or exc}"
                 skips.note(vm.name, child, reason or "special file")
+        if found:
+            assert inherited is not None
+            inherited(found)
     log.debug("VM %s: walk of %s queued %d file(s)", vm.name, start or "/", queued)
     return queued
 
