@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from .inventory import VMRecord
 
 MAX_INHERITED_LISTED = 50_000  # files one register reply lists (a frame holds ~4 MiB)
+# One codec for every activation (on the event loop only): clones of one master share their
+# contents, so a content's encoded verdict is made once for all of them, not once per clone.
+_CODEC = VerdictCodec()
 
 
 def _list_tree(root: str, limit: int) -> list[tuple[str, os.stat_result]] | None:
@@ -67,9 +70,10 @@ async def activate_clone(app: Appliance, rec: VMRecord) -> dict[str, Any]:
     if not listing:
         return {}
     version = pipeline.engine.version
-    codec = VerdictCodec()
-    now = app.clock.time()
+    codec = _CODEC
+    line = codec.lines(app.clock.time(), 0.0)
     listed: list[list[Any]] = []
+    lines: list[str] = []
     for relpath, st in listing:
         ident = Identity.from_stat("local", st)
         digest = pipeline.inherited.get(ident)
@@ -77,10 +81,9 @@ async def activate_clone(app: Appliance, rec: VMRecord) -> dict[str, Any]:
         if cached is None or cached.status != "clean":
             continue  # the shim's walk sends it: matched, or acted on, the usual way
         pipeline.locations.add(digest, rec.name, relpath, ident)  # type: ignore[arg-type]
-        app.events.write_line(
-            codec.event_line(now, rec.name, relpath, codec.tail(cached, "clone"), 0.0)
-        )
+        lines.append(line(rec.name, relpath, codec.tail(cached, "clone")))
         listed.append([relpath, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    app.events.write_lines(lines)
     app.events.flush()  # logged before the reply reports them
     app.counters.served_clone += len(listed)
     app.counters.verdicts += len(listed)
