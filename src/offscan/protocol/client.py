@@ -316,9 +316,7 @@ class ApplianceClient:
                 f"closed by the appliance ({msg['code']}): {msg['message']}", code=msg["code"]
             )
         elif t == "verdict-batch":
-            for item in msg["verdicts"]:
-                item["t"] = "verdict"
-                self._reply(conn, item)
+            self._reply_batch(conn, msg["verdicts"])
         elif t in ("pong", "verdict", "ok", "status", "error"):
             self._reply(conn, msg)
         else:
@@ -340,6 +338,29 @@ class ApplianceClient:
             self._credit_event.set()
         if p.fut is not None and not p.fut.done():  # done: the caller timed out or gave up
             p.fut.set_result(msg)
+
+    def _reply_batch(self, conn: Connection, items: list[dict[str, Any]]) -> None:
+        """Route a verdict-batch's items (as :meth:`_reply` does each), returning their
+        credits in one step: one credit-event wake-up per batch, not per verdict."""
+        pending = self._pending
+        returned = 0
+        for item in items:
+            item["t"] = "verdict"
+            p = pending.pop(item["id"], None)
+            if p is None:
+                log.warning(
+                    "appliance %s: reply 'verdict' for unknown request id %s ignored",
+                    conn.peer,
+                    item["id"],
+                )
+                continue
+            if p.scan:
+                returned += 1
+            if p.fut is not None and not p.fut.done():
+                p.fut.set_result(item)
+        if returned:
+            self.credits += returned
+            self._credit_event.set()
 
     async def _pong(self, conn: Connection, rid: int) -> None:
         with contextlib.suppress(ConnectionError):  # the reader reports the loss
