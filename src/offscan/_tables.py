@@ -329,24 +329,23 @@ class _Index:
             return []
         nonstatic = self._cs + self._cb
         plain = nonstatic[self.vstart + self.lens] == nonstatic[self.vstart]
-        odd = np.flatnonzero(~plain).tolist()  # parts with wildcards: few, handled one by one
-        # which grams of the parts with wildcards may be indexed (plain parts: all of them)
-        gram_good = {q: self._good_grams(q) if odd else None for q in GRAM_LENGTHS}
+        odd = np.flatnonzero(~plain)  # parts with wildcards: their good grams, flattened
         # Bit S of strides[q][p] is set if part p can be sampled every S bytes with q-byte
         # grams: its good grams must cover every residue mod S. A plain part of length L has
         # grams at 0..L-q, so every S <= L-q+1 works; for other parts the set of strides can
         # have holes (good grams at 0, 1, 6, 7 cover the residues mod 2 and 4, not mod 3).
-        strides = {q: (1 << (np.clip(self.lens - q + 1, 0, STRIDE_MAX) + 1)) - 2 for q in gram_good}
-        good_offs: dict[tuple[int, int], list[int]] = {}
-        for q, good in gram_good.items():
-            for p in odd:
-                v = int(self.vstart[p])
-                assert good is not None
-                offs = np.flatnonzero(good[v : v + int(self.lens[p])]).tolist()
-                good_offs[q, p] = offs
-                strides[q][p] = sum(
-                    1 << st for st in range(1, STRIDE_MAX + 1) if len({o % st for o in offs}) == st
-                )
+        strides = {
+            q: (1 << (np.clip(self.lens - q + 1, 0, STRIDE_MAX) + 1)) - 2 for q in GRAM_LENGTHS
+        }
+        good_offs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if len(odd):
+            in_odd = ~plain[self.part_of]
+            for q in GRAM_LENGTHS:
+                gi = np.flatnonzero(self._good_grams(q) & in_odd)
+                gpart = self.part_of[gi]
+                goff = gi - self.vstart[gpart]
+                good_offs[q] = (gpart, goff)
+                strides[q][odd] = _residue_strides(np.searchsorted(odd, gpart), goff, len(odd))
         self._sample_pick, self._sample = self._plan_sample()
         plan = self._plan(strides)
         passes = []
@@ -362,19 +361,18 @@ class _Index:
             gpart = [np.repeat(parts, stride)]
             goff = [((starts - self.vstart[parts])[:, None] + np.arange(stride)[None, :]).ravel()]
             # other parts: the rarest good gram of each residue class mod stride
-            picked = []
-            gp = self.gram_p(q)
-            for p in np.flatnonzero(members & ~plain).tolist():
-                v = int(self.vstart[p])
-                best: dict[int, tuple[float, int]] = {}
-                for o in good_offs[q, p]:
-                    k = (float(gp[v + o]), o)
-                    if o % stride not in best or k < best[o % stride]:
-                        best[o % stride] = k
-                picked += [(p, o) for _, o in best.values()]
-            if picked:
-                gpart.append(np.array([p for p, _ in picked], dtype=np.int64))
-                goff.append(np.array([o for _, o in picked], dtype=np.int64))
+            odd_members = members & ~plain
+            if good_offs and odd_members.any():
+                gpart_all, goff_all = good_offs[q]
+                sel = odd_members[gpart_all]
+                p_odd, o_odd = _residue_picks(
+                    gpart_all[sel],
+                    goff_all[sel],
+                    self.gram_p(q)[self.vstart[gpart_all[sel]] + goff_all[sel]],
+                    stride,
+                )
+                gpart.append(p_odd)
+                goff.append(o_odd)
             passes.append(self._build_pass(q, stride, np.concatenate(gpart), np.concatenate(goff)))
         assert assigned.all(), "every part has a good 2-byte gram (static run of 2)"
         return passes
@@ -541,3 +539,33 @@ def _bloom_words(entries: int) -> int:
     """log2 of the 64-bit words of a Bloom filter for that many entries."""
     want = max(1, entries * BLOOM_BITS_PER_ENTRY - 1).bit_length()
     return min(BLOOM_MAX_BITS, max(BLOOM_MIN_BITS, want)) - 5
+
+
+def _residue_strides(idx: np.ndarray, off: np.ndarray, n: int) -> np.ndarray:
+    """Bit S set for each of n parts whose offsets (off[k] belongs to part idx[k]) cover every
+    residue mod S, S = 1..STRIDE_MAX."""
+    bits = np.zeros(n, dtype=np.int64)
+    for st in range(1, STRIDE_MAX + 1):
+        seen = np.zeros((n, st), dtype=bool)
+        seen[idx, off % st] = True
+        bits |= seen.all(axis=1).astype(np.int64) << st
+    return bits
+
+
+def _residue_picks(
+    part: np.ndarray, off: np.ndarray, p: np.ndarray, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per part and residue of off mod stride: the offset of lowest (p, off). Parts ascending;
+    within a part, residues in the order their first (smallest) offset appears."""
+    if not len(part):
+        return part, off
+    res = off % stride
+    order = np.lexsort((off, p, res, part))
+    part, off, res = part[order], off[order], res[order]
+    head = np.ones(len(part), dtype=bool)
+    head[1:] = (part[1:] != part[:-1]) | (res[1:] != res[:-1])
+    starts = np.flatnonzero(head)
+    first = np.minimum.reduceat(off, starts)
+    gpart, goff = part[starts], off[starts]
+    keep = np.lexsort((first, gpart))
+    return gpart[keep], goff[keep]
