@@ -232,19 +232,19 @@ class _Index:
         self._gp: dict[int, np.ndarray] = {}
         self._cs = np.concatenate(([0], np.cumsum(kind == _SMALL)))
         self._cb = np.concatenate(([0], np.cumsum(kind == _BIG)))
+        self._cn = self._cs + self._cb  # bytes that are not static
         self.pos = np.arange(total, dtype=np.int64)
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _span_counts(self, c: np.ndarray, width: int) -> np.ndarray:
         """For every position j: how many flagged bytes in [j, j+width) (clipped at the end)."""
-        hi = np.minimum(self.pos + width, len(self.pos))
-        return c[hi] - c[self.pos]
+        return _ahead(c, width) - c[:-1]
 
     def _static_windows(self, width: int) -> np.ndarray:
         """Windows [j, j+width) of static bytes inside one part."""
         inside = self.pos + width <= self.part_end
-        return inside & (self._span_counts(self._cs + self._cb, width) == 0)
+        return inside & (self._span_counts(self._cn, width) == 0)
 
     def _good_grams(self, q: int) -> np.ndarray:
         """Grams [j, j+q) inside one part with at most one byte that is not static; a 2-byte
@@ -274,12 +274,7 @@ class _Index:
 
     def _info(self, width: int) -> np.ndarray:
         """For every position j: estimated bits of information of the bytes [j, j+width)."""
-        n = len(self.pos)
-        return (
-            self.first_info
-            + self._cstep[np.minimum(self.pos + width, n)]
-            - self._cstep[np.minimum(self.pos + 1, n)]
-        )
+        return self.first_info + _ahead(self._cstep, width) - _ahead(self._cstep, 1)
 
     def gram_p(self, q: int) -> np.ndarray:
         """For every position: the estimated probability of the q-byte gram there in real files."""
@@ -290,7 +285,7 @@ class _Index:
     def _window_p(self, q: int, stride: int) -> np.ndarray:
         """For every position j: the summed probability of the grams at j .. j+stride-1."""
         c = np.concatenate(([0.0], np.cumsum(self.gram_p(q))))
-        return c[np.minimum(self.pos + stride, len(self.pos))] - c[self.pos]
+        return _ahead(c, stride) - c[:-1]
 
     @staticmethod
     def _key(log2p: np.ndarray) -> np.ndarray:
@@ -569,3 +564,13 @@ def _residue_picks(
     gpart, goff = part[starts], off[starts]
     keep = np.lexsort((first, gpart))
     return gpart[keep], goff[keep]
+
+
+def _ahead(c: np.ndarray, width: int) -> np.ndarray:
+    """``c[min(j + width, n)]`` for every j in 0..n-1, where ``len(c) == n + 1`` (by slices)."""
+    n = len(c) - 1
+    out = np.empty(n, dtype=c.dtype)
+    k = max(0, n - width + 1)
+    out[:k] = c[width : width + k]
+    out[k:] = c[n]
+    return out
