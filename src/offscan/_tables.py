@@ -376,7 +376,19 @@ class _Index:
         """Choose up to MAX_PASSES (q, stride) passes minimising the estimated work per byte:
         parts that allow stride S with long grams share the first pass; of the rest, those
         allowing a second (q, S) share a second pass, and the last pass takes whatever is
-        left at the largest stride all of them allow."""
+        left at the largest stride all of them allow.
+
+        Parts with the same strides for every q are interchangeable here, so the search runs
+        over those classes (members are boolean arrays over classes), weighted by their sizes."""
+        code = np.zeros(len(self.lens), dtype=np.int64)
+        for i, q in enumerate(GRAM_LENGTHS):
+            code |= strides[q].astype(np.int64) << (9 * i)  # a stride mask has 9 bits
+        _, first, group, count = np.unique(
+            code, return_index=True, return_inverse=True, return_counts=True
+        )
+        self._class_size = count
+        self._sample_class = group.ravel()[self._sample_pick]
+        strides = {q: strides[q][first] for q in GRAM_LENGTHS}
         allow = {
             (q, st): ((strides[q] >> st) & 1).astype(bool)
             for q in GRAM_LENGTHS
@@ -430,7 +442,7 @@ class _Index:
         """Estimated work per byte: probes, plus probes that reach the buckets (Bloom false
         positives, and true gram hits: how often the grams this pass would index occur in
         real files, estimated from the learned pair table on a sample of the parts)."""
-        n_parts = int(members.sum())
+        n_parts = int(self._class_size[members].sum())
         entries = n_parts * stride
         bits = 1 << (_bloom_words(entries) + 5)
         fp = (1.0 - math.exp(-2.0 * entries / bits)) ** 2
@@ -466,9 +478,10 @@ class _Index:
             eligible = sub.pos + stride + q - 1 <= sub.part_end
             k = np.where(eligible, wp, np.inf)
             cache[key] = np.minimum.reduceat(k, sub.vstart) if len(sub.lens) else np.zeros(0)
-        per_part = cache[key][members[self._sample_pick]]
+        per_part = cache[key][members[self._sample_class]]
         per_part = per_part[np.isfinite(per_part)]
-        return float(per_part.mean()) * int(members.sum()) if len(per_part) else 0.0
+        n_parts = int(self._class_size[members].sum())
+        return float(per_part.mean()) * n_parts if len(per_part) else 0.0
 
     def _build_pass(self, q: int, stride: int, gpart: np.ndarray, goff: np.ndarray) -> NativePass:
         """Index the grams at offset goff[k] of part gpart[k] (all values they may take)."""
