@@ -95,7 +95,10 @@ def _regex(body: str) -> bytes:
         elif m.group(1) is not None:
             out.append(f".{{{m.group(1)},{m.group(2)}}}")
         elif m.group(3) is not None:
-            opts = ("".join(f"\\x{o[i : i + 2]}" for i in range(0, len(o), 2)) for o in m.group(3).split("|"))
+            opts = (
+                "".join(f"\\x{o[i : i + 2]}" for i in range(0, len(o), 2))
+                for o in m.group(3).split("|")
+            )
             out.append("(?:" + "|".join(opts) + ")")
         else:
             out.append(f"\\x{tok}")
@@ -108,7 +111,10 @@ def hyperscan_compile(text: str) -> object:
     db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     flags = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_DOTALL
     db.compile(
-        expressions=exprs, ids=list(range(len(exprs))), elements=len(exprs), flags=[flags] * len(exprs)
+        expressions=exprs,
+        ids=list(range(len(exprs))),
+        elements=len(exprs),
+        flags=[flags] * len(exprs),
     )
     return db
 

@@ -337,10 +337,10 @@ class _Index:
             in_odd = ~plain[self.part_of]
             for q in GRAM_LENGTHS:
                 gi = np.flatnonzero(self._good_grams(q) & in_odd)
-                gpart = self.part_of[gi]
-                goff = gi - self.vstart[gpart]
-                good_offs[q] = (gpart, goff)
-                strides[q][odd] = _residue_strides(np.searchsorted(odd, gpart), goff, len(odd))
+                gi_part = self.part_of[gi]
+                gi_off = gi - self.vstart[gi_part]
+                good_offs[q] = (gi_part, gi_off)
+                strides[q][odd] = _residue_strides(np.searchsorted(odd, gi_part), gi_off, len(odd))
         self._sample_pick, self._sample = self._plan_sample()
         plan = self._plan(strides)
         passes = []
