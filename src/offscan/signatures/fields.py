@@ -79,8 +79,9 @@ def lines(text: str, name: str) -> Iterator[tuple[int, str]]:
     Lines end at ``\\n`` only, as in ClamAV: ``str.splitlines`` would also split at NEL
     (``\\x85``), form feeds and other separators and shift every later line number.
     """
+    long_lines = len(text) > MAX_LINE_LENGTH  # else no line can be too long
     for lineno, raw in enumerate(text.split("\n"), 1):
-        if len(raw) > MAX_LINE_LENGTH:
+        if long_lines and len(raw) > MAX_LINE_LENGTH:
             raise SignatureError(
                 f"{name}:{lineno}: line of {len(raw)} characters exceeds {MAX_LINE_LENGTH}"
             )
