@@ -4,7 +4,10 @@ Signatures are built at module level, seeded: 100k ``.ndb`` body signatures of 1
 bytes (one in ten with a wildcard, gap or alternative; some with offsets), 100k ``.hdb`` MD5
 signatures and 10k ``.ldb`` logical signatures of two or three subsignatures. Each benchmark
 parses the text into a PatternDB; ``test_bench_tables_100k`` builds the matcher tables from the
-parsed .ndb database, so the two sides of a load sit next to each other in one run.
+parsed .ndb database, so the two sides of a load sit next to each other in one run;
+``test_bench_hyperscan_compile_100k`` compiles the same 100k bodies with Hyperscan (as
+bench/test_bench_matcher.py does: escaped regexes, DOTALL, SINGLEMATCH; offsets dropped, Hyperscan
+has no end-of-file anchor in block mode), the peer the build is compared with.
 
 Run: ``python -m pytest bench/test_bench_signatures.py --benchmark-only``.
 """
@@ -13,6 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
+
+import pytest
 
 from offscan import PatternDB
 from offscan._tables import build_tables
@@ -72,3 +78,48 @@ def test_bench_parse_ldb_10k(benchmark) -> None:  # type: ignore[no-untyped-def]
 def test_bench_tables_100k(benchmark) -> None:  # type: ignore[no-untyped-def]
     tables = benchmark.pedantic(build_tables, (NDB_DB,), rounds=2)
     assert tables.n_parts >= N
+
+
+_TOKEN = re.compile(r"\?\?|\*|\{(\d+)-(\d+)\}|\(([0-9a-f|]+)\)|([0-9a-f]{2})")
+
+
+def _regex(body: str) -> bytes:
+    """The Hyperscan regex of one .ndb body of the tokens ``_ndb`` writes."""
+    out = []
+    for m in _TOKEN.finditer(body):
+        tok = m.group(0)
+        if tok == "??":
+            out.append(".")
+        elif tok == "*":
+            out.append(".*")
+        elif m.group(1) is not None:
+            out.append(f".{{{m.group(1)},{m.group(2)}}}")
+        elif m.group(3) is not None:
+            opts = (
+                "".join(f"\\x{o[i : i + 2]}" for i in range(0, len(o), 2))
+                for o in m.group(3).split("|")
+            )
+            out.append("(?:" + "|".join(opts) + ")")
+        else:
+            out.append(f"\\x{tok}")
+    return "".join(out).encode("ascii")
+
+
+def hyperscan_compile(text: str) -> object:
+    hyperscan = pytest.importorskip("hyperscan")
+    exprs = [_regex(line.split(":", 3)[3]) for line in text.splitlines()]
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    flags = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_DOTALL
+    db.compile(
+        expressions=exprs,
+        ids=list(range(len(exprs))),
+        elements=len(exprs),
+        flags=[flags] * len(exprs),
+    )
+    return db
+
+
+def test_bench_hyperscan_compile_100k(benchmark) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("hyperscan")
+    db = benchmark.pedantic(hyperscan_compile, (NDB,), rounds=1)
+    assert db is not None

@@ -9,6 +9,7 @@ fails here even when both cores happen to agree with each other.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from pathlib import Path
@@ -490,3 +491,58 @@ def test_building_is_deterministic() -> None:
         )
         for name in ("bloom", "bucket_start", "entries"):
             assert np.array_equal(getattr(x, name), getattr(y, name)), name
+
+
+# -- bit-identical to the reference build ------------------------------------------------------
+
+
+def _digest_db() -> PatternDB:
+    """Like bench/test_bench_signatures.py, smaller: 16-64 random bytes, one in ten with a
+    wildcard, gap or alternative, some anchored; over PLAN_SAMPLE parts, so the planner samples."""
+    rng = random.Random(3)
+    lines = []
+    for i in range(3000):
+        body = rng.randbytes(rng.randint(16, 64)).hex()
+        if i % 10 == 0:
+            k = 2 * rng.randrange(4, len(body) // 2 - 4)
+            body = body[:k] + rng.choice(["??", "*", "{2-5}", "(aa|bb)", "a?", "?b"]) + body[k:]
+        offset = rng.choice(["*"] * 8 + ["0", "EOF-100"])
+        lines.append(f"D{i}:0:{offset}:{body}")
+    return make_db("\n".join(lines))
+
+
+def _table_digest(t: Tables) -> str:
+    """SHA-256 over every array (dtype, shape, bytes) and scalar of the tables and passes."""
+    h = hashlib.sha256()
+    for name, value in sorted(vars(t).items()):
+        h.update(name.encode())
+        if isinstance(value, np.ndarray):
+            h.update(f"{value.dtype}{value.shape}".encode() + value.tobytes())
+        elif name == "passes":
+            for ps in value:
+                for field, v in vars(ps).items():
+                    h.update(field.encode())
+                    if isinstance(v, np.ndarray):
+                        h.update(f"{v.dtype}{v.shape}".encode() + v.tobytes())
+                    else:
+                        h.update(repr(v).encode())
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+# Digests of the tables main built (commit ff42d76, before the vectorised index) for the same
+# inputs: a faster build must produce the same bytes, not just tables that pass the checks above.
+REFERENCE_DIGESTS = {
+    "handwritten": "f4e234494052839d9d59a9802f9b1dd0ddb774161da2fd95c26569a76484c295",
+    "sigsgen1": "3f27cbe420fa7df1fd9721e149aa789ec7bfdd0fed57694145c4359672143f01",
+    "sigsgen2": "576a4864644052a7fdba52b102d1bd3cabd3f01cd3c14a6c378d519b3bf03a71",
+    "many-plain": "3d1fcc9fc0598ba3b51f670aae373545f188b15643e5bd0b6f7cf91f8a58b025",
+    "bench-like": "85239238b5a7117c33d1143366ce0e018cee65663b2c38bf73704f620cda2eaa",
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_DIGESTS))
+def test_tables_are_bit_identical_to_the_reference_build(name: str) -> None:
+    db = _digest_db() if name == "bench-like" else DBS[name]()
+    assert _table_digest(build_tables(db)) == REFERENCE_DIGESTS[name]

@@ -232,19 +232,19 @@ class _Index:
         self._gp: dict[int, np.ndarray] = {}
         self._cs = np.concatenate(([0], np.cumsum(kind == _SMALL)))
         self._cb = np.concatenate(([0], np.cumsum(kind == _BIG)))
+        self._cn = self._cs + self._cb  # bytes that are not static
         self.pos = np.arange(total, dtype=np.int64)
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _span_counts(self, c: np.ndarray, width: int) -> np.ndarray:
         """For every position j: how many flagged bytes in [j, j+width) (clipped at the end)."""
-        hi = np.minimum(self.pos + width, len(self.pos))
-        return c[hi] - c[self.pos]
+        return _ahead(c, width) - c[:-1]
 
     def _static_windows(self, width: int) -> np.ndarray:
         """Windows [j, j+width) of static bytes inside one part."""
         inside = self.pos + width <= self.part_end
-        return inside & (self._span_counts(self._cs + self._cb, width) == 0)
+        return inside & (self._span_counts(self._cn, width) == 0)
 
     def _good_grams(self, q: int) -> np.ndarray:
         """Grams [j, j+q) inside one part with at most one byte that is not static; a 2-byte
@@ -274,12 +274,7 @@ class _Index:
 
     def _info(self, width: int) -> np.ndarray:
         """For every position j: estimated bits of information of the bytes [j, j+width)."""
-        n = len(self.pos)
-        return (
-            self.first_info
-            + self._cstep[np.minimum(self.pos + width, n)]
-            - self._cstep[np.minimum(self.pos + 1, n)]
-        )
+        return self.first_info + _ahead(self._cstep, width) - _ahead(self._cstep, 1)
 
     def gram_p(self, q: int) -> np.ndarray:
         """For every position: the estimated probability of the q-byte gram there in real files."""
@@ -290,7 +285,7 @@ class _Index:
     def _window_p(self, q: int, stride: int) -> np.ndarray:
         """For every position j: the summed probability of the grams at j .. j+stride-1."""
         c = np.concatenate(([0.0], np.cumsum(self.gram_p(q))))
-        return c[np.minimum(self.pos + stride, len(self.pos))] - c[self.pos]
+        return _ahead(c, stride) - c[:-1]
 
     @staticmethod
     def _key(log2p: np.ndarray) -> np.ndarray:
@@ -329,24 +324,23 @@ class _Index:
             return []
         nonstatic = self._cs + self._cb
         plain = nonstatic[self.vstart + self.lens] == nonstatic[self.vstart]
-        odd = np.flatnonzero(~plain).tolist()  # parts with wildcards: few, handled one by one
-        # which grams of the parts with wildcards may be indexed (plain parts: all of them)
-        gram_good = {q: self._good_grams(q) if odd else None for q in GRAM_LENGTHS}
+        odd = np.flatnonzero(~plain)  # parts with wildcards: their good grams, flattened
         # Bit S of strides[q][p] is set if part p can be sampled every S bytes with q-byte
         # grams: its good grams must cover every residue mod S. A plain part of length L has
         # grams at 0..L-q, so every S <= L-q+1 works; for other parts the set of strides can
         # have holes (good grams at 0, 1, 6, 7 cover the residues mod 2 and 4, not mod 3).
-        strides = {q: (1 << (np.clip(self.lens - q + 1, 0, STRIDE_MAX) + 1)) - 2 for q in gram_good}
-        good_offs: dict[tuple[int, int], list[int]] = {}
-        for q, good in gram_good.items():
-            for p in odd:
-                v = int(self.vstart[p])
-                assert good is not None
-                offs = np.flatnonzero(good[v : v + int(self.lens[p])]).tolist()
-                good_offs[q, p] = offs
-                strides[q][p] = sum(
-                    1 << st for st in range(1, STRIDE_MAX + 1) if len({o % st for o in offs}) == st
-                )
+        strides = {
+            q: (1 << (np.clip(self.lens - q + 1, 0, STRIDE_MAX) + 1)) - 2 for q in GRAM_LENGTHS
+        }
+        good_offs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if len(odd):
+            in_odd = ~plain[self.part_of]
+            for q in GRAM_LENGTHS:
+                gi = np.flatnonzero(self._good_grams(q) & in_odd)
+                gi_part = self.part_of[gi]
+                gi_off = gi - self.vstart[gi_part]
+                good_offs[q] = (gi_part, gi_off)
+                strides[q][odd] = _residue_strides(np.searchsorted(odd, gi_part), gi_off, len(odd))
         self._sample_pick, self._sample = self._plan_sample()
         plan = self._plan(strides)
         passes = []
@@ -362,19 +356,18 @@ class _Index:
             gpart = [np.repeat(parts, stride)]
             goff = [((starts - self.vstart[parts])[:, None] + np.arange(stride)[None, :]).ravel()]
             # other parts: the rarest good gram of each residue class mod stride
-            picked = []
-            gp = self.gram_p(q)
-            for p in np.flatnonzero(members & ~plain).tolist():
-                v = int(self.vstart[p])
-                best: dict[int, tuple[float, int]] = {}
-                for o in good_offs[q, p]:
-                    k = (float(gp[v + o]), o)
-                    if o % stride not in best or k < best[o % stride]:
-                        best[o % stride] = k
-                picked += [(p, o) for _, o in best.values()]
-            if picked:
-                gpart.append(np.array([p for p, _ in picked], dtype=np.int64))
-                goff.append(np.array([o for _, o in picked], dtype=np.int64))
+            odd_members = members & ~plain
+            if good_offs and odd_members.any():
+                gpart_all, goff_all = good_offs[q]
+                sel = odd_members[gpart_all]
+                p_odd, o_odd = _residue_picks(
+                    gpart_all[sel],
+                    goff_all[sel],
+                    self.gram_p(q)[self.vstart[gpart_all[sel]] + goff_all[sel]],
+                    stride,
+                )
+                gpart.append(p_odd)
+                goff.append(o_odd)
             passes.append(self._build_pass(q, stride, np.concatenate(gpart), np.concatenate(goff)))
         assert assigned.all(), "every part has a good 2-byte gram (static run of 2)"
         return passes
@@ -383,7 +376,19 @@ class _Index:
         """Choose up to MAX_PASSES (q, stride) passes minimising the estimated work per byte:
         parts that allow stride S with long grams share the first pass; of the rest, those
         allowing a second (q, S) share a second pass, and the last pass takes whatever is
-        left at the largest stride all of them allow."""
+        left at the largest stride all of them allow.
+
+        Parts with the same strides for every q are interchangeable here, so the search runs
+        over those classes (members are boolean arrays over classes), weighted by their sizes."""
+        code = np.zeros(len(self.lens), dtype=np.int64)
+        for i, q in enumerate(GRAM_LENGTHS):
+            code |= strides[q].astype(np.int64) << (9 * i)  # a stride mask has 9 bits
+        _, first, group, count = np.unique(
+            code, return_index=True, return_inverse=True, return_counts=True
+        )
+        self._class_size = count
+        self._sample_class = group.ravel()[self._sample_pick]
+        strides = {q: strides[q][first] for q in GRAM_LENGTHS}
         allow = {
             (q, st): ((strides[q] >> st) & 1).astype(bool)
             for q in GRAM_LENGTHS
@@ -437,7 +442,7 @@ class _Index:
         """Estimated work per byte: probes, plus probes that reach the buckets (Bloom false
         positives, and true gram hits: how often the grams this pass would index occur in
         real files, estimated from the learned pair table on a sample of the parts)."""
-        n_parts = int(members.sum())
+        n_parts = int(self._class_size[members].sum())
         entries = n_parts * stride
         bits = 1 << (_bloom_words(entries) + 5)
         fp = (1.0 - math.exp(-2.0 * entries / bits)) ** 2
@@ -473,9 +478,10 @@ class _Index:
             eligible = sub.pos + stride + q - 1 <= sub.part_end
             k = np.where(eligible, wp, np.inf)
             cache[key] = np.minimum.reduceat(k, sub.vstart) if len(sub.lens) else np.zeros(0)
-        per_part = cache[key][members[self._sample_pick]]
+        per_part = cache[key][members[self._sample_class]]
         per_part = per_part[np.isfinite(per_part)]
-        return float(per_part.mean()) * int(members.sum()) if len(per_part) else 0.0
+        n_parts = int(self._class_size[members].sum())
+        return float(per_part.mean()) * n_parts if len(per_part) else 0.0
 
     def _build_pass(self, q: int, stride: int, gpart: np.ndarray, goff: np.ndarray) -> NativePass:
         """Index the grams at offset goff[k] of part gpart[k] (all values they may take)."""
@@ -541,3 +547,43 @@ def _bloom_words(entries: int) -> int:
     """log2 of the 64-bit words of a Bloom filter for that many entries."""
     want = max(1, entries * BLOOM_BITS_PER_ENTRY - 1).bit_length()
     return min(BLOOM_MAX_BITS, max(BLOOM_MIN_BITS, want)) - 5
+
+
+def _residue_strides(idx: np.ndarray, off: np.ndarray, n: int) -> np.ndarray:
+    """Bit S set for each of n parts whose offsets (off[k] belongs to part idx[k]) cover every
+    residue mod S, S = 1..STRIDE_MAX."""
+    bits = np.zeros(n, dtype=np.int64)
+    for st in range(1, STRIDE_MAX + 1):
+        seen = np.zeros((n, st), dtype=bool)
+        seen[idx, off % st] = True
+        bits |= seen.all(axis=1).astype(np.int64) << st
+    return bits
+
+
+def _residue_picks(
+    part: np.ndarray, off: np.ndarray, p: np.ndarray, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per part and residue of off mod stride: the offset of lowest (p, off). Parts ascending;
+    within a part, residues in the order their first (smallest) offset appears."""
+    if not len(part):
+        return part, off
+    res = off % stride
+    order = np.lexsort((off, p, res, part))
+    part, off, res = part[order], off[order], res[order]
+    head = np.ones(len(part), dtype=bool)
+    head[1:] = (part[1:] != part[:-1]) | (res[1:] != res[:-1])
+    starts = np.flatnonzero(head)
+    first = np.minimum.reduceat(off, starts)
+    gpart, goff = part[starts], off[starts]
+    keep = np.lexsort((first, gpart))
+    return gpart[keep], goff[keep]
+
+
+def _ahead(c: np.ndarray, width: int) -> np.ndarray:
+    """``c[min(j + width, n)]`` for every j in 0..n-1, where ``len(c) == n + 1`` (by slices)."""
+    n = len(c) - 1
+    out = np.empty(n, dtype=c.dtype)
+    k = max(0, n - width + 1)
+    out[:k] = c[width : width + k]
+    out[k:] = c[n]
+    return out

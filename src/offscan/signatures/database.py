@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -86,6 +87,12 @@ class PatternDB:
         parsed_logical: list[ParsedLogical] = []
         names: list[str] = []
         h = hashlib.sha256()
+        out: dict[type, list] = {
+            NotApplied: skipped,
+            BodySignature: body,
+            ParsedLogical: parsed_logical,
+            HashSignature: hashes,
+        }
         for fname, text in files:
             suffix = os.path.splitext(fname)[1].lower()
             if suffix not in DATABASE_SUFFIXES:
@@ -96,23 +103,18 @@ class PatternDB:
             names.append(fname)
             base = os.path.basename(fname)
             h.update(base.encode() + b"\0" + text.encode() + b"\0")
+            # one parser per file and one list per result type, so a line costs one call and
+            # one dict lookup besides its own parse
+            parse: Callable[[str, str], object]
+            if suffix == ".ndb":
+                parse = parse_ndb_line
+            elif suffix == ".ldb":
+                parse = parse_ldb_line
+            else:
+                parse = functools.partial(parse_hash_line, suffix=suffix)
             for lineno, line in lines(text, base):
-                where = f"{base}:{lineno}"
-                sig: BodySignature | HashSignature | NotApplied | ParsedLogical
-                if suffix == ".ndb":
-                    sig = parse_ndb_line(line, where)
-                elif suffix == ".ldb":
-                    sig = parse_ldb_line(line, where)
-                else:
-                    sig = parse_hash_line(line, where, suffix)
-                if isinstance(sig, NotApplied):
-                    skipped.append(sig)
-                elif isinstance(sig, BodySignature):
-                    body.append(sig)
-                elif isinstance(sig, ParsedLogical):
-                    parsed_logical.append(sig)
-                else:
-                    hashes.append(sig)
+                sig = parse(line, f"{base}:{lineno}")
+                out[type(sig)].append(sig)
         logical = []
         for p in parsed_logical:  # their body signatures go after every plain one
             first = len(body)

@@ -21,6 +21,12 @@ MAX_LINE_LENGTH = 1 << 20  # characters; ClamAV's own line buffer (CLI_DEFAULT_L
 _DIGITS = re.compile(r"[0-9]+\Z")
 _OFFSET = re.compile(r"(EOF-)?([0-9]+)(?:,([0-9]+))?\Z")
 _OFFSET_OTHER = re.compile(r"(EP[+-]\d+|S[EL]?\d*[+-]?\d*|VI|SE\d+)(?:,\d+)?\Z")
+_ANY = Offset()
+# Parsed offsets by (text, strict): a database repeats a few offsets (``*``, ``0``, ``EOF-n``)
+# on most lines, and an Offset is immutable, so lines share one. Bounded: distinct offsets of
+# a hostile file cannot grow it without limit.
+_OFFSET_CACHE: dict[tuple[str, bool], Offset] = {}
+_OFFSET_CACHE_MAX = 4096
 
 
 def number(text: str, where: str, what: str, *, limit: int = MAX_NUMBER) -> int:
@@ -44,7 +50,17 @@ def offset(text: str, where: str, *, strict: bool) -> Offset:
     """``*``, ``n``, ``n,m``, ``EOF-n`` or ``EOF-n,m``. With ``strict`` False (typed targets),
     executable-relative offsets are accepted and ignored, since such signatures are not applied."""
     if text == "*":
-        return Offset()
+        return _ANY
+    cached = _OFFSET_CACHE.get((text, strict))
+    if cached is not None:
+        return cached
+    parsed = _parse_offset(text, where, strict=strict)
+    if len(_OFFSET_CACHE) < _OFFSET_CACHE_MAX:
+        _OFFSET_CACHE[text, strict] = parsed
+    return parsed
+
+
+def _parse_offset(text: str, where: str, *, strict: bool) -> Offset:
     m = _OFFSET.match(text)
     if m:
         n = number(m.group(2), where, "offset")
@@ -63,8 +79,9 @@ def lines(text: str, name: str) -> Iterator[tuple[int, str]]:
     Lines end at ``\\n`` only, as in ClamAV: ``str.splitlines`` would also split at NEL
     (``\\x85``), form feeds and other separators and shift every later line number.
     """
+    long_lines = len(text) > MAX_LINE_LENGTH  # else no line can be too long
     for lineno, raw in enumerate(text.split("\n"), 1):
-        if len(raw) > MAX_LINE_LENGTH:
+        if long_lines and len(raw) > MAX_LINE_LENGTH:
             raise SignatureError(
                 f"{name}:{lineno}: line of {len(raw)} characters exceeds {MAX_LINE_LENGTH}"
             )

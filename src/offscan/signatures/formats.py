@@ -52,6 +52,10 @@ def parse_ndb_line(line: str, where: str) -> BodySignature | NotApplied:
         else fields.number(target_s, where, "target type", limit=fields.MAX_FLEVEL)
     )
     parts, gaps = parse_body(hexsig, where)
+    if len(fields_) == 4 and target == 0:  # the common line: no functionality levels
+        return BodySignature(
+            name, 0, fields.offset(offset_s, where, strict=True), parts, gaps, where
+        )
     minfl = fields.flevel(fields_[4], where, "MinFL") if len(fields_) > 4 else None
     maxfl = fields.flevel(fields_[5], where, "MaxFL") if len(fields_) > 5 else None
     if target != 0:
