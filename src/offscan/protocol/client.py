@@ -324,6 +324,23 @@ class ApplianceClient:
 
     def _reply(self, conn: Connection, msg: dict[str, Any]) -> None:
         """Route one reply to its waiting request (and return a scan's credit)."""
+        if self._route(conn, msg):
+            self.credits += 1
+            self._credit_event.set()
+
+    def _reply_batch(self, conn: Connection, items: list[dict[str, Any]]) -> None:
+        """Route a verdict-batch's items as :meth:`_reply` does each, returning their
+        credits in one step: one credit-event wake-up per batch, not per verdict."""
+        returned = 0
+        for item in items:
+            item["t"] = "verdict"
+            returned += self._route(conn, item)
+        if returned:
+            self.credits += returned
+            self._credit_event.set()
+
+    def _route(self, conn: Connection, msg: dict[str, Any]) -> bool:
+        """Hand one reply to its waiting request; whether it was a scan's (a credit back)."""
         p = self._pending.pop(msg["id"], None)
         if p is None:
             log.warning(
@@ -332,35 +349,10 @@ class ApplianceClient:
                 msg["t"],
                 msg["id"],
             )
-            return
-        if p.scan:
-            self.credits += 1
-            self._credit_event.set()
+            return False
         if p.fut is not None and not p.fut.done():  # done: the caller timed out or gave up
             p.fut.set_result(msg)
-
-    def _reply_batch(self, conn: Connection, items: list[dict[str, Any]]) -> None:
-        """Route a verdict-batch's items (as :meth:`_reply` does each), returning their
-        credits in one step: one credit-event wake-up per batch, not per verdict."""
-        pending = self._pending
-        returned = 0
-        for item in items:
-            item["t"] = "verdict"
-            p = pending.pop(item["id"], None)
-            if p is None:
-                log.warning(
-                    "appliance %s: reply 'verdict' for unknown request id %s ignored",
-                    conn.peer,
-                    item["id"],
-                )
-                continue
-            if p.scan:
-                returned += 1
-            if p.fut is not None and not p.fut.done():
-                p.fut.set_result(item)
-        if returned:
-            self.credits += returned
-            self._credit_event.set()
+        return p.scan
 
     async def _pong(self, conn: Connection, rid: int) -> None:
         with contextlib.suppress(ConnectionError):  # the reader reports the loss

@@ -277,8 +277,7 @@ class Sender:
         counts["inherited"] += len(relpaths)
         counts["verdicts"] += len(relpaths)
         counts["clean"] += len(relpaths)
-        on_verdict = self.on_verdict
-        if on_verdict is None:
+        if self.on_verdict is None:
             return
         for relpath in relpaths:
             verdict: dict[str, object] = {
@@ -291,10 +290,7 @@ class Sender:
                 "action": "allow",
                 "source": "clone",
             }
-            try:
-                on_verdict(vm, relpath, cast("Verdict", verdict))
-            except Exception:
-                log.exception("on_verdict callback failed for %s:%s", vm, relpath)
+            self._notify(vm, relpath, cast("Verdict", verdict))
 
     def _count_verdict(self, vm: str, relpath: str, verdict: LocalVerdict) -> None:
         counts = self.counts
@@ -311,10 +307,14 @@ class Sender:
             counts["errors"] += 1
             log.info("VM %s: %s: scan error: %s", vm, relpath, verdict.get("reason"))
         if self.on_verdict is not None:
-            try:
-                self.on_verdict(vm, relpath, verdict)
-            except Exception:
-                log.exception("on_verdict callback failed for %s:%s", vm, relpath)
+            self._notify(vm, relpath, verdict)
+
+    def _notify(self, vm: str, relpath: str, verdict: LocalVerdict) -> None:
+        assert self.on_verdict is not None
+        try:
+            self.on_verdict(vm, relpath, verdict)
+        except Exception:
+            log.exception("on_verdict callback failed for %s:%s", vm, relpath)
 
 
 def _open_for_fd(vm: _VM, relpath: str) -> int:
