@@ -21,7 +21,8 @@ import heapq
 import itertools
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -114,6 +115,41 @@ class PriorityGate:
         self.active -= 1
 
 
+class ThreadFlights:
+    """Single-flight for contents matched on pool threads (:mod:`.bulk` jobs), which learn a
+    content's digest and match it in the same job, with no event-loop step in between to
+    claim it in :class:`~offscan.cache.SingleFlight`. A job claims a key here (or finds it
+    claimed, by another job, or on the loop) under one lock; :meth:`Pipeline._match` checks
+    here after registering its own flight, so a content is matched once either way."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: dict[Hashable, concurrent.futures.Future[Any]] = {}
+
+    def claim(
+        self, key: Hashable, on_loop: SingleFlight
+    ) -> tuple[bool, concurrent.futures.Future[Any] | None]:
+        """(claimed, future): (True, mine to complete with :meth:`done`), (False, another
+        job's to wait for), or (False, None): the event loop is matching it (join there)."""
+        with self.lock:
+            if key in on_loop:
+                return False, None
+            other = self.calls.get(key)
+            if other is not None:
+                return False, other
+            fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            self.calls[key] = fut
+            return True, fut
+
+    def done(self, key: Hashable, result: Any = None, exc: BaseException | None = None) -> None:
+        with self.lock:
+            fut = self.calls.pop(key)
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+
 def _unfit_descriptor(fd: int) -> str | None:
     """Why a descriptor a shim passed cannot be judged (not a regular file, not open for
     reading), or None. Only a regular file's content is identified by its stat, so anything
@@ -189,6 +225,7 @@ class Pipeline:
         self.clock = clock
         self.chunk_timeout = chunk_timeout  # seconds a stream may wait for its next chunk
         self.flights = SingleFlight()
+        self.thread_flights = ThreadFlights()  # contents being matched by bulk jobs
         self.request_kinds: dict[str, int] = {"access": 0, "demand": 0, "stream": 0}
         # reflinked copies: digests learnt from shared extents (see cache/extents.py)
         self.extents = extents if extents is not None else ExtentIndex(open_confined)
@@ -404,6 +441,11 @@ class Pipeline:
 
         async def match() -> ScanResult:
             nonlocal led
+            pending = self.thread_flights.calls.get(key)  # a bulk job is matching it now
+            if pending is not None:
+                with contextlib.suppress(Exception):  # if it failed: match it here
+                    joined: ScanResult = await asyncio.wrap_future(pending)
+                    return joined
             led = True
             self.counters.contents_matched += 1
             res: ScanResult = await asyncio.get_running_loop().run_in_executor(
