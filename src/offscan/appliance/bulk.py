@@ -139,42 +139,53 @@ def _judge_one(
         return _Outcome(FAILED, ScanResult(f.path, "error", reason=reason, size=size))
     try:
         read = read_digest(fd, size)
-        unchanged = Identity.from_stat("local", os.fstat(fd)) == Identity.from_stat("local", f.st)
     except OSError as exc:
         return _Outcome(FAILED, ScanResult(f.path, "error", reason=_reason(exc)))
     digest, nread = read.digest, read.nread
-    key = (digest, size, eng.version)
     cached = pipeline.cache.get(digest, size, eng.version)
     if cached is not None:
-        return _Outcome(CACHED, cached, digest, nread, memo=unchanged)
+        return _Outcome(CACHED, cached, digest, nread, memo=_unchanged(fd, f.st))
     if eng.revalidation is not None or pipeline.shared is not None:
         # a pending revalidation, or the fleet's shared tier to ask first (and its
         # cluster-wide single-flight): Pipeline.judge, served its digest by the memo
-        return _Outcome(ALONE, None, digest, nread, memo=unchanged)
+        return _Outcome(ALONE, None, digest, nread, memo=_unchanged(fd, f.st))
     leader = seen.get((digest, size))
     if leader is not None:  # the same content earlier in this group
-        return _Outcome(DUPLICATE, leader, digest, nread, memo=unchanged)
-    mine, other = pipeline.thread_flights.claim(key, pipeline.flights)
+        return _Outcome(DUPLICATE, leader, digest, nread, memo=_unchanged(fd, f.st))
+    key = (digest, size, eng.version)
+    flights = pipeline.thread_flights
+    mine, other = flights.claim(key, pipeline.flights)
     if not mine:  # another job's match (wait for it), or the event loop's (judge joins it)
         kind = WAIT if other is not None else ALONE
-        return _Outcome(kind, None, digest, nread, memo=unchanged, wait=other)
-    res: ScanResult | None = None
+        return _Outcome(kind, None, digest, nread, memo=_unchanged(fd, f.st), wait=other)
     try:
         res = matcher.scan_fd(fd, path=f.path, allmatch=True, preread=read.data)
-        try:
-            same = Identity.from_stat("local", os.fstat(fd)) == Identity.from_stat("local", f.st)
-        except OSError:
-            same = False
+        same = _unchanged(fd, f.st)  # since the stat that found it new: the read and the match
     except BaseException as exc:
-        pipeline.thread_flights.done(key, exc=RuntimeError(f"bulk match failed: {exc!r}"))
+        flights.done(key, exc=RuntimeError(f"bulk match failed: {exc!r}"))
         raise
-    pipeline.thread_flights.done(key, res)
+    flights.done(key, res)
     entry: CachedVerdict | None = None
     if res.status != "error" and not res.changed and same:
         status = cast("Literal['clean', 'infected']", res.status)
         entry = CachedVerdict(status, res.matches, eng.version, digest, size, pipeline.clock.time())
     matched = _Matched(res, entry, reread=read.data is None)
-    return _Outcome(MATCHED, matched, digest, nread, memo=unchanged)
+    return _Outcome(MATCHED, matched, digest, nread, memo=same)
+
+
+def _unchanged(fd: int, st: os.stat_result) -> bool:
+    """Whether the open file still has the identity ``st`` gave it (size, times, inode)."""
+    try:
+        now = os.fstat(fd)
+    except OSError:
+        return False
+    return (now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_dev) == (
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_dev,
+    )
 
 
 async def judge_new(

@@ -120,34 +120,48 @@ class ThreadFlights:
     content's digest and match it in the same job, with no event-loop step in between to
     claim it in :class:`~offscan.cache.SingleFlight`. A job claims a key here (or finds it
     claimed, by another job, or on the loop) under one lock; :meth:`Pipeline._match` checks
-    here after registering its own flight, so a content is matched once either way."""
+    here after registering its own flight, so a content is matched once either way. A claim
+    is a dict entry; the future a waiter needs is made only when someone waits (rare)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.calls: dict[Hashable, concurrent.futures.Future[Any]] = {}
+        self._lock = threading.Lock()
+        self._calls: dict[Hashable, list[concurrent.futures.Future[Any]]] = {}
 
     def claim(
         self, key: Hashable, on_loop: SingleFlight
     ) -> tuple[bool, concurrent.futures.Future[Any] | None]:
-        """(claimed, future): (True, mine to complete with :meth:`done`), (False, another
-        job's to wait for), or (False, None): the event loop is matching it (join there)."""
-        with self.lock:
+        """(claimed, future): (True, None): mine, to end with :meth:`done`; (False, future):
+        another job's, whose result the future gets; (False, None): the event loop is
+        matching it (join it there)."""
+        with self._lock:
             if key in on_loop:
                 return False, None
-            other = self.calls.get(key)
-            if other is not None:
-                return False, other
+            waiters = self._calls.get(key)
+            if waiters is None:
+                self._calls[key] = []
+                return True, None
             fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            self.calls[key] = fut
-            return True, fut
+            waiters.append(fut)
+            return False, fut
+
+    def waiting(self, key: Hashable) -> concurrent.futures.Future[Any] | None:
+        """A future for the result of a bulk job matching ``key`` now, or None."""
+        with self._lock:
+            waiters = self._calls.get(key)
+            if waiters is None:
+                return None
+            fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            waiters.append(fut)
+            return fut
 
     def done(self, key: Hashable, result: Any = None, exc: BaseException | None = None) -> None:
-        with self.lock:
-            fut = self.calls.pop(key)
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
+        with self._lock:
+            waiters = self._calls.pop(key)
+        for fut in waiters:
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
 
 
 def _unfit_descriptor(fd: int) -> str | None:
@@ -441,7 +455,7 @@ class Pipeline:
 
         async def match() -> ScanResult:
             nonlocal led
-            pending = self.thread_flights.calls.get(key)  # a bulk job is matching it now
+            pending = self.thread_flights.waiting(key)  # a bulk job is matching it now
             if pending is not None:
                 with contextlib.suppress(Exception):  # if it failed: match it here
                     joined: ScanResult = await asyncio.wrap_future(pending)
