@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 from ..cache import CachedVerdict, Identity
 from ..engine import ScanResult, read_digest
-from .fastpath import Tail
-from .pipeline import _reason
+from .fastpath import Tail, _json, _map_header, _pack
+from .pipeline import _file_kind, _reason
 
 if TYPE_CHECKING:
     from ..protocol.messages import VerdictRecord
@@ -134,6 +135,9 @@ def _judge_one(
 ) -> _Outcome:
     size = f.st.st_size
     matcher = eng.matcher
+    if not stat.S_ISREG(f.st.st_mode):  # a shim's descriptor: only a file's stat identifies it
+        reason = f"descriptor is not a regular file ({_file_kind(f.st.st_mode)})"
+        return _Outcome(FAILED, ScanResult(f.path, "error", reason=reason))
     if size > matcher.max_file_size:  # refused from fstat: never read nor hashed
         reason = f"file size {size} exceeds max file size {matcher.max_file_size} bytes"
         return _Outcome(FAILED, ScanResult(f.path, "error", reason=reason, size=size))
@@ -338,7 +342,9 @@ def _count_match(pipeline: Pipeline, res: ScanResult, *, reread: bool) -> None:
 
 def _scan_tail(res: ScanResult, digest: bytes | None, version: str) -> Tail:
     """The encoded fields of a clean verdict matched now, as :meth:`Verdicts.record
-    <.verdicts.Verdicts.record>` would build them (not kept in the codec: used by one batch)."""
+    <.verdicts.Verdicts.record>` would build them (not kept in the codec: one batch uses it)."""
+    if digest is not None and not res.matches and res.reason is None:
+        return _CleanScanTail(digest.hex(), version)
     return Tail(
         {
             "status": res.status,
@@ -350,3 +356,36 @@ def _scan_tail(res: ScanResult, digest: bytes | None, version: str) -> Tail:
             "pattern_version": version,
         }
     )
+
+
+class _CleanScanTail(Tail):
+    """:class:`~.fastpath.Tail` of the common new-content verdict (clean, no match, no
+    reason, source "scan"), its encodings assembled from constants: every field but the
+    digest and the version is the same for all of them (tests/test_bulk.py checks the bytes
+    against ``Tail``'s own)."""
+
+    __slots__ = ()
+    _HEAD = _pack("status") + _pack("clean") + _pack("matches") + _pack([])
+    _HEAD += _pack("reason") + _pack(None) + _pack("action") + _pack("allow")
+    _HEAD += _pack("source") + _pack("scan") + _pack("digest")
+    _ITEM = _map_header(3 + 7) + b"\xa2id"
+    _FRAME = _map_header(4 + 7) + b"\xa1t\xa7verdict\xa2id"
+
+    def __init__(self, digest_hex: str, version: str) -> None:
+        self.record = {
+            "status": "clean",
+            "matches": [],
+            "reason": None,
+            "action": "allow",
+            "source": "scan",
+            "digest": digest_hex,
+            "pattern_version": version,
+        }
+        self.fields = 7
+        self.msgpack = self._HEAD + _pack(digest_hex) + _pack("pattern_version") + _pack(version)
+        self.json = (
+            '"status":"clean","matches":[],"reason":null,"action":"allow","source":"scan",'
+            f'"digest":"{digest_hex}","pattern_version":{_json(version)}'
+        )
+        self.item_head = self._ITEM
+        self.frame_head = self._FRAME
