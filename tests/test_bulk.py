@@ -9,19 +9,28 @@ import json
 import os
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 from helpers import EICAR, ApplianceProc, run_async
-from test_pipeline import EICAR_SIG, SHIM, VM, CountingMatcher, Rig, make_db, rigs  # noqa: F401
+from test_pipeline import EICAR_SIG, SHIM, VM, CountingMatcher, Rig, make_db
 
 from offscan import ScanResult
 from offscan.appliance import bulk
 from offscan.appliance.bulk import NewFile, judge_new
 from offscan.appliance.fastpath import Tail, VerdictCodec
 from offscan.protocol import ApplianceClient
+
+
+@pytest.fixture
+def rigs() -> Iterator[list[Rig]]:
+    made: list[Rig] = []
+    yield made
+    for rig in made:
+        rig.close()
 
 
 def _fds() -> set[int]:

@@ -101,11 +101,14 @@ def _judge_all(pipeline: Pipeline, eng: Engine, jobs: list[tuple[int, NewFile]])
     out: list[_Outcome] = []
     kept: set[int] = set()
     seen: dict[tuple[bytes, int], int] = {}  # a content matched by this job: its index
+    claims: list[tuple[tuple[bytes, int, str], ScanResult]] = []  # held until cached
     try:
         for fd, f in jobs:
             o = _judge_one(pipeline, eng, fd, f, seen)
             if o.kind == MATCHED:
-                seen[o.digest, f.st.st_size] = len(out)  # type: ignore[index]
+                assert o.digest is not None
+                seen[o.digest, f.st.st_size] = len(out)
+                claims.append(((o.digest, f.st.st_size, eng.version), o.res.result))
             if o.kind in (WAIT, ALONE):
                 kept.add(fd)
             out.append(o)
@@ -121,6 +124,8 @@ def _judge_all(pipeline: Pipeline, eng: Engine, jobs: list[tuple[int, NewFile]])
         kept.clear()
         raise
     finally:
+        for key, res in claims:  # after the cache has them: a joiner never finds neither
+            pipeline.thread_flights.done(key, res)
         for fd, _f in jobs:
             if fd not in kept:
                 try:
@@ -162,13 +167,17 @@ def _judge_one(
     if not mine:  # another job's match (wait for it), or the event loop's (judge joins it)
         kind = WAIT if other is not None else ALONE
         return _Outcome(kind, None, digest, nread, memo=_unchanged(fd, f.st), wait=other)
+    cached = pipeline.cache.get(digest, size, eng.version)  # cached since the first look?
+    if cached is not None:
+        flights.done(key, cached)
+        return _Outcome(CACHED, cached, digest, nread, memo=_unchanged(fd, f.st))
     try:
         res = matcher.scan_fd(fd, path=f.path, allmatch=True, preread=read.data)
         same = _unchanged(fd, f.st)  # since the stat that found it new: the read and the match
     except BaseException as exc:
         flights.done(key, exc=RuntimeError(f"bulk match failed: {exc!r}"))
         raise
-    flights.done(key, res)
+    # the claim is ended by _judge_all once the verdict is cached (or none will be)
     entry: CachedVerdict | None = None
     if res.status != "error" and not res.changed and same:
         status = cast("Literal['clean', 'infected']", res.status)

@@ -453,13 +453,16 @@ class Pipeline:
         led = False
         key = (digest, size, eng.version)
 
-        async def match() -> ScanResult:
+        async def match() -> ScanResult | CachedVerdict:
             nonlocal led
             pending = self.thread_flights.waiting(key)  # a bulk job is matching it now
             if pending is not None:
                 with contextlib.suppress(Exception):  # if it failed: match it here
-                    joined: ScanResult = await asyncio.wrap_future(pending)
+                    joined: ScanResult | CachedVerdict = await asyncio.wrap_future(pending)
                     return joined
+            done = self.cache.get(digest, size, eng.version)  # a bulk job's, since judge looked
+            if done is not None:
+                return done
             led = True
             self.counters.contents_matched += 1
             res: ScanResult = await asyncio.get_running_loop().run_in_executor(
