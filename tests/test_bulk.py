@@ -45,7 +45,7 @@ def _open_new(rig: Rig, name: str, data: bytes | None = None) -> NewFile:
 
 
 class GatedMatcher(CountingMatcher):
-    """Holds every scan until ``go`` is set (to keep a bulk job busy)."""
+    """Holds every scan until ``go`` is set (to keep a bulk job busy); counts them."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -56,6 +56,12 @@ class GatedMatcher(CountingMatcher):
         self.started.set()
         assert self.go.wait(10)
         return super().scan_fd(fd, **kwargs)
+
+    def scan_bytes(self, data: Any, **kwargs: Any) -> ScanResult:
+        self.started.set()
+        assert self.go.wait(10)
+        self.read_inodes.append(-1)  # matched from the bytes the digest read
+        return super().scan_bytes(data, **kwargs)
 
 
 def test_clean_scan_tail_encodes_as_tail(tmp_path: Path) -> None:

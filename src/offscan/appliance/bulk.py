@@ -171,8 +171,13 @@ def _judge_one(
     if cached is not None:
         flights.done(key, cached)
         return _Outcome(CACHED, cached, digest, nread, memo=_unchanged(fd, f.st))
+    data = read.data
+    reread = data is None or len(data) != size
     try:
-        res = matcher.scan_fd(fd, path=f.path, allmatch=True, preread=read.data)
+        if reread:  # too large to keep its bytes (or it shrank: flagged as changed)
+            res = matcher.scan_fd(fd, path=f.path, allmatch=True)
+        else:  # from the bytes read for the digest: no second read, no fstat of its own
+            res = matcher.scan_bytes(data, allmatch=True)  # type: ignore[arg-type]
         same = _unchanged(fd, f.st)  # since the stat that found it new: the read and the match
     except BaseException as exc:
         flights.done(key, exc=RuntimeError(f"bulk match failed: {exc!r}"))
@@ -182,7 +187,7 @@ def _judge_one(
     if res.status != "error" and not res.changed and same:
         status = cast("Literal['clean', 'infected']", res.status)
         entry = CachedVerdict(status, res.matches, eng.version, digest, size, pipeline.clock.time())
-    matched = _Matched(res, entry, reread=read.data is None)
+    matched = _Matched(res, entry, reread=reread)
     return _Outcome(MATCHED, matched, digest, nread, memo=same)
 
 
@@ -257,7 +262,8 @@ async def _group(
     """One group: one pool job, then the verdicts (long: counting and encoding are kept flat,
     in one loop, as the hit path's)."""
     eng = pipeline.engine
-    async with pipeline.gate.slot(min(f.prio for f in files)):
+    prio = min(f.prio for f in files)
+    async with pipeline.bulk_gate.slot(prio), pipeline.gate.slot(prio):
         outcomes = await _run_job(pipeline, eng, files)
     counters, add_location = pipeline.counters, pipeline.locations.add
     clock, events = pipeline.clock, pipeline.verdicts.events

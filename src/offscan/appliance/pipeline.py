@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 DigestSource = Literal["identity", "clone", "digest"]
 
 PRIORITIES = {"access": 0, "demand": 1}
+BULK_JOBS = 2  # bulk jobs in the pool at once (1, 2 and 4 measured: bench/RESULTS.md)
 T = TypeVar("T")
 
 
@@ -233,6 +234,9 @@ class Pipeline:
         self.registry = registry
         self.verdicts = verdicts
         self.gate = gate
+        # bulk jobs (:mod:`.bulk`) at once: their Python half holds the GIL, so more of them
+        # than there are CPUs only hand the GIL around (bench/RESULTS.md, issue 15)
+        self.bulk_gate = PriorityGate(max(1, min(gate.limit, BULK_JOBS)))
         self.pool = pool
         self.stream_pool = stream_pool
         self.counters = counters
