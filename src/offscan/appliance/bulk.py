@@ -61,7 +61,7 @@ class NewFile:
 class _Outcome:
     """What the pool job found for one file (``kind``: one of CACHED ... FAILED)."""
 
-    __slots__ = ("digest", "kind", "memo", "nread", "res", "wait")
+    __slots__ = ("digest", "ident", "kind", "memo", "nread", "res", "wait")
 
     def __init__(
         self,
@@ -80,6 +80,7 @@ class _Outcome:
         self.nread = nread  # bytes read for the digest
         self.memo = memo  # the identity may be memoised: the file did not change while read
         self.wait = wait  # WAIT: the other job's match
+        self.ident: Identity | None = None  # the file's, set by the job with a digest
 
 
 class _Matched:
@@ -113,11 +114,12 @@ def _judge_all(pipeline: Pipeline, eng: Engine, jobs: list[tuple[int, NewFile]])
                 kept.add(fd)
             out.append(o)
         puts = [o.res.cached for o in out if o.kind == MATCHED and o.res.cached is not None]
-        memo_puts = [
-            (Identity.from_stat("local", f.st), o.digest)
-            for (_fd, f), o in zip(jobs, out, strict=True)
-            if o.digest is not None and o.memo and o.nread == f.st.st_size
-        ]
+        memo_puts: list[tuple[Identity, bytes]] = []
+        for (_fd, f), o in zip(jobs, out, strict=True):
+            if o.digest is not None:
+                o.ident = ident = Identity.from_stat("local", f.st)
+                if o.memo and o.nread == f.st.st_size:
+                    memo_puts.append((ident, o.digest))
         pipeline.cache.put_many(puts)  # one verdict-log write for the group
         pipeline.memo.put_many(memo_puts)  # one identity-log write for the group
     except BaseException:
@@ -213,6 +215,8 @@ async def judge_new(
     already counted and logged (the caller encodes the reply), a record for any other, a
     failure in its place. Groups run in parallel."""
     groups = max(1, min(pipeline.gate.limit, -(-len(files) // GROUP_FILES)))
+    if groups == 1:  # a scan-batch frame's worth: one job, no task of its own
+        return await _group(pipeline, files, t0, codec)
     parts = [files[i::groups] for i in range(groups)]
     done = await asyncio.gather(*(_group(pipeline, part, t0, codec) for part in parts))
     out: list[Judgement] = [RuntimeError("not judged")] * len(files)
@@ -274,13 +278,14 @@ async def _group(
     slow: list[tuple[int, Any, str, bytes | None]] = []  # (index, result, source, digest)
     scan_tails: dict[int, Tail] = {}  # a matched content's tail, by the outcome's index
     version = eng.version
+    nread = served = joined = 0
     for i, (f, o) in enumerate(zip(files, outcomes, strict=True)):
-        if o.digest is not None:
-            counters.bytes_read += o.nread
-            add_location(o.digest, f.vm.name, f.path, Identity.from_stat("local", f.st))
+        if o.ident is not None and o.digest is not None:
+            nread += o.nread
+            add_location(o.digest, f.vm.name, f.path, o.ident)
         kind = o.kind
         if kind == CACHED:
-            counters.served_digest += 1
+            served += 1
             res: Any = o.res
             source = "digest"
         elif kind in (MATCHED, DUPLICATE):
@@ -290,7 +295,7 @@ async def _group(
             if kind == MATCHED:
                 _count_match(pipeline, res, reread=o.res.reread)
             else:
-                counters.joined_in_flight += 1
+                joined += 1
         else:  # WAIT, ALONE, FAILED: finished below, one by one
             out.append(RuntimeError("not judged"))
             slow.append((i, o.res, "scan", o.digest))
@@ -308,6 +313,9 @@ async def _group(
         out.append(tail)
         if line_of is not None:
             lines.append(line_of(f.vm.name, f.path, tail))
+    counters.bytes_read += nread
+    counters.served_digest += served
+    counters.joined_in_flight += joined
     fast = len(files) - len(slow)
     if fast:
         counters.verdicts += fast
