@@ -16,10 +16,20 @@ from typing import Any
 import msgpack
 import pytest
 from helpers import EICAR, ApplianceProc, run_async
-from test_pipeline import EICAR_SIG, SHIM, VM, CountingMatcher, Rig, make_db
+from test_pipeline import (
+    EICAR_SIG,
+    NEW_MARKER,
+    NEW_SIG,
+    OLD_SIG,
+    SHIM,
+    VM,
+    CountingMatcher,
+    Rig,
+    make_db,
+)
 
 from offscan import ScanResult
-from offscan.appliance import bulk
+from offscan.appliance import Engine, Revalidation, bulk
 from offscan.appliance.bulk import NewFile, judge_new
 from offscan.appliance.fastpath import Tail, VerdictCodec
 from offscan.protocol import ApplianceClient
@@ -110,6 +120,27 @@ def test_no_descriptor_leaks_whatever_fails(tmp_path: Path, rigs: list[Rig]) -> 
         assert isinstance(r, dict) and r["status"] == "error", r
     assert rig.counters.contents_matched == 5  # 3 contents, EICAR, the unlinked one
     assert rig.counters.verdicts == len(files)
+
+
+def test_pending_revalidation_hands_the_descriptor_back(tmp_path: Path, rigs: list[Rig]) -> None:
+    rig = Rig(tmp_path, CountingMatcher(make_db(OLD_SIG)), version="v1")
+    rigs.append(rig)
+    rig.write("carrier", b"prefix " + NEW_MARKER + b" suffix" * 100)
+    asyncio.run(rig.scan("carrier"))  # cached under v1
+    full = CountingMatcher(make_db(OLD_SIG, NEW_SIG))
+    delta = CountingMatcher(make_db(NEW_SIG))
+    rig.patterns.engine = Engine(full, "v2", full.db, Revalidation("v1", delta, frozenset()))
+    os.utime(rig.root / "carrier", ns=(1, 1))  # a new identity, the same content
+    before = _fds()
+    files = [_open_new(rig, "carrier")]
+    results = asyncio.run(judge_new(rig.pipeline, files, 0.0, VerdictCodec()))
+    assert files[0].fd >= 0  # handed back for Pipeline.judge: the caller closes it
+    os.close(files[0].fd)
+    assert _fds() == before
+    got = results[0]
+    assert isinstance(got, dict) and got["status"] == "infected", got
+    assert got["source"] == "revalidated" and full.read_inodes == []  # by the delta only
+    assert len(delta.read_inodes) == 1
 
 
 def test_cancelled_while_the_job_runs_closes_every_descriptor(
