@@ -250,3 +250,16 @@ def test_serve_leaks_no_descriptor_on_a_mixed_batch(tmp_path: Path) -> None:
     assert n1 == n0
     assert all(not isinstance(v, Exception) and v["status"] == "clean" for v in got[:59])
     assert not isinstance(got[-1], Exception) and got[-1]["status"] == "infected"
+
+
+def test_a_failed_job_answers_each_scan_and_closes_everything(
+    tmp_path: Path, rigs: list[Rig]
+) -> None:
+    rig = Rig(tmp_path, CountingMatcher(make_db(EICAR_SIG)))
+    rigs.append(rig)
+    rig.cache.close()  # puts now fail: the job raises after matching
+    before = _fds()
+    files = [_open_new(rig, f"f{i}", b"y%d" % i * 40) for i in range(5)]
+    results = asyncio.run(judge_new(rig.pipeline, files, 0.0, VerdictCodec()))
+    assert _fds() == before
+    assert all(isinstance(r, RuntimeError) and "closed" in str(r) for r in results), results

@@ -2,7 +2,8 @@
 one thread-pool job per group instead of several hops per file.
 
 A batch's new files are split into groups of up to :data:`GROUP_FILES` (at most
-``gate.limit`` groups); each group, holding one admission slot, is one pool job
+``gate.limit`` groups); each group, holding one admission slot and one of the pipeline's
+``bulk_gate`` slots (:data:`~.pipeline.BULK_JOBS` jobs at once), is one pool job
 (:func:`_judge_all`): for each file it reads and hashes the content (one read; a small
 file's bytes are kept), looks the digest up in the verdict cache, claims an unknown content
 in :class:`~.pipeline.ThreadFlights` (so a concurrent request for the same content joins this
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 from ..cache import CachedVerdict, Identity
 from ..engine import ScanResult, read_digest
+from .common import log
 from .fastpath import Tail, _json, _map_header, _pack
 from .pipeline import _file_kind, _reason
 
@@ -267,8 +269,12 @@ async def _group(
     in one loop, as the hit path's)."""
     eng = pipeline.engine
     prio = min(f.prio for f in files)
-    async with pipeline.bulk_gate.slot(prio), pipeline.gate.slot(prio):
-        outcomes = await _run_job(pipeline, eng, files)
+    try:
+        async with pipeline.bulk_gate.slot(prio), pipeline.gate.slot(prio):
+            outcomes = await _run_job(pipeline, eng, files)
+    except Exception as exc:  # the job failed as a whole (a closed cache...): each scan's answer
+        log.error("bulk job of %d files failed: %r", len(files), exc)
+        return [RuntimeError(f"scan failed: {exc}") for _ in files]
     counters, add_location = pipeline.counters, pipeline.locations.add
     clock, events = pipeline.clock, pipeline.verdicts.events
     latency = clock.monotonic() - t0
