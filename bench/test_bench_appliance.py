@@ -55,6 +55,20 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def _cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process in seconds, from /proc: user vs system CPU (sys is where
+    GIL hand-offs between threads show, as futex waits and wake-ups)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def _split_info(user: float, system: float, files: int) -> dict[str, float]:
+    return {
+        "server_user_us_per_file": round(user * 1e6 / max(1, files), 1),
+        "server_sys_us_per_file": round(system * 1e6 / max(1, files), 1),
+    }
+
+
 def _write_files(root: Path, names: list[str], *, distinct_from: int = 0) -> None:
     body = os.urandom(FILE_SIZE - 8)
     for i, name in enumerate(names):
@@ -140,7 +154,14 @@ def _drive(
 
 
 def _record(
-    benchmark: Any, server: str, path: str, latencies: list[float], n: int, cpu: float, how: str
+    benchmark: Any,
+    server: str,
+    path: str,
+    latencies: list[float],
+    n: int,
+    cpu: float,
+    how: str,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     lat = sorted(latencies)
     best = benchmark.stats.stats.min if benchmark.stats else float("nan")
@@ -155,6 +176,7 @@ def _record(
         "server_cpu_ms_per_1000": round(cpu * 1e6 / max(1, n * benchmark.stats.stats.rounds), 1)
         if benchmark.stats
         else None,
+        **(extra or {}),
     }
     benchmark.extra_info.update(info)
     with open(OUT, "a") as f:
@@ -201,16 +223,21 @@ def test_event_path_new_content(benchmark: Any, appliance: dict[str, Any], in_fl
         return (names,), {}
 
     latencies: list[float] = []
-    cpu = [0.0]
+    cpu = [0.0, 0.0]  # user, sys
 
     def one_round(names: list[str]) -> None:
-        c0 = _cpu_seconds(appliance["pid"])
+        u0, s0 = _cpu_split(appliance["pid"])
         latencies.extend(_drive(appliance, names, in_flight))
-        cpu[0] += _cpu_seconds(appliance["pid"]) - c0
+        u1, s1 = _cpu_split(appliance["pid"])
+        cpu[0] += u1 - u0
+        cpu[1] += s1 - s0
 
     benchmark.pedantic(one_round, setup=fresh, rounds=ROUNDS, iterations=1)
     how = "scan" if in_flight == 1 else f"scan-batch x{min(in_flight, BATCH)}"
-    _record(benchmark, appliance["server"], "new content", latencies, per_round, cpu[0], how)
+    split = _split_info(cpu[0], cpu[1], per_round * ROUNDS)
+    _record(
+        benchmark, appliance["server"], "new content", latencies, per_round, sum(cpu), how, split
+    )
 
 
 # -- clamd on the same files ------------------------------------------------------------------
@@ -319,15 +346,18 @@ def test_clamd_new_content(benchmark: Any, clamd: dict[str, Any], how: str) -> N
         return ([str(clamd["root"] / n) for n in names],), {}
 
     latencies: list[float] = []
-    cpu = [0.0]
+    cpu = [0.0, 0.0]  # user, sys
 
     def one_round(paths: list[str]) -> None:
-        c0 = _cpu_seconds(clamd["pid"])
+        u0, s0 = _cpu_split(clamd["pid"])
         if how.startswith("clamdscan"):
             _clamdscan(clamd, paths)
         else:
             latencies.extend(_idsession(clamd, paths, int(how.rsplit("x", 1)[1])))
-        cpu[0] += _cpu_seconds(clamd["pid"]) - c0
+        u1, s1 = _cpu_split(clamd["pid"])
+        cpu[0] += u1 - u0
+        cpu[1] += s1 - s0
 
     benchmark.pedantic(one_round, setup=fresh, rounds=ROUNDS, iterations=1)
-    _record(benchmark, "clamd", "new content", latencies, NEW_PER_ROUND, cpu[0], how)
+    split = _split_info(cpu[0], cpu[1], NEW_PER_ROUND * ROUNDS)
+    _record(benchmark, "clamd", "new content", latencies, NEW_PER_ROUND, sum(cpu), how, split)

@@ -26,7 +26,7 @@ from ..cache import Identity
 from ..confine import ConfinementError, check_relpath, open_confined_many, stat_confined_many
 from .bulk import NewFile, judge_new
 from .common import RequestFailed, close_fds, log
-from .fastpath import VerdictCodec, batch_frame, encode_item
+from .fastpath import Tail, VerdictCodec, batch_frame, encode_item
 
 if TYPE_CHECKING:
     from ..protocol.messages import BatchVerdict, ErrorMessage
@@ -349,22 +349,28 @@ class BatchScans:
         task.add_done_callback(done)
 
     async def _new_replies(self, new: list[tuple[int, NewFile]], t0: float) -> None:
+        codec = self.codec
         try:
-            results = await judge_new(self.app.pipeline, [f for _, f in new], t0)
-        finally:
+            results = await judge_new(self.app.pipeline, [f for _, f in new], t0, codec)
+        finally:  # the bulk job closed each descriptor it read (fd -1); these are the rest
             for _, f in new:
-                with contextlib.suppress(OSError):
-                    os.close(f.fd)
+                if f.fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(f.fd)
+                    f.fd = -1
         errors: list[ErrorMessage] = []
-        for (rid, _), res in zip(new, results, strict=True):
-            if isinstance(res, RequestFailed):
+        outbox, item_of = self._outbox, codec.item
+        for (rid, f), res in zip(new, results, strict=True):
+            if isinstance(res, Tail):  # clean: counted and logged already
+                outbox.append(item_of(rid, f.vm.name, f.path, res))
+            elif isinstance(res, RequestFailed):
                 errors.append({"t": "error", "id": rid, "code": res.code, "message": str(res)})
             elif isinstance(res, BaseException):
                 log.error("scan %r failed: %r", rid, res)
                 errors.append({"t": "error", "id": rid, "code": "internal", "message": str(res)})
             else:
-                item: BatchVerdict = {"id": rid, **res}
-                self._outbox.append(encode_item(item))
+                item = cast("BatchVerdict", {"id": rid, **res})
+                outbox.append(encode_item(item))
         await self.drain()
         for failed in errors:
             with contextlib.suppress(ConnectionError, OSError):

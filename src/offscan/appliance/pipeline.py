@@ -21,7 +21,8 @@ import heapq
 import itertools
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 DigestSource = Literal["identity", "clone", "digest"]
 
 PRIORITIES = {"access": 0, "demand": 1}
+BULK_JOBS = 2  # bulk jobs in the pool at once (1, 2 and 4 measured: bench/RESULTS.md)
 T = TypeVar("T")
 
 
@@ -112,6 +114,55 @@ class PriorityGate:
                 fut.set_result(None)
                 return
         self.active -= 1
+
+
+class ThreadFlights:
+    """Single-flight for contents matched on pool threads (:mod:`.bulk` jobs), which learn a
+    content's digest and match it in the same job, with no event-loop step in between to
+    claim it in :class:`~offscan.cache.SingleFlight`. A job claims a key here (or finds it
+    claimed, by another job, or on the loop) under one lock; :meth:`Pipeline._match` checks
+    here after registering its own flight, so a content is matched once either way. A claim
+    is a dict entry; the future a waiter needs is made only when someone waits (rare)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[Hashable, list[concurrent.futures.Future[Any]]] = {}
+
+    def claim(
+        self, key: Hashable, on_loop: SingleFlight
+    ) -> tuple[bool, concurrent.futures.Future[Any] | None]:
+        """(claimed, future): (True, None): mine, to end with :meth:`done`; (False, future):
+        another job's, whose result the future gets; (False, None): the event loop is
+        matching it (join it there)."""
+        with self._lock:
+            if key in on_loop:
+                return False, None
+            waiters = self._calls.get(key)
+            if waiters is None:
+                self._calls[key] = []
+                return True, None
+            fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            waiters.append(fut)
+            return False, fut
+
+    def waiting(self, key: Hashable) -> concurrent.futures.Future[Any] | None:
+        """A future for the result of a bulk job matching ``key`` now, or None."""
+        with self._lock:
+            waiters = self._calls.get(key)
+            if waiters is None:
+                return None
+            fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            waiters.append(fut)
+            return fut
+
+    def done(self, key: Hashable, result: Any = None, exc: BaseException | None = None) -> None:
+        with self._lock:
+            waiters = self._calls.pop(key)
+        for fut in waiters:
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
 
 
 def _unfit_descriptor(fd: int) -> str | None:
@@ -183,12 +234,16 @@ class Pipeline:
         self.registry = registry
         self.verdicts = verdicts
         self.gate = gate
+        # bulk jobs (:mod:`.bulk`) at once: their Python half holds the GIL, so more of them
+        # than there are CPUs only hand the GIL around (bench/RESULTS.md, issue 15)
+        self.bulk_gate = PriorityGate(max(1, min(gate.limit, BULK_JOBS)))
         self.pool = pool
         self.stream_pool = stream_pool
         self.counters = counters
         self.clock = clock
         self.chunk_timeout = chunk_timeout  # seconds a stream may wait for its next chunk
         self.flights = SingleFlight()
+        self.thread_flights = ThreadFlights()  # contents being matched by bulk jobs
         self.request_kinds: dict[str, int] = {"access": 0, "demand": 0, "stream": 0}
         # reflinked copies: digests learnt from shared extents (see cache/extents.py)
         self.extents = extents if extents is not None else ExtentIndex(open_confined)
@@ -402,8 +457,16 @@ class Pipeline:
         led = False
         key = (digest, size, eng.version)
 
-        async def match() -> ScanResult:
+        async def match() -> ScanResult | CachedVerdict:
             nonlocal led
+            pending = self.thread_flights.waiting(key)  # a bulk job is matching it now
+            if pending is not None:
+                with contextlib.suppress(Exception):  # if it failed: match it here
+                    joined: ScanResult | CachedVerdict = await asyncio.wrap_future(pending)
+                    return joined
+            done = self.cache.get(digest, size, eng.version)  # a bulk job's, since judge looked
+            if done is not None:
+                return done
             led = True
             self.counters.contents_matched += 1
             res: ScanResult = await asyncio.get_running_loop().run_in_executor(
