@@ -211,29 +211,40 @@ class _Index:
         self.values, self.masks, self.vstart, self.lens = values, masks, vstart, lens
         self.alt_sets = alt_sets
         total = len(values)
-        kind = np.where(masks == 0xFF, _STATIC, np.where(masks == 0, _BIG, _SMALL)).astype(np.int8)
+        # Per-byte arrays are int32/int8 where they can be (positions < 2**31): at 100k
+        # signatures there are about 4M bytes, and every int64 array costs 32 MiB to fill.
+        kind = np.full(total, _SMALL, dtype=np.int8)
+        kind[masks == 0xFF] = _STATIC
+        kind[masks == 0] = _BIG
         for g, vals in alt_sets.items():
             kind[g] = _SMALL if len(vals) <= SMALL_SET else _BIG
         self.kind = kind
-        self.part_of = np.repeat(np.arange(len(lens)), lens)
-        self.part_end = np.repeat(vstart + lens, lens)  # exclusive end of each byte's part
+        self.part_of = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
+        self.part_end = np.repeat((vstart + lens).astype(np.int32), lens)  # exclusive end
+        self.pos = np.arange(total, dtype=np.int32)
+        self.room = self.part_end - self.pos  # bytes from each position to its part's end
         self.is_start = np.zeros(total, dtype=bool)
         self.is_start[vstart] = True
         # Information (bits) of each byte given the one before it in the same part, from the
         # learned pair table; a gram's information is its first byte's plus the rest's.
         byte_bits, cond_bits = conditional_bits()
         static = kind == _STATIC
-        v = values.astype(np.int64)
-        prev = np.concatenate(([0], v[:-1]))
-        prev_static = np.concatenate(([False], static[:-1])) & ~self.is_start
-        self.first_info = np.where(static, byte_bits[v], np.where(kind == _SMALL, SMALL_INFO, 0.0))
-        step = np.where(static & prev_static, cond_bits[prev * 256 + v], self.first_info)
-        self._cstep = np.concatenate(([0.0], np.cumsum(step)))
+        v = values.astype(np.int32)
+        self.first_info = np.where(kind == _SMALL, SMALL_INFO, 0.0)
+        self.first_info[static] = byte_bits[v[static]]
+        # step: the conditional information where a static byte follows a static byte of
+        # the same part, else the byte's own
+        chained = np.flatnonzero(static[1:] & static[:-1] & ~self.is_start[1:]) + 1
+        step = self.first_info.copy()
+        step[chained] = cond_bits[v[chained - 1] * 256 + v[chained]]
+        self._cstep = np.empty(total + 1)
+        self._cstep[0] = 0.0
+        np.cumsum(step, out=self._cstep[1:])
+        del step, v, static, chained
         self._gp: dict[int, np.ndarray] = {}
-        self._cs = np.concatenate(([0], np.cumsum(kind == _SMALL)))
-        self._cb = np.concatenate(([0], np.cumsum(kind == _BIG)))
+        self._cs = _prefix_count(kind == _SMALL)
+        self._cb = _prefix_count(kind == _BIG)
         self._cn = self._cs + self._cb  # bytes that are not static
-        self.pos = np.arange(total, dtype=np.int64)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -243,14 +254,14 @@ class _Index:
 
     def _static_windows(self, width: int) -> np.ndarray:
         """Windows [j, j+width) of static bytes inside one part."""
-        inside = self.pos + width <= self.part_end
+        inside = self.room >= width
         return inside & (self._span_counts(self._cn, width) == 0)
 
     def _good_grams(self, q: int) -> np.ndarray:
         """Grams [j, j+q) inside one part with at most one byte that is not static; a 2-byte
         gram may not hold a ?? (it would match 1/256 of all positions), nor a gram of 5+ bytes
         (indexed 256 times, while a shorter gram would do)."""
-        inside = self.pos + q <= self.part_end
+        inside = self.room >= q
         small, big = self._span_counts(self._cs, q), self._span_counts(self._cb, q)
         good = inside & (small + big <= 1)
         return good & (big == 0) if q == 2 or q > 4 else good
@@ -274,30 +285,47 @@ class _Index:
 
     def _info(self, width: int) -> np.ndarray:
         """For every position j: estimated bits of information of the bytes [j, j+width)."""
-        return self.first_info + _ahead(self._cstep, width) - _ahead(self._cstep, 1)
+        out = _ahead(self._cstep, width)
+        np.add(self.first_info, out, out=out)
+        out -= self._cstep[1:]  # == _ahead(self._cstep, 1)
+        return out
 
     def gram_p(self, q: int) -> np.ndarray:
         """For every position: the estimated probability of the q-byte gram there in real files."""
         if q not in self._gp:
-            self._gp[q] = np.exp2(-self._info(q))
+            p = self._info(q)
+            np.negative(p, out=p)
+            self._gp[q] = np.exp2(p, out=p)
         return self._gp[q]
 
     def _window_p(self, q: int, stride: int) -> np.ndarray:
         """For every position j: the summed probability of the grams at j .. j+stride-1."""
-        c = np.concatenate(([0.0], np.cumsum(self.gram_p(q))))
-        return _ahead(c, stride) - c[:-1]
+        gp = self.gram_p(q)
+        c = np.empty(len(gp) + 1)
+        c[0] = 0.0
+        np.cumsum(gp, out=c[1:])
+        out = _ahead(c, stride)
+        out -= c[:-1]
+        return out
 
     @staticmethod
     def _key(log2p: np.ndarray) -> np.ndarray:
-        """An int64 sort key increasing with log2 p (1/1024 bit resolution)."""
-        return np.clip((log2p + _LOG2P_BIAS) * 1024.0, 0, 2**31 - 1).astype(np.int64)
+        """An int64 sort key increasing with log2 p (1/1024 bit resolution); overwrites
+        log2p, which callers pass as a temporary."""
+        log2p += _LOG2P_BIAS
+        log2p *= 1024.0
+        np.clip(log2p, 0, 2**31 - 1, out=log2p)
+        return log2p.astype(np.int64)
 
     def _best_windows(self, eligible: np.ndarray, key: np.ndarray) -> np.ndarray:
-        """Per part: the eligible window start of lowest key (the rarest), or -1."""
+        """Per part: the eligible window start of lowest key (the rarest), or -1. Overwrites
+        key, which callers pass as a temporary."""
         if not len(self.lens):
             return np.zeros(0, dtype=np.int64)
-        k = np.where(eligible, (key << 32) | self.pos, np.iinfo(np.int64).max)
-        best = np.minimum.reduceat(k, self.vstart)
+        key <<= 32
+        key |= self.pos
+        key[~eligible] = np.iinfo(np.int64).max
+        best = np.minimum.reduceat(key, self.vstart)
         return np.where(best == np.iinfo(np.int64).max, -1, best & 0xFFFFFFFF)
 
     # -- the twin's atoms ------------------------------------------------------------------
@@ -312,7 +340,7 @@ class _Index:
                 raise AssertionError("parser guarantees a static run of 2 bytes")
             eligible = self._static_windows(ln)
             parts = np.flatnonzero(atom_len == ln)
-            key = self._key(-self._info(ln))
+            key = self._key(np.negative(info := self._info(ln), out=info))
             atom_off[parts] = self._best_windows(eligible, key)[parts] - self.vstart[parts]
         return atom_off, atom_len
 
@@ -350,8 +378,10 @@ class _Index:
             assigned |= members
             # plain parts: the window of `stride` consecutive grams least likely in real files
             parts = np.flatnonzero(members & plain)
-            eligible = self.pos + stride + q - 1 <= self.part_end
-            key = self._key(np.log2(self._window_p(q, stride) + 1e-300))
+            eligible = self.room >= stride + q - 1
+            wp = self._window_p(q, stride)
+            wp += 1e-300
+            key = self._key(np.log2(wp, out=wp))
             starts = self._best_windows(eligible, key)[parts]
             gpart = [np.repeat(parts, stride)]
             goff = [((starts - self.vstart[parts])[:, None] + np.arange(stride)[None, :]).ravel()]
@@ -475,7 +505,7 @@ class _Index:
         if key not in cache:
             sub = self._sample
             wp = sub._window_p(q, stride)
-            eligible = sub.pos + stride + q - 1 <= sub.part_end
+            eligible = sub.room >= stride + q - 1
             k = np.where(eligible, wp, np.inf)
             cache[key] = np.minimum.reduceat(k, sub.vstart) if len(sub.lens) else np.zeros(0)
         per_part = cache[key][members[self._sample_class]]
@@ -577,6 +607,13 @@ def _residue_picks(
     gpart, goff = part[starts], off[starts]
     keep = np.lexsort((first, gpart))
     return gpart[keep], goff[keep]
+
+
+def _prefix_count(flags: np.ndarray) -> np.ndarray:
+    """int32 ``c`` of length n + 1 with ``c[j]`` = flagged positions before j."""
+    c = np.zeros(len(flags) + 1, dtype=np.int32)
+    np.cumsum(flags, out=c[1:])
+    return c
 
 
 def _ahead(c: np.ndarray, width: int) -> np.ndarray:
