@@ -25,7 +25,9 @@ changes the answer, only the speed.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,53 +121,82 @@ class Tables:
 
 
 def build_tables(db: PatternDB) -> Tables:
-    part_sig, part_index, part_len, plain, once = [], [], [], [], []
-    value_chunks: list[bytes] = []
-    mask_chunks: list[bytes] = []
-    alt_start = [0]
-    alt_off, alt_len, alt_neg, alt_nopt, alt_pool_start = [], [], [], [], []
-    alt_pool = bytearray()
-    alt_sets: dict[int, set[int]] = {}  # part-relative byte -> values, keyed by global position
-    pos = 0
-    for s, sig in enumerate(db.body):
-        last = len(sig.parts) - 1
-        first_free = sig.offset.kind == "any" and not sig.all_hits  # all_hits: count every hit
-        for k, part in enumerate(sig.parts):
-            n = part.length
-            part_sig.append(s)
-            part_index.append(k)
-            part_len.append(n)
-            value_chunks.append(part.values)
-            mask_chunks.append(part.masks)
-            plain.append(1 if not part.alts and part.masks.count(0xFF) == n else 0)
-            # Only the earliest hit matters for a first part that may start anywhere and is
-            # followed by nothing or by an unbounded gap (later hits are dominated).
-            once.append(
-                1 if k == 0 and first_free and (k == last or sig.gaps[k].max is None) else 0
-            )
-            for a in part.alts:
-                alt_off.append(a.offset)
-                alt_len.append(a.length)
-                alt_neg.append(1 if a.negated else 0)
-                alt_nopt.append(len(a.options))
-                alt_pool_start.append(len(alt_pool))
-                for o in a.options:
-                    alt_pool += o
-                for j in range(a.length):
-                    vals = alt_sets.setdefault(pos + a.offset + j, set())
-                    if a.negated:
-                        vals.update(range(256))
-                    else:
-                        vals.update(o[j] for o in a.options)
-            alt_start.append(len(alt_off))
-            pos += n
+    with _small_pages():
+        return _build_tables(db)
 
+
+@contextlib.contextmanager
+def _small_pages() -> Iterator[None]:
+    """Build without numpy's huge-page hint: the index's per-byte arrays (about 4M bytes at
+    100k signatures) live for a few vector operations each, and under a hypervisor faulting
+    in and zeroing 2 MiB pages for them cost 0.2-1.0 s of system time per build (measured on
+    a 2-vCPU KVM guest; 0.15-0.5 s with 4 KiB pages)."""
+    toggle = getattr(getattr(np, "_core", np).multiarray, "_set_madvise_hugepage", None)
+    if toggle is None:
+        yield
+        return
+    before = toggle(False)
+    try:
+        yield
+    finally:
+        toggle(before)
+
+
+def _build_tables(db: PatternDB) -> Tables:
+    sigs = db.body
+    n_sig_parts = np.array([len(sig.parts) for sig in sigs], dtype=np.int64)
+    parts = [part for sig in sigs for part in sig.parts]
+    value_chunks = [part.values for part in parts]
+    part_len = list(map(len, value_chunks))
     values = np.frombuffer(b"".join(value_chunks), dtype=np.uint8)
-    masks = np.frombuffer(b"".join(mask_chunks), dtype=np.uint8)
+    masks = np.frombuffer(b"".join(part.masks for part in parts), dtype=np.uint8)
     lens = np.array(part_len, dtype=np.int64)
     vstart = np.zeros(len(lens), dtype=np.int64)
     if len(lens):
         np.cumsum(lens[:-1], out=vstart[1:])
+    first_part = np.cumsum(n_sig_parts) - n_sig_parts  # of each signature
+    part_sig = np.repeat(np.arange(len(sigs), dtype=np.int32), n_sig_parts)
+    part_index = (np.arange(len(parts)) - first_part[part_sig]).astype(np.int32)
+    # Only the earliest hit matters for a first part that may start anywhere (all_hits: count
+    # every hit) and is followed by nothing or by an unbounded gap (later hits are dominated).
+    once = np.zeros(len(parts), dtype=np.uint8)
+    once_sig = np.array(
+        [
+            sig.offset.kind == "any"
+            and not sig.all_hits
+            and (len(sig.parts) == 1 or sig.gaps[0].max is None)
+            for sig in sigs
+        ],
+        dtype=bool,
+    )
+    once[first_part[once_sig & (n_sig_parts > 0)]] = 1
+    n_alts = np.zeros(len(parts), dtype=np.int64)
+    alt_off, alt_len, alt_neg, alt_nopt, alt_pool_start = [], [], [], [], []
+    alt_pool = bytearray()
+    alt_sets: dict[int, set[int]] = {}  # part-relative byte -> values, keyed by global position
+    for i in [i for i, part in enumerate(parts) if part.alts]:
+        pos = int(vstart[i])
+        n_alts[i] = len(parts[i].alts)
+        for a in parts[i].alts:
+            alt_off.append(a.offset)
+            alt_len.append(a.length)
+            alt_neg.append(1 if a.negated else 0)
+            alt_nopt.append(len(a.options))
+            alt_pool_start.append(len(alt_pool))
+            for o in a.options:
+                alt_pool += o
+            for j in range(a.length):
+                vals = alt_sets.setdefault(pos + a.offset + j, set())
+                if a.negated:
+                    vals.update(range(256))
+                else:
+                    vals.update(o[j] for o in a.options)
+    alt_start = np.zeros(len(parts) + 1, dtype=np.int32)
+    np.cumsum(n_alts, out=alt_start[1:])
+    not_static = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(masks != 0xFF, out=not_static[1:])
+    plain = ((not_static[vstart + lens] == not_static[vstart]) & (n_alts == 0)).astype(np.uint8)
+    del not_static
     index = _Index(values, masks, vstart, lens, alt_sets)
     atom_off, atom_len = index.twin_atoms()
     atoms = [
@@ -174,15 +205,15 @@ def build_tables(db: PatternDB) -> Tables:
     ]
 
     return Tables(
-        part_sig=np.array(part_sig, dtype=np.int32),
-        part_index=np.array(part_index, dtype=np.int32),
+        part_sig=part_sig,
+        part_index=part_index,
         part_len=np.array(part_len, dtype=np.int32),
         part_vstart=vstart,
         values=values.copy() if len(values) else np.zeros(1, dtype=np.uint8),
         masks=masks.copy() if len(masks) else np.zeros(1, dtype=np.uint8),
-        part_plain=np.array(plain, dtype=np.uint8),
-        part_once=np.array(once, dtype=np.uint8),
-        part_alt_start=np.array(alt_start, dtype=np.int32),
+        part_plain=plain,
+        part_once=once,
+        part_alt_start=alt_start,
         alt_off=np.array(alt_off, dtype=np.int32),
         alt_len=np.array(alt_len, dtype=np.int32),
         alt_neg=np.array(alt_neg, dtype=np.uint8),
