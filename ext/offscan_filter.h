@@ -155,6 +155,9 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) static int64_t offscan_fi
 /* 8 samples per step. How the 8 grams get into the 8 lanes depends on the stride:
    S = 8: 64 contiguous bytes, deinterleaved into low and high dwords;
    S = 4 with grams of 4 bytes or fewer: 32 contiguous bytes are the 8 grams;
+   S <= 3 with grams of 4 bytes or fewer, S <= 2 with longer ones: four grams fit in 16 bytes,
+   so X holds the 16 bytes at i (low half) and i + 4S (high half) and one byte shuffle per
+   dword half cuts all 8 out of it;
    any other S <= 8: byte shuffles (pshufb works inside 128-bit halves): X holds the 16 bytes
    at i (low half) and i + 4S (high half), Y those at i + 2S and i + 6S; lanes 0, 1 (4, 5) are
    cut out of X and lanes 2, 3 (6, 7) out of Y, then blended, since two grams S apart fit in
@@ -172,23 +175,30 @@ __attribute__((target("avx2"))) static int64_t offscan_filter_avx2(
     const __m256i v31 = _mm256_set1_epi32(31), one = _mm256_set1_epi32(1);
     const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     const __m128i shift = _mm_cvtsi32_si128(word_shift);
-    const int mode = S == 8 ? 0 : (S == 4 && !long_grams) ? 1 : 2;
+    const int fits16 = long_grams ? S <= 2 : S <= 3; /* four grams in 16 bytes */
+    const int mode = S == 8 ? 0 : (S == 4 && !long_grams) ? 1 : fits16 ? 3 : 2;
     /* pshufb controls: dword 0 <- bytes 0..3, dword 1 <- bytes S..S+3 (for X; dwords 2, 3 for
        Y), and the same 4 bytes further on for the high halves of long grams */
-    uint8_t cx[16], cy[16], cxh[16], cyh[16];
+    uint8_t cx[16], cy[16], cxh[16], cyh[16], cz[16], czh[16];
     for (int j = 0; j < 16; j++) {
         int dw = j / 4, b = j % 4, src = (dw & 1) * (int)S + b;
         cx[j] = dw < 2 ? (uint8_t)src : 0x80;
         cy[j] = dw >= 2 ? (uint8_t)src : 0x80;
         cxh[j] = dw < 2 ? (uint8_t)(src + 4) : 0x80;
         cyh[j] = dw >= 2 ? (uint8_t)(src + 4) : 0x80;
+        /* mode 3: dword dw <- bytes dw * S .. dw * S + 3 (+ 4 for the high halves) */
+        cz[j] = (uint8_t)(dw * (int)S + b);
+        czh[j] = (uint8_t)(dw * (int)S + b + 4);
     }
     const __m256i sx = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)cx));
     const __m256i sy = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)cy));
     const __m256i sxh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)cxh));
     const __m256i syh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)cyh));
-    /* bytes a step may read past i: 64 (mode 0), 32 (mode 1), 6S + 16 (mode 2) */
-    const int64_t reach = mode == 0 ? 64 : mode == 1 ? 32 : 6 * S + 16;
+    const __m256i sz = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)cz));
+    const __m256i szh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)czh));
+    /* bytes a step may read past i: 64 (mode 0), 32 (mode 1), 6S + 16 (mode 2), 4S + 16
+       (mode 3) */
+    const int64_t reach = mode == 0 ? 64 : mode == 1 ? 32 : mode == 3 ? 4 * S + 16 : 6 * S + 16;
     int64_t c = *nc;
     for (; i + 7 * S < stop && i + reach <= n; i += 8 * S) {
         __m256i x, hi;
@@ -202,6 +212,11 @@ __attribute__((target("avx2"))) static int64_t offscan_filter_avx2(
         } else if (mode == 1) {
             x = _mm256_loadu_si256((const __m256i*)(buf + i));
             hi = _mm256_setzero_si256();
+        } else if (mode == 3) {
+            __m256i X = _mm256_loadu2_m128i((const __m128i*)(buf + i + 4 * S),
+                                            (const __m128i*)(buf + i));
+            x = _mm256_shuffle_epi8(X, sz);
+            hi = long_grams ? _mm256_shuffle_epi8(X, szh) : _mm256_setzero_si256();
         } else {
             __m256i X = _mm256_loadu2_m128i((const __m128i*)(buf + i + 4 * S),
                                             (const __m128i*)(buf + i));

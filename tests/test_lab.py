@@ -133,6 +133,52 @@ def test_verdict_tracker_first_and_complete():
     assert not tr.complete and tr.total == 4
 
 
+def test_verdict_tracker_counts_verdicts_logged_before_the_vm_was_expected():
+    """A clone's inherited verdicts are logged while the appliance registers it: the lab can
+    read them before the vm-clone reply tells it to expect that clone."""
+    tr = VerdictTracker({})
+    ev = [
+        {"event": "verdict", "vm": "c1", "path": p, "time": t, "status": "clean", "source": "clone"}
+        for p, t in (("a", 5.0), ("b", 6.0), ("a", 7.0))
+    ]
+    tr.feed(ev)
+    assert tr.complete and tr.verdicts == 3 and tr.first == {}
+    tr.expect("c1", ["a", "b", "c"])
+    assert not tr.complete and tr.missing == 1 and tr.total == 3
+    assert tr.first == {"c1": 5.0} and "c1" not in tr.done
+    tr.feed(
+        [
+            {
+                "event": "verdict",
+                "vm": "c1",
+                "path": "c",
+                "time": 9.0,
+                "status": "clean",
+                "source": "scan",
+            }
+        ]
+    )
+    assert tr.complete and tr.done == {"c1": 9.0} and tr.seen[("c1", "a")] == 5.0
+    tr.feed(ev[:1])
+    tr.expect("c2", ["a"])  # nothing logged for c2 yet
+    assert not tr.complete
+    tr.expect("c3", [])
+    tr.feed(
+        [
+            {
+                "event": "verdict",
+                "vm": "c4",
+                "path": "z",
+                "time": 3.0,
+                "status": "clean",
+                "source": "clone",
+            }
+        ]
+    )
+    tr.expect("c4", ["z"])
+    assert tr.done["c4"] == 3.0 and tr.missing == 1
+
+
 def test_fit_and_consolidation_arithmetic():
     fit = fit_line([1, 10, 100], [5.0, 14.0, 104.0])
     assert fit["a"] == pytest.approx(4.0) and fit["b"] == pytest.approx(1.0)

@@ -19,7 +19,7 @@ import pytest
 import sigsgen
 from conftest import make_db
 
-from offscan import _tables
+from offscan import _index
 from offscan._gramfreq import conditional_bits, pair_bits
 from offscan._tables import (
     ATOM_MAX,
@@ -254,7 +254,7 @@ def _byte_kind(part: Part, j: int) -> str:
         for a in part.alts:
             if a.offset <= j < a.offset + a.length:
                 values = set(range(256)) if a.negated else {o[j - a.offset] for o in a.options}
-        return "small" if len(values) <= _tables.SMALL_SET else "big"
+        return "small" if len(values) <= _index.SMALL_SET else "big"
     m = part.masks[j]
     return "static" if m == 0xFF else "big" if m == 0 else "small"
 
@@ -460,11 +460,11 @@ def test_hash_constants_equal_the_native_core() -> None:
 
 
 def test_bloom_size_grows_with_entries_within_bounds() -> None:
-    sizes = [_tables._bloom_words(n) for n in (0, 1, 10, 100, 1_000, 10_000, 100_000, 10**6, 10**8)]
+    sizes = [_index._bloom_words(n) for n in (0, 1, 10, 100, 1_000, 10_000, 100_000, 10**6, 10**8)]
     assert sizes == sorted(sizes)
     assert sizes[0] == BLOOM_MIN_BITS - 5 and sizes[-1] == BLOOM_MAX_BITS - 5
     for n in (300, 5_000, 20_000):  # between the bounds: at least 32 bits per entry
-        assert (1 << (_tables._bloom_words(n) + 5)) >= n * _tables.BLOOM_BITS_PER_ENTRY
+        assert (1 << (_index._bloom_words(n) + 5)) >= n * _index.BLOOM_BITS_PER_ENTRY
 
 
 def test_a_database_without_body_signatures_has_no_index() -> None:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from offscan import Matcher, PatternDB, ScanResult, _match
+from offscan import Matcher, PatternDB, ScanResult, _index, _match
 
 # Without the native core (a build that fell back) these fail, as test_c_extension_loaded does,
 # unless OFFSCAN_NO_EXTENSIONS asked for pure Python.
@@ -551,6 +551,36 @@ def test_every_simd_path_on_a_large_buffer(count: int) -> None:
     for path in _simd_paths():
         core = _match.NativeCore(py.tables, simd=path)  # type: ignore[call-arg]
         assert _hits(core, bytes(buf), 0, np.zeros(n, dtype=np.uint8)) == want, path
+
+
+@needs_native
+@pytest.mark.parametrize("q", [2, 3, 4, 6, 8])
+def test_every_simd_path_at_every_stride_of_a_forced_plan(
+    q: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each filter loop has its own way of cutting the grams out of the buffer per stride and
+    gram length (AVX2: four of them); the planner picks only some (q, S) for a given set, so
+    here the plan is forced to one pass of every (q, S), S = 1..8, over plain parts of 20-40
+    bytes planted at every alignment, and every path must find the twin's hits."""
+    rng = np.random.default_rng(q)
+    bodies = [rng.bytes(int(rng.integers(20, 41))) for _ in range(120)]
+    text = "\n".join(f"F{i}:0:*:{b.hex()}" for i, b in enumerate(bodies))
+    db = PatternDB.from_text([("forced.ndb", text)])
+    buf = bytearray(rng.bytes(1 << 16))
+    for k, body in enumerate(bodies[::2]):
+        at = k * 521 + k % 16
+        buf[at : at + len(body)] = body
+    for stride in range(1, 9):
+        monkeypatch.setattr(_index._Index, "_plan", lambda self, strides, s=stride: [(q, s)])
+        py = Matcher(db, impl="py")
+        assert [(ps.q, ps.stride) for ps in py.tables.passes] == [(q, stride)]
+        n = py.tables.n_parts
+        want = _hits(py.core, bytes(buf), 0, np.zeros(n, dtype=np.uint8))
+        assert len(want) >= len(bodies[::2])
+        for path in _simd_paths():
+            core = _match.NativeCore(py.tables, simd=path)  # type: ignore[call-arg]
+            got = _hits(core, bytes(buf), 0, np.zeros(n, dtype=np.uint8))
+            assert got == want, (path, q, stride)
 
 
 @needs_native

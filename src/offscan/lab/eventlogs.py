@@ -60,6 +60,9 @@ class VerdictTracker:
         self.first: dict[str, float] = {}
         self.done: dict[str, float] = {}
         self.seen: dict[tuple[str, str], float] = {}
+        # verdicts of paths not (yet) expected: a clone's inherited verdicts are logged while
+        # the appliance registers it, so the log can show them before expect() is called
+        self.early: dict[tuple[str, str], float] = {}
         self.statuses: dict[str, int] = {}
         self.sources: dict[str, int] = {}
         self.verdicts = 0
@@ -72,8 +75,15 @@ class VerdictTracker:
         for p in paths:
             if p not in want and (vm, p) not in self.seen:
                 want.add(p)
-                self.missing += 1
                 self.total += 1
+                t = self.early.pop((vm, p), None)
+                if t is None:
+                    self.missing += 1
+                else:  # already verdicted: counted as seen at its own time
+                    self.seen[(vm, p)] = t
+                    self.first[vm] = min(self.first.get(vm, t), t)
+        if want and vm not in self.done and all((vm, p) in self.seen for p in want):
+            self.done[vm] = max(self.seen[(vm, p)] for p in want)
 
     def feed(self, events: Iterable[dict[str, Any]]) -> None:
         for e in events:
@@ -91,7 +101,9 @@ class VerdictTracker:
             if vm in self.expected:
                 self.first[vm] = min(self.first.get(vm, t), t)
             want = self.expected.get(vm)
-            if want is not None and path in want and (vm, path) not in self.seen:
+            if want is None or path not in want:
+                self.early.setdefault((vm, path), t)
+            elif (vm, path) not in self.seen:
                 self.seen[(vm, path)] = t
                 self.missing -= 1
                 if all((vm, p) in self.seen for p in want):
