@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 BATCH_LIMIT = protocol.MAX_BATCH  # what the welcome offers (credits bound it further)
 SINGLES = 64  # buffered single scan frames served together
+COALESCE = 256  # scans of buffered scan-batch frames served together (one walk, one send)
 _R = TypeVar("_R")
 
 
@@ -87,21 +88,44 @@ class BatchScans:
         self.fast = 0  # scans answered on the fast path
         self.slow = 0  # scans that took the pipeline
 
-    async def serve(self, shim: str, msg: dict[str, Any], fds: list[int]) -> None:
-        """Answer one ``scan-batch`` frame (validated: ids, modes and descriptor count).
+    async def serve(self, shim: str, frames: list[tuple[dict[str, Any], list[int]]]) -> None:
+        """Answer ``scan-batch`` frames (validated: ids, modes and descriptor count) that
+        arrived together, in one pass: their ids and credits checked frame by frame, in
+        order, each frame counting the scans of those before it (a broken rule is fatal,
+        raised once the frames before it were served: their hits answered).
 
         Path-mode scans are looked up by a confined stat on the event loop; the hits are
         answered at once (their event-log lines written in one ``write(2)``, then their
-        ``verdict-batch`` frame sent); only the misses are opened, in one pool job."""
-        scans: list[dict[str, Any]] = msg["scans"]
-        self._check_credits(scans, fds)
-        t0 = self.app.clock.monotonic()
+        ``verdict-batch`` frames sent together); only the misses are opened, in one pool
+        job."""
+        scans: list[dict[str, Any]] = []
         fd_of: dict[int, int] = {}
-        it = iter(list(fds))
-        fds.clear()  # ours now: each is closed by whoever takes its scan
-        for scan in scans:
-            if scan["mode"] == "fd":
-                fd_of[scan["id"]] = next(it)
+        ahead: set[int] = set()  # ids of the frames before: not yet in flight
+        failure: protocol.ProtocolError | None = None
+        for k, (msg, fds) in enumerate(frames):
+            try:
+                self._check_credits(msg["scans"], fds, ahead)
+            except protocol.ProtocolError as exc:
+                for _msg, rest in frames[k + 1 :]:
+                    close_fds(rest)
+                failure = exc
+                break
+            it = iter(list(fds))
+            fds.clear()  # ours now: each is closed by whoever takes its scan
+            for scan in msg["scans"]:
+                ahead.add(scan["id"])
+                if scan["mode"] == "fd":
+                    fd_of[scan["id"]] = next(it)
+            scans.extend(msg["scans"])
+        if scans:
+            await self._serve_scans(shim, scans, fd_of)
+        if failure is not None:
+            raise failure
+
+    async def _serve_scans(
+        self, shim: str, scans: list[dict[str, Any]], fd_of: dict[int, int]
+    ) -> None:
+        t0 = self.app.clock.monotonic()
         entries, to_stat = self._admit(shim, scans, fd_of, t0)
         if to_stat:
             stats = _stat_all([(vm.root, scan["path"]) for scan, vm in to_stat])
@@ -126,14 +150,16 @@ class BatchScans:
                 raise AssertionError("an opened file was sent to be opened")  # pragma: no cover
             await self.drain()
 
-    def _check_credits(self, scans: list[dict[str, Any]], fds: list[int]) -> None:
+    def _check_credits(self, scans: list[dict[str, Any]], fds: list[int], ahead: set[int]) -> None:
+        """One frame's ids (unique, none in flight or in a frame before it: ``ahead``) and
+        credits (those in flight, ahead and its own); closes its descriptors if it fails."""
         inflight = self.session.inflight
         credits = self.app.config.credits
         ids = {scan["id"] for scan in scans}
-        if len(ids) != len(scans) or not ids.isdisjoint(inflight):
+        if len(ids) != len(scans) or not ids.isdisjoint(inflight) or not ids.isdisjoint(ahead):
             close_fds(fds)
             raise protocol.ProtocolError("sequence", "duplicate request id in scan-batch")
-        if self.session.outstanding() + len(scans) > credits:
+        if self.session.over_credits(len(ahead) + len(scans)):
             close_fds(fds)
             raise protocol.ProtocolError("backpressure", f"more than {credits} outstanding scans")
 
@@ -413,8 +439,12 @@ class BatchScans:
     async def drain(self) -> None:
         """Send every queued verdict, in frames of at most :data:`BATCH_LIMIT`, after
         their event-log lines were written."""
-        self.app.events.flush()
         with contextlib.suppress(ConnectionError, OSError):
             while self._outbox:
-                items, self._outbox = self._outbox[:BATCH_LIMIT], self._outbox[BATCH_LIMIT:]
-                await self.session.conn.send_encoded(batch_frame(items))
+                self.app.events.flush()
+                items, self._outbox = self._outbox, []
+                frames = [
+                    batch_frame(items[i : i + BATCH_LIMIT])
+                    for i in range(0, len(items), BATCH_LIMIT)
+                ]
+                await self.session.conn.send_encoded_many(frames)
