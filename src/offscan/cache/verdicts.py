@@ -103,17 +103,27 @@ class VerdictCache(VerdictLog):
     # -- lookups -------------------------------------------------------------------------------
 
     def get(self, digest: bytes, size: int, pattern_version: str) -> CachedVerdict | None:
-        key = (digest, size, pattern_version)
-        shard = self._shards[digest[0] % self._nshards]
-        with shard.lock:
-            entry = shard.map.get(key)
-            if entry is None:
-                shard.misses += 1
-                return None
-            shard.map.move_to_end(key)
-            entry.tick = next(self._ticks)
-            shard.hits += 1
-            return entry.verdict
+        return self.get_many([(digest, size, pattern_version)])[0]
+
+    def get_many(self, keys: list[_Key]) -> list[CachedVerdict | None]:
+        """:meth:`get` for each ``(digest, size, pattern_version)``, in order: the same
+        recency and counters, one call for a batch of lookups (the cache-hit path's)."""
+        shards, nshards, ticks = self._shards, self._nshards, self._ticks
+        out: list[CachedVerdict | None] = []
+        append = out.append
+        for key in keys:
+            shard = shards[key[0][0] % nshards]
+            with shard.lock:
+                entry = shard.map.get(key)
+                if entry is None:
+                    shard.misses += 1
+                    append(None)
+                    continue
+                shard.map.move_to_end(key)
+                entry.tick = next(ticks)
+                shard.hits += 1
+            append(entry.verdict)
+        return out
 
     def put(self, verdict: CachedVerdict) -> None:
         """Cache a verdict (replacing any for the same key) and append it to the log."""
