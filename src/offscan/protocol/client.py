@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .connection import Connection, _close_fds, connect
 from .errors import ConnectionClosed, ProtocolError, RequestError
+from .framing import encode
 from .messages import (
     DEAD_AFTER_HEARTBEATS,
     DEFAULT_HEARTBEAT,
@@ -29,6 +30,7 @@ from .messages import (
     MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
 )
+from .validation import check_scan_items
 
 if TYPE_CHECKING:
     from typing import Self
@@ -268,9 +270,15 @@ class ApplianceClient:
             raise ConnectionClosed(str(self.lost), code=self.lost.code)
         return self._conn
 
-    async def _send(self, conn: Connection, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    async def _send(
+        self, conn: Connection, msg: dict[str, Any] | bytes, fds: Sequence[int] = ()
+    ) -> None:
+        """Send a message (bytes: a payload already encoded, see ``Connection.send_encoded``)."""
         try:
-            await conn.send(msg, fds)
+            if isinstance(msg, bytes):
+                await conn.send_encoded(msg, fds)
+            else:
+                await conn.send(msg, fds)
         except ConnectionError as exc:
             lost = ConnectionClosed(f"connection to appliance {conn.peer} lost: {exc}")
             self._lose(conn, lost)
@@ -511,7 +519,9 @@ class ApplianceClient:
         limit = self.batch_limit
         if limit <= 0:
             return list(await asyncio.gather(*(self._one(item, timeout) for item in items)))
+        check_scan_items(items)  # each frame is then packed as built, in one call
         futs: list[asyncio.Future[dict[str, Any]]] = []
+        create_future = asyncio.get_running_loop().create_future
         i = 0
         while i < len(items):
             await self._take_credit()
@@ -527,18 +537,20 @@ class ApplianceClient:
                         break
                     self.credits -= 1
                 rid = next(self._ids)
-                scan: dict[str, Any] = {"id": rid, "vm": vm, "path": path, "mode": "path"}
-                scan["prio"] = prio
-                if fd is not None:
-                    scan["mode"] = "fd"
+                if fd is None:
+                    scans.append({"id": rid, "vm": vm, "path": path, "mode": "path", "prio": prio})
+                else:
+                    scans.append({"id": rid, "vm": vm, "path": path, "mode": "fd", "prio": prio})
                     fds.append(fd)
-                fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+                fut: asyncio.Future[dict[str, Any]] = create_future()
                 self._pending[rid] = _Pending(fut, True)
-                scans.append(scan)
                 futs.append(fut)
                 i += 1
+            frame: dict[str, Any] = {"t": "scan-batch", "scans": scans}
+            if fds:
+                frame["fds"] = len(fds)
             try:
-                await self._send(conn, {"t": "scan-batch", "scans": scans}, fds)
+                await self._send(conn, encode(frame), fds)
             except BaseException:
                 for scan in scans:
                     if self._pending.pop(scan["id"], None) is not None:
