@@ -307,9 +307,13 @@ class Session:
 
     async def _send(self, frame: dict[str, Any]) -> None:
         """Send one frame; a client that does not take it within three heartbeats stopped
-        reading: its connection is closed, so unread replies cannot pile up here."""
+        reading: its connection is closed, so unread replies cannot pile up here. In this
+        task, not one of its own (as ``wait_for`` would make): a scan task that sent its
+        reply is done at once, so it no longer holds a credit when the client, having read
+        the reply, sends its next scan (see :meth:`over_credits`)."""
         try:
-            await asyncio.wait_for(self.conn.send(frame), 3 * self.app.config.heartbeat)
+            async with asyncio.timeout(3 * self.app.config.heartbeat):
+                await self.conn.send(frame)
         except TimeoutError:
             log.warning("%s: not reading its replies; closing", self.conn.peer)
             self.conn.close()
