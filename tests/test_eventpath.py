@@ -57,10 +57,7 @@ def test_fast_path_encodings_equal_the_slow_ones() -> None:
     assert unpack(batch_frame([encode_item({"id": 1, **record})]))["t"] == "verdict-batch"  # type: ignore[typeddict-item]
 
 
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_appliance_serves_under_each_event_loop(tmp_path: Path, loop: str) -> None:
-    if loop == "uvloop":
-        pytest.importorskip("uvloop", reason="uvloop not installed")
     root = tmp_path / "vm"
     root.mkdir()
     for i in range(30):

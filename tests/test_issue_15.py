@@ -9,16 +9,12 @@ import asyncio
 import os
 from pathlib import Path
 
-import pytest
 from helpers import ApplianceProc, run_async
 
 from offscan.protocol import ApplianceClient
 
 
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_single_scans_at_full_credit_are_never_refused(tmp_path: Path, loop: str) -> None:
-    if loop == "uvloop":
-        pytest.importorskip("uvloop", reason="uvloop not installed")
     root = tmp_path / "vm"
     root.mkdir()
     body = os.urandom(4088)
