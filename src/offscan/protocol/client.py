@@ -14,19 +14,18 @@ import contextlib
 import io
 import itertools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from .chunks import chunk_reader
 from .connection import Connection, _close_fds, connect
 from .errors import ConnectionClosed, ProtocolError, RequestError
 from .framing import encode
 from .messages import (
     DEAD_AFTER_HEARTBEATS,
     DEFAULT_HEARTBEAT,
-    MAX_CHUNK,
     MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
 )
@@ -37,69 +36,12 @@ if TYPE_CHECKING:
 
     from .messages import ApplianceStatus, Priority, Verdict, Welcome
 
-__all__ = ["STREAM_PREFETCH", "ApplianceClient", "BatchItem"]
+__all__ = ["ApplianceClient", "BatchItem"]
 
 # One scan of ApplianceClient.scan_batch: (vm, path, prio, fd): fd None is path mode.
 BatchItem = tuple[str, str, "Priority", int | None]
 
 log = logging.getLogger("offscan.protocol")
-
-STREAM_PREFETCH = MAX_CHUNK  # bytes read ahead from a file object when streaming
-
-
-def _remaining(fileobj: Any) -> int:
-    """Bytes left to read in a seekable binary file object."""
-    if isinstance(fileobj, io.BytesIO):
-        return fileobj.getbuffer().nbytes - fileobj.tell()
-    try:
-        return os.fstat(fileobj.fileno()).st_size - fileobj.tell()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        pass
-    try:
-        here = fileobj.tell()
-        end = fileobj.seek(0, io.SEEK_END)
-        fileobj.seek(here)
-        return int(end - here)
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        raise ValueError("cannot tell the size of this stream; pass size=") from None
-
-
-def _chunk_reader(
-    content: bytes | bytearray | memoryview | io.IOBase | Any, size: int | None
-) -> tuple[int, Callable[[], Awaitable[bytes]]]:
-    """The content's size (at most ``size``) and a function that reads its next chunk, at
-    most :data:`MAX_CHUNK` bytes, ``b""`` at the end. A file object is read from its current
-    position, in a worker thread unless it is in memory."""
-    if isinstance(content, (bytes, bytearray, memoryview)):
-        data = memoryview(content).cast("B")
-        if size is not None:
-            data = data[:size]
-        pieces = (bytes(data[i : i + MAX_CHUNK]) for i in range(0, len(data), MAX_CHUNK))
-
-        async def read_memory() -> bytes:
-            return next(pieces, b"")
-
-        return len(data), read_memory
-
-    fileobj = content
-    if size is None:
-        size = _remaining(fileobj)
-    left = size
-    in_memory = isinstance(fileobj, io.BytesIO)
-
-    async def read_file() -> bytes:
-        nonlocal left
-        want = min(MAX_CHUNK, left)
-        if want <= 0:
-            return b""
-        if in_memory:
-            piece = bytes(fileobj.read(want))
-        else:
-            piece = bytes(await asyncio.to_thread(fileobj.read, want))
-        left -= len(piece)
-        return piece
-
-    return size, read_file
 
 
 def _verdict(reply: dict[str, Any]) -> Verdict:
@@ -602,7 +544,7 @@ class ApplianceClient:
         appliance fails the scan early, the stream is cut short with an empty ``end`` chunk
         and the error is raised. Returns the ``verdict`` reply.
         """
-        size, read = _chunk_reader(content, size)
+        size, read = chunk_reader(content, size)
         msg = {"t": "scan", "vm": vm, "path": path, "mode": "stream", "prio": prio, "size": size}
 
         rid, fut = await self._begin(msg)
