@@ -106,18 +106,18 @@ class BatchScans:
         failure: protocol.ProtocolError | None = None
         for k, (msg, fds) in enumerate(frames):
             try:
-                self._check_credits(msg["scans"], fds, ahead)
+                ahead |= self._check_credits(msg["scans"], fds, ahead)
             except protocol.ProtocolError as exc:
                 for _msg, rest in frames[k + 1 :]:
                     close_fds(rest)
                 failure = exc
                 break
-            it = iter(list(fds))
-            fds.clear()  # ours now: each is closed by whoever takes its scan
-            for scan in msg["scans"]:
-                ahead.add(scan["id"])
-                if scan["mode"] == "fd":
-                    fd_of[scan["id"]] = next(it)
+            if fds:  # validated: one per fd-mode scan, in order
+                it = iter(list(fds))
+                fds.clear()  # ours now: each is closed by whoever takes its scan
+                for scan in msg["scans"]:
+                    if scan["mode"] == "fd":
+                        fd_of[scan["id"]] = next(it)
             scans.extend(msg["scans"])
         if scans:
             await self._serve_scans(shim, scans, fd_of)
@@ -152,9 +152,12 @@ class BatchScans:
                 raise AssertionError("an opened file was sent to be opened")  # pragma: no cover
             await self.drain()
 
-    def _check_credits(self, scans: list[dict[str, Any]], fds: list[int], ahead: set[int]) -> None:
+    def _check_credits(
+        self, scans: list[dict[str, Any]], fds: list[int], ahead: set[int]
+    ) -> set[int]:
         """One frame's ids (unique, none in flight or in a frame before it: ``ahead``) and
-        credits (those in flight, ahead and its own); closes its descriptors if it fails."""
+        credits (those in flight, ahead and its own); closes its descriptors if it fails.
+        Returns its ids."""
         inflight = self.session.inflight
         credits = self.app.config.credits
         ids = {scan["id"] for scan in scans}
@@ -164,6 +167,7 @@ class BatchScans:
         if self.session.over_credits(len(ahead) + len(scans)):
             close_fds(fds)
             raise protocol.ProtocolError("backpressure", f"more than {credits} outstanding scans")
+        return ids
 
     def _admit(
         self, shim: str, scans: list[dict[str, Any]], fd_of: dict[int, int], t0: float
