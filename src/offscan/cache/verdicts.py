@@ -106,23 +106,28 @@ class VerdictCache(VerdictLog):
         return self.get_many([(digest, size, pattern_version)])[0]
 
     def get_many(self, keys: list[_Key]) -> list[CachedVerdict | None]:
-        """:meth:`get` for each ``(digest, size, pattern_version)``, in order: the same
-        recency and counters, one call for a batch of lookups (the cache-hit path's)."""
-        shards, nshards, ticks = self._shards, self._nshards, self._ticks
-        out: list[CachedVerdict | None] = []
-        append = out.append
-        for key in keys:
-            shard = shards[key[0][0] % nshards]
+        """:meth:`get` for each ``(digest, size, pattern_version)``, answers in order: the
+        same counters and recency (the keys of one call touched shard by shard), one call
+        and one lock acquisition per shard for a batch of lookups (the cache-hit path's)."""
+        nshards, ticks = self._nshards, self._ticks
+        by_shard: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_shard.setdefault(key[0][0] % nshards, []).append(i)
+        out: list[CachedVerdict | None] = [None] * len(keys)
+        for s, idx in by_shard.items():
+            shard = self._shards[s]
+            get, move = shard.map.get, shard.map.move_to_end
+            hits = 0
             with shard.lock:
-                entry = shard.map.get(key)
-                if entry is None:
-                    shard.misses += 1
-                    append(None)
-                    continue
-                shard.map.move_to_end(key)
-                entry.tick = next(ticks)
-                shard.hits += 1
-            append(entry.verdict)
+                for i in idx:
+                    entry = get(keys[i])
+                    if entry is not None:
+                        move(keys[i])
+                        entry.tick = next(ticks)
+                        out[i] = entry.verdict
+                        hits += 1
+                shard.hits += hits
+                shard.misses += len(idx) - hits
         return out
 
     def put(self, verdict: CachedVerdict) -> None:
