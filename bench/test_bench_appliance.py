@@ -11,11 +11,14 @@ clamd (Debian's ``clamav-daemon``, started here on a private socket with a priva
 the same EICAR database): ``clamdscan --multiscan --fdpass`` over the same files, and one
 persistent ``IDSESSION`` client pipelining ``zSCAN`` commands 16 and 256 deep.
 
-Every benchmark records events/s (best round), latency p50/p99 and the CPU the server
+Every benchmark records events/s (best round), latency p50/p99, the CPU the server
 process spent per 1,000 verdicts (``/proc``: less sensitive to a loaded machine than wall
-time) in ``extra_info`` and in ``$OFFSCAN_BENCH_APPLIANCE_OUT`` (JSON lines; default
+time) and the CPU this process (the client) spent per 1,000 verdicts (``os.times``) in
+``extra_info`` and in ``$OFFSCAN_BENCH_APPLIANCE_OUT`` (JSON lines; default
 ``/tmp/offscan-bench-appliance.jsonl``), which bench/RESULTS.md is written from.
-``OFFSCAN_BENCH_QUICK=1`` shrinks the rounds.
+``OFFSCAN_BENCH_QUICK=1`` shrinks the rounds. Run it with the benchmarks on (not
+``--benchmark-disable``, which leaves no timings to report):
+``python -m pytest -q bench/test_bench_appliance.py -k cache_hit -p no:cacheprovider``.
 """
 
 from __future__ import annotations
@@ -60,6 +63,12 @@ def _cpu_split(pid: int) -> tuple[float, float]:
     GIL hand-offs between threads show, as futex waits and wake-ups)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def _own_cpu() -> float:
+    """utime + stime of this process (the client side of every offscan benchmark)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _split_info(user: float, system: float, files: int) -> dict[str, float]:
@@ -162,6 +171,7 @@ def _record(
     cpu: float,
     how: str,
     extra: dict[str, Any] | None = None,
+    client_cpu: float | None = None,
 ) -> None:
     lat = sorted(latencies)
     best = benchmark.stats.stats.min if benchmark.stats else float("nan")
@@ -176,6 +186,11 @@ def _record(
         "server_cpu_ms_per_1000": round(cpu * 1e6 / max(1, n * benchmark.stats.stats.rounds), 1)
         if benchmark.stats
         else None,
+        "client_cpu_ms_per_1000": round(
+            client_cpu * 1e6 / max(1, n * benchmark.stats.stats.rounds), 1
+        )
+        if benchmark.stats and client_cpu is not None
+        else None,
         **(extra or {}),
     }
     benchmark.extra_info.update(info)
@@ -187,27 +202,29 @@ def _record(
 def test_event_path_cache_hit(benchmark: Any, appliance: dict[str, Any], in_flight: int) -> None:
     names = appliance["hits"] if in_flight > 1 else appliance["hits"][: FILES // 4]
     latencies: list[float] = []
-    cpu0 = _cpu_seconds(appliance["pid"])
+    cpu0, own0 = _cpu_seconds(appliance["pid"]), _own_cpu()
     benchmark.pedantic(
         lambda: latencies.extend(_drive(appliance, names, in_flight)), rounds=ROUNDS, iterations=1
     )
-    cpu = _cpu_seconds(appliance["pid"]) - cpu0
+    cpu, own = _cpu_seconds(appliance["pid"]) - cpu0, _own_cpu() - own0
     how = "scan" if in_flight == 1 else f"scan-batch x{min(in_flight, BATCH)}"
-    _record(benchmark, appliance["server"], "cache hit", latencies, len(names), cpu, how)
+    server, n = appliance["server"], len(names)
+    _record(benchmark, server, "cache hit", latencies, n, cpu, how, client_cpu=own)
 
 
 def test_event_path_cache_hit_single_frames(benchmark: Any, appliance: dict[str, Any]) -> None:
     """The way before batches: 256 single ``scan`` frames in flight (same run, for the ratio)."""
     names = appliance["hits"]
     latencies: list[float] = []
-    cpu0 = _cpu_seconds(appliance["pid"])
+    cpu0, own0 = _cpu_seconds(appliance["pid"]), _own_cpu()
     benchmark.pedantic(
         lambda: latencies.extend(_drive(appliance, names, 256, single=True)),
         rounds=ROUNDS,
         iterations=1,
     )
-    cpu = _cpu_seconds(appliance["pid"]) - cpu0
-    _record(benchmark, appliance["server"], "cache hit", latencies, len(names), cpu, "scan x256")
+    cpu, own = _cpu_seconds(appliance["pid"]) - cpu0, _own_cpu() - own0
+    server, n = appliance["server"], len(names)
+    _record(benchmark, server, "cache hit", latencies, n, cpu, "scan x256", client_cpu=own)
 
 
 @pytest.mark.parametrize("in_flight", IN_FLIGHT)
@@ -322,7 +339,7 @@ def _clamdscan(env: dict[str, Any], paths: list[str]) -> None:
 def test_clamd_cache_hit(benchmark: Any, clamd: dict[str, Any], how: str) -> None:
     paths = [str(clamd["root"] / n) for n in clamd["hits"]]
     latencies: list[float] = []
-    cpu0 = _cpu_seconds(clamd["pid"])
+    cpu0, own0 = _cpu_seconds(clamd["pid"]), _own_cpu()
     if how.startswith("clamdscan"):
         benchmark.pedantic(_clamdscan, args=(clamd, paths), rounds=ROUNDS, iterations=1)
     else:
@@ -330,8 +347,10 @@ def test_clamd_cache_hit(benchmark: Any, clamd: dict[str, Any], how: str) -> Non
         benchmark.pedantic(
             lambda: latencies.extend(_idsession(clamd, paths, depth)), rounds=ROUNDS, iterations=1
         )
-    cpu = _cpu_seconds(clamd["pid"]) - cpu0
-    _record(benchmark, "clamd", "cache hit", latencies, len(paths), cpu, how)
+    cpu, own = _cpu_seconds(clamd["pid"]) - cpu0, _own_cpu() - own0
+    # own: the IDSESSION client's CPU (clamdscan is a child process: not counted, None)
+    own_cpu = None if how.startswith("clamdscan") else own
+    _record(benchmark, "clamd", "cache hit", latencies, len(paths), cpu, how, client_cpu=own_cpu)
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,14 @@ def impl(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(params=["uvloop", "asyncio"])
+def loop(request: pytest.FixtureRequest) -> str:
+    """An event loop ``offscan serve --loop`` takes (uvloop skipped where it is missing)."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop not installed")
+    return str(request.param)
+
+
 def make_db(*texts: str, name: str = "t.ndb") -> PatternDB:
     """A PatternDB from database text; several texts become several files named like ``name``."""
     stem, suffix = os.path.splitext(name)

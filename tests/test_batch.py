@@ -10,12 +10,14 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers import EICAR, ApplianceProc, run_async
 
 from offscan import protocol as P
+from offscan.appliance.session import Session
 from offscan.protocol import ApplianceClient, RequestError
 from offscan.shim import Shim, VMSpec
 
@@ -197,6 +199,23 @@ def _hello(s: socket.socket, root: Path) -> dict[str, Any]:
     return welcome
 
 
+def _refused_fatally(s: socket.socket, code: str) -> None:
+    """A connection-level error frame with ``code``, then the appliance closes."""
+    reply = _recv(s)
+    assert reply["t"] == "error" and reply["code"] == code and reply.get("id") is None
+    with pytest.raises((EOFError, ConnectionError)):
+        _recv(s)
+
+
+def _frames_at_once(s: socket.socket, batches: list[list[dict[str, Any]]]) -> None:
+    """Several scan-batch frames in one write: the appliance reads them together."""
+    data = b""
+    for scans in batches:
+        payload = P.framing.msgpack.packb({"t": "scan-batch", "scans": scans})
+        data += P.HEADER.pack(len(payload)) + payload
+    s.sendall(data)
+
+
 @pytest.mark.parametrize(
     "what, code",
     [("too many", "backpressure"), ("duplicate", "sequence"), ("stream", "malformed")],
@@ -215,16 +234,108 @@ def test_bad_batches_are_refused(
             scans = [{**scan, "id": 7}, {**scan, "id": 7}]
         else:
             scans = [{**scan, "id": 7, "mode": "stream", "size": 3}]
-        payload = P.framing.msgpack.packb({"t": "scan-batch", "scans": scans})
-        s.sendall(P.HEADER.pack(len(payload)) + payload)
-        reply = _recv(s)
-        assert reply["t"] == "error" and reply["code"] == code and reply.get("id") is None
-        with pytest.raises((EOFError, ConnectionError)):
-            _recv(s)
+        _frames_at_once(s, [scans])
+        _refused_fatally(s, code)
     finally:
         s.close()
     # the appliance keeps serving others
     assert run_async(_one_scan(appliance, root))["status"] == "clean"
+
+
+def _verdicts_until(s: socket.socket, ids: set[int]) -> tuple[dict[int, dict[str, Any]], int]:
+    """The verdicts for ``ids`` (each once) and how many verdict-batch frames held them."""
+    got: dict[int, dict[str, Any]] = {}
+    frames = 0
+    while len(got) < len(ids):
+        reply = _recv(s)
+        assert reply["t"] == "verdict-batch", reply
+        frames += 1
+        for v in reply["verdicts"]:
+            assert v["id"] in ids and v["id"] not in got, v["id"]
+            got[v["id"]] = v
+    return got, frames
+
+
+def test_batches_that_arrive_together_are_answered_together(
+    appliance: ApplianceProc, tmp_path: Path
+) -> None:
+    """Four frames of cache hits read at once are served in one pass: every scan answered
+    once, with the verdict it would get alone, in fewer reply frames than request frames."""
+    root = _vm(tmp_path)
+    names = [f"d/f{i}.txt" for i in range(40)]
+    s = _raw(appliance.sock)
+    try:
+        _hello(s, root)
+        first = [
+            {"id": 100 + i, "vm": "vm", "path": n, "mode": "path"} for i, n in enumerate(names)
+        ]
+        _frames_at_once(s, [first])  # learnt: from now on identity-memo hits
+        primed, _ = _verdicts_until(s, {scan["id"] for scan in first})
+        batches = [
+            [
+                {"id": 1000 * (k + 1) + i, "vm": "vm", "path": names[i % 40], "mode": "path"}
+                for i in range(64)
+            ]
+            for k in range(4)
+        ]
+        _frames_at_once(s, batches)
+        got, frames = _verdicts_until(s, {scan["id"] for b in batches for scan in b})
+    finally:
+        s.close()
+    assert frames < len(batches)
+    by_path = {v["path"]: v for v in primed.values()}
+    for b in batches:
+        for scan in b:
+            v = got[scan["id"]]
+            assert v["source"] == "identity" and v["status"] == "clean"
+            assert (v["path"], v["digest"]) == (scan["path"], by_path[scan["path"]]["digest"])
+
+
+@pytest.mark.parametrize("what, code", [("too many", "backpressure"), ("duplicate", "sequence")])
+def test_credits_hold_across_batches_that_arrive_together(
+    appliance: ApplianceProc, tmp_path: Path, what: str, code: str
+) -> None:
+    """A frame sent while the scans of the frames before it were unanswered counts them:
+    together over the credits (or reusing one of their ids) is refused, fatally, after the
+    cache hits of the frames before it were answered."""
+    root = _vm(tmp_path)
+    s = _raw(appliance.sock)
+    try:
+        credits = _hello(s, root)["credits"]
+        scan = {"vm": "vm", "path": "d/f1.txt", "mode": "path"}
+        _frames_at_once(s, [[{**scan, "id": 1}]])  # learnt: the scans below are hits
+        _verdicts_until(s, {1})
+        fits = [{**scan, "id": 10 + i} for i in range(credits - 4)]
+        if what == "too many":
+            over = [{**scan, "id": 10_000 + i} for i in range(8)]
+        else:
+            over = [{**scan, "id": 10}]
+        _frames_at_once(s, [fits, over])
+        got, _ = _verdicts_until(s, {x["id"] for x in fits})
+        assert {v["status"] for v in got.values()} == {"clean"}
+        _refused_fatally(s, code)
+    finally:
+        s.close()
+
+
+def test_answered_scans_hold_no_credit() -> None:
+    """A scan task that is done holds no credit even before its done callback forgot it
+    (the client may already have used the credit again)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done, running = loop.create_future(), loop.create_future()
+        done.set_result(None)
+        session = Session.__new__(Session)  # only what over_credits reads
+        session.app = SimpleNamespace(config=SimpleNamespace(credits=4))  # type: ignore[assignment]
+        session.inflight = {1: done, 2: done, 3: running}  # type: ignore[dict-item]
+        assert not session.over_credits(3)  # one holds a credit, 3 more: 4
+        assert session.over_credits(4)
+        session.inflight = {1: running}  # type: ignore[dict-item]
+        assert not session.over_credits(3) and session.over_credits(4)
+        running.cancel()
+
+    asyncio.run(main())
 
 
 async def _one_scan(appliance: ApplianceProc, root: Path) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The event path's parts: fast-path encodings equal the slow path's, the appliance under
 uvloop and under the stdlib loop, new content in bulk matched once per content, the
-inventory's change log (and its compaction), and the verdict log's group commit."""
+inventory's change log (and its compaction), the verdict log's group commit, batch lookups
+equal single ones, and the client's check of the scans it packs."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from offscan.appliance import inventory as inv
 from offscan.appliance.fastpath import VerdictCodec, batch_frame, encode_item
 from offscan.appliance.inventory import Inventory
 from offscan.appliance.registry import Registry
-from offscan.cache import CachedVerdict, VerdictCache
-from offscan.protocol import ApplianceClient, admin_socket_for, unpack
+from offscan.cache import CachedVerdict, Identity, IdentityMemo, VerdictCache
+from offscan.protocol import ApplianceClient, ProtocolError, admin_socket_for, unpack, validate
+from offscan.protocol.validation import check_scan_items
 
 DIGEST = bytes(range(32))
 
@@ -55,10 +57,7 @@ def test_fast_path_encodings_equal_the_slow_ones() -> None:
     assert unpack(batch_frame([encode_item({"id": 1, **record})]))["t"] == "verdict-batch"  # type: ignore[typeddict-item]
 
 
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_appliance_serves_under_each_event_loop(tmp_path: Path, loop: str) -> None:
-    if loop == "uvloop":
-        pytest.importorskip("uvloop", reason="uvloop not installed")
     root = tmp_path / "vm"
     root.mkdir()
     for i in range(30):
@@ -275,3 +274,74 @@ def test_clone_activation_is_one_step_per_clone(tmp_path: Path) -> None:
     # changed after the copy may first be logged as inherited; its last verdict is a scan.
     last = [e for e in a.events() if (e.get("vm"), e.get("path")) == ("c-2", "d1/f1.txt")]
     assert last and last[-1]["source"] == "scan"
+
+
+def _ident(i: int) -> Identity:
+    return Identity("local", 1, i, 100, i, i)
+
+
+def test_batch_lookups_equal_one_at_a_time() -> None:
+    """The hit path's batch lookups (identity memo, verdict cache, location index) give
+    what lookups one at a time give: the same answers, counters and recency (an entry a
+    batch touched outlives one it did not)."""
+    memo, twin = IdentityMemo(max_entries=4), IdentityMemo(max_entries=4)
+    for m in (memo, twin):
+        for i in range(4):
+            m.put(_ident(i), bytes([i]) * 32)
+    asked = [_ident(0), _ident(9), _ident(2), _ident(0)]
+    assert memo.get_many(asked) == [twin.get(x) for x in asked]
+    assert memo.stats() == twin.stats()
+    for m in (memo, twin):
+        m.put(_ident(5), b"\5" * 32)  # evicts the least recently used: 1, not 0 or 2
+        assert m.get(_ident(1)) is None and m.get(_ident(0)) is not None
+
+    vs = [CachedVerdict("clean", (), "v1", bytes([i]) * 32, 10 + i, 0.0) for i in range(3)]
+    cache, one = VerdictCache(max_entries=3, shards=1), VerdictCache(max_entries=3, shards=1)
+    for c in (cache, one):
+        for v in vs:
+            c.put(v)
+    keys = [(v.digest, v.size, "v1") for v in vs[:1]] + [(vs[1].digest, 99, "v1")]
+    assert cache.get_many(keys) == [one.get(*k) for k in keys] == [vs[0], None]
+    assert cache.stats() == one.stats()
+    for c in (cache, one):
+        c.put(CachedVerdict("clean", (), "v1", b"\7" * 32, 7, 0.0))  # evicts vs[1], not vs[0]
+        assert c.get(vs[1].digest, vs[1].size, "v1") is None and c.get(*keys[0]) == vs[0]
+    assert list(cache.entries()) == list(one.entries())
+
+    locs, single = inv.LocationIndex(max_entries=3), inv.LocationIndex(max_entries=3)
+    seen = [(b"a", ("vm", "p1"), _ident(1)), (b"b", ("vm", "p2"), _ident(2))]
+    seen += [(b"a", ("vm", "p3"), _ident(3)), (b"a", ("vm", "p1"), _ident(4))]
+    locs.add_many(seen)
+    for digest, (vm, path), ident in seen:
+        single.add(digest, vm, path, ident)
+    assert len(locs) == len(single) == 3
+    for digest in (b"a", b"b"):
+        assert locs.get(digest) == single.get(digest)
+    locs.add_many([(b"c", ("vm", "p4"), _ident(5))])  # over the bound: the oldest digest, b
+    assert locs.get(b"b") == [] and len(locs.get(b"a")) == 2
+
+
+@pytest.mark.parametrize(
+    "item, needle",
+    [
+        (("", "p", "access", None), "vm"),
+        (("vm", "a\0b", "access", None), "NUL"),
+        (("vm", 7, "access", None), "path"),
+        (("vm", "p", "urgent", None), "prio"),
+        ((["vm"], "p", "access", None), "vm"),
+    ],
+)
+def test_scan_items_are_checked_as_the_frame_would_be(
+    item: tuple[Any, Any, Any, Any], needle: str
+) -> None:
+    """The client packs a scan-batch without validating the frame: its items' check
+    refuses what validating the frame refuses, naming the field, even after good items
+    with the same vm and prio; and passes what it passes."""
+    good = ("vm", "dir/f.txt", "access", None)
+    with pytest.raises(ProtocolError, match=needle) as exc:
+        check_scan_items([good, good, item])
+    assert exc.value.code == "malformed" and "scans[2]" in str(exc.value)
+    scans = [{"id": 1, "vm": item[0], "path": item[1], "mode": "path", "prio": item[2]}]
+    with pytest.raises(ProtocolError, match=needle):
+        validate({"t": "scan-batch", "scans": scans})
+    check_scan_items([good, ("vm", "other", "demand", 3), good])

@@ -40,11 +40,13 @@ def check_relpath(relpath: str) -> list[str]:
         raise ConfinementError("path contains a NUL byte")
     if relpath.startswith("/"):
         raise ConfinementError(f"absolute path {relpath!r} (paths are relative to the VM root)")
-    parts = [p for p in relpath.split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts):
-        raise ConfinementError(f"path {relpath!r} contains '..'")
-    if not parts:
-        raise ConfinementError(f"path {relpath!r} names the root itself")
+    parts = relpath.split("/")
+    if "" in parts or "." in parts or ".." in parts:  # else nothing to drop (the common case)
+        parts = [p for p in parts if p not in ("", ".")]
+        if ".." in parts:
+            raise ConfinementError(f"path {relpath!r} contains '..'")
+        if not parts:
+            raise ConfinementError(f"path {relpath!r} names the root itself")
     return parts
 
 
@@ -134,12 +136,12 @@ def _walk_many(
     root: str, relpaths: list[str], last: Callable[[int, str, str], _T], strict_root: bool
 ) -> list[_T | OSError]:
     out: list[_T | OSError] = []
-    dirs: dict[tuple[str, ...], int] = {}
+    dirs: dict[str, int] = {}  # "a/b" (normalised components) -> its descriptor; "" the root
     try:
         if strict_root:
-            dirs[()] = open_root(root)
+            dirs[""] = open_root(root)
         else:
-            dirs[()] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dirs[""] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         for relpath in relpaths:
             if len(dirs) > MAX_DIR_FDS:  # bounded: deep trees must not exhaust descriptors
                 for key in [k for k in dirs if k]:
@@ -155,19 +157,21 @@ def _walk_many(
     return out
 
 
-def _walk(dirs: dict[tuple[str, ...], int], relpath: str) -> tuple[str, int]:
+def _walk(dirs: dict[str, int], relpath: str) -> tuple[str, int]:
     """The last component of ``relpath`` and the descriptor of its directory (opened, and
-    kept in ``dirs``, one component at a time, never through a symlink)."""
+    kept in ``dirs``, one component at a time, never through a symlink). A directory
+    already in ``dirs`` costs one lookup of its normalised name."""
     parts = check_relpath(relpath)
-    key: tuple[str, ...] = ()
-    dirfd = dirs[key]
-    for name in parts[:-1]:
-        key = (*key, name)
-        nxt = dirs.get(key)
-        if nxt is None:
-            nxt = _open_dir(name, dirfd, relpath)
-            dirs[key] = nxt
-        dirfd = nxt
+    dirfd = dirs.get("/".join(parts[:-1]))
+    if dirfd is None:
+        key = ""
+        dirfd = dirs[key]
+        for name in parts[:-1]:
+            key = f"{key}/{name}" if key else name
+            nxt = dirs.get(key)
+            if nxt is None:
+                nxt = dirs[key] = _open_dir(name, dirfd, relpath)
+            dirfd = nxt
     return parts[-1], dirfd
 
 

@@ -29,6 +29,7 @@ from .common import RequestFailed, close_fds, log
 from .fastpath import Tail, VerdictCodec, batch_frame, encode_item
 
 if TYPE_CHECKING:
+    from ..cache import CachedVerdict
     from ..protocol.messages import BatchVerdict, ErrorMessage
     from .inventory import VMRecord
     from .pipeline import DigestSource
@@ -36,10 +37,12 @@ if TYPE_CHECKING:
 
 BATCH_LIMIT = protocol.MAX_BATCH  # what the welcome offers (credits bound it further)
 SINGLES = 64  # buffered single scan frames served together
+COALESCE = 256  # scans of buffered scan-batch frames served together (one walk, one send)
 _R = TypeVar("_R")
 
 
 _Entry = tuple[dict[str, Any], "VMRecord", int | None, os.stat_result]  # fd None: stat only
+_Known = tuple[_Entry, Identity, bytes, "DigestSource"]  # its digest, and what told it
 
 
 def _by_root(
@@ -87,21 +90,44 @@ class BatchScans:
         self.fast = 0  # scans answered on the fast path
         self.slow = 0  # scans that took the pipeline
 
-    async def serve(self, shim: str, msg: dict[str, Any], fds: list[int]) -> None:
-        """Answer one ``scan-batch`` frame (validated: ids, modes and descriptor count).
+    async def serve(self, shim: str, frames: list[tuple[dict[str, Any], list[int]]]) -> None:
+        """Answer ``scan-batch`` frames (validated: ids, modes and descriptor count) that
+        arrived together, in one pass: their ids and credits checked frame by frame, in
+        order, each frame counting the scans of those before it (a broken rule is fatal,
+        raised once the frames before it were served: their hits answered).
 
         Path-mode scans are looked up by a confined stat on the event loop; the hits are
         answered at once (their event-log lines written in one ``write(2)``, then their
-        ``verdict-batch`` frame sent); only the misses are opened, in one pool job."""
-        scans: list[dict[str, Any]] = msg["scans"]
-        self._check_credits(scans, fds)
-        t0 = self.app.clock.monotonic()
+        ``verdict-batch`` frames sent together); only the misses are opened, in one pool
+        job."""
+        scans: list[dict[str, Any]] = []
         fd_of: dict[int, int] = {}
-        it = iter(list(fds))
-        fds.clear()  # ours now: each is closed by whoever takes its scan
-        for scan in scans:
-            if scan["mode"] == "fd":
-                fd_of[scan["id"]] = next(it)
+        ahead: set[int] = set()  # ids of the frames before: not yet in flight
+        failure: protocol.ProtocolError | None = None
+        for k, (msg, fds) in enumerate(frames):
+            try:
+                ahead |= self._check_credits(msg["scans"], fds, ahead)
+            except protocol.ProtocolError as exc:
+                for _msg, rest in frames[k + 1 :]:
+                    close_fds(rest)
+                failure = exc
+                break
+            if fds:  # validated: one per fd-mode scan, in order
+                it = iter(list(fds))
+                fds.clear()  # ours now: each is closed by whoever takes its scan
+                for scan in msg["scans"]:
+                    if scan["mode"] == "fd":
+                        fd_of[scan["id"]] = next(it)
+            scans.extend(msg["scans"])
+        if scans:
+            await self._serve_scans(shim, scans, fd_of)
+        if failure is not None:
+            raise failure
+
+    async def _serve_scans(
+        self, shim: str, scans: list[dict[str, Any]], fd_of: dict[int, int]
+    ) -> None:
+        t0 = self.app.clock.monotonic()
         entries, to_stat = self._admit(shim, scans, fd_of, t0)
         if to_stat:
             stats = _stat_all([(vm.root, scan["path"]) for scan, vm in to_stat])
@@ -126,16 +152,22 @@ class BatchScans:
                 raise AssertionError("an opened file was sent to be opened")  # pragma: no cover
             await self.drain()
 
-    def _check_credits(self, scans: list[dict[str, Any]], fds: list[int]) -> None:
+    def _check_credits(
+        self, scans: list[dict[str, Any]], fds: list[int], ahead: set[int]
+    ) -> set[int]:
+        """One frame's ids (unique, none in flight or in a frame before it: ``ahead``) and
+        credits (those in flight, ahead and its own); closes its descriptors if it fails.
+        Returns its ids."""
         inflight = self.session.inflight
         credits = self.app.config.credits
         ids = {scan["id"] for scan in scans}
-        if len(ids) != len(scans) or not ids.isdisjoint(inflight):
+        if len(ids) != len(scans) or not ids.isdisjoint(inflight) or not ids.isdisjoint(ahead):
             close_fds(fds)
             raise protocol.ProtocolError("sequence", "duplicate request id in scan-batch")
-        if self.session.outstanding() + len(scans) > credits:
+        if self.session.over_credits(len(ahead) + len(scans)):
             close_fds(fds)
             raise protocol.ProtocolError("backpressure", f"more than {credits} outstanding scans")
+        return ids
 
     def _admit(
         self, shim: str, scans: list[dict[str, Any]], fd_of: dict[int, int], t0: float
@@ -236,53 +268,86 @@ class BatchScans:
         appended to ``out`` (``verdict-batch`` items, or whole ``verdict`` frames with
         ``frames``), their event-log lines queued as one write. The other opened ones go to
         the pipeline with their descriptors; the stat-only ones that missed are returned, to
-        be opened. Long-ish: it is the hot loop, kept flat on purpose (locals bound once)."""
-        app = self.app
-        pipeline = app.pipeline
-        memo_get, inherited_get = pipeline.memo.get, pipeline.inherited.get
-        cache_get, add_location = pipeline.cache.get, pipeline.locations.add
+        be opened. In phases, each one call for the whole batch: the size rules, the
+        identity memo, the verdict cache, then the replies."""
+        pipeline = self.app.pipeline
+        to_open: list[tuple[dict[str, Any], VMRecord]] = []
+        entries = self._within_size(entries, to_open, t0)
+        idents = Identity.from_stats("local", [entry[3] for entry in entries])
+        known: list[_Known] = []
+        new: list[tuple[int, NewFile]] = []
+        kinds = pipeline.request_kinds
+        inherited_get = pipeline.inherited.get
+        for entry, ident, digest in zip(
+            entries, idents, pipeline.memo.get_many(idents), strict=True
+        ):
+            if digest is not None:
+                known.append((entry, ident, digest, "identity"))
+                continue
+            digest = inherited_get(ident)
+            if digest is not None:
+                known.append((entry, ident, digest, "clone"))
+                continue
+            scan, vm, fd, st = entry
+            if fd is None:
+                to_open.append((scan, vm))
+                continue
+            prio = 0 if scan.get("prio", "access") == "access" else 1
+            kinds["access" if prio == 0 else "demand"] += 1
+            new.append((scan["id"], NewFile(vm, scan["path"], fd, st, prio)))
         version = pipeline.engine.version
-        policy_of: dict[str, dict[str, Any]] = {}
+        keys = [(digest, entry[3].st_size, version) for entry, _, digest, _ in known]
+        self._reply(known, pipeline.cache.get_many(keys), t0, out, frames, to_open)
+        if new:
+            self._spawn_new(new, t0)
+        return to_open
+
+    def _within_size(
+        self, entries: list[_Entry], to_open: list[tuple[dict[str, Any], VMRecord]], t0: float
+    ) -> list[_Entry]:
+        """The entries no size rule excludes; the excluded ones answered by the pipeline
+        (opened first when they were only looked up, as the slow path does)."""
+        app = self.app
+        size_rules: dict[str, dict[str, Any] | None] = {}  # the VM's policy, if it has one
+        kept: list[_Entry] = []
+        for entry in entries:
+            scan, vm, fd, st = entry
+            if vm.name not in size_rules:
+                policy = app.registry.effective_policy(vm)
+                size_rules[vm.name] = policy if policy.get("max_size") is not None else None
+            rules = size_rules[vm.name]
+            why = policies.excluded(rules, scan["path"], st.st_size) if rules else None
+            if not why:
+                kept.append(entry)
+            elif fd is None:
+                to_open.append((scan, vm))
+            else:
+                os.close(fd)
+                self._spawn(scan["id"], app.pipeline._excluded(vm, scan["path"], why, t0), [])
+        return kept
+
+    def _reply(
+        self,
+        known: list[_Known],
+        cached_all: list[CachedVerdict | None],
+        t0: float,
+        out: list[bytes],
+        frames: bool,
+        to_open: list[tuple[dict[str, Any], VMRecord]],
+    ) -> None:
+        """The replies (and event-log lines, counters, locations) of the clean hits among
+        ``known``; the others to be opened or, opened, to the pipeline."""
+        app = self.app
         codec = self.codec
         item = codec.frame if frames else codec.item
-        counters, kinds = app.counters, pipeline.request_kinds
-        clock = app.clock
-        now, latency = clock.time(), clock.monotonic() - t0
-        log_on = app.events.enabled
-        line_of = codec.lines(now, latency) if log_on else None
+        now, latency = app.clock.time(), app.clock.monotonic() - t0
+        line_of = codec.lines(now, latency) if app.events.enabled else None
         lines: list[str] = []
-        new: list[tuple[int, NewFile]] = []
-        to_open: list[tuple[dict[str, Any], VMRecord]] = []
-        access = demand = identity = clone = 0
+        seen: list[tuple[bytes, tuple[str, str], Identity]] = []
+        access = identity = 0
         before = len(out)
-        for scan, vm, fd, st in entries:
-            path = scan["path"]
-            policy = policy_of.get(vm.name)
-            if policy is None:
-                policy = policy_of[vm.name] = app.registry.effective_policy(vm)
-            size_rules = policy.get("max_size") is not None
-            why = policies.excluded(policy, path, st.st_size) if size_rules else None
-            if why:
-                if fd is None:  # the slow path excludes it, after opening it
-                    to_open.append((scan, vm))
-                    continue
-                os.close(fd)
-                self._spawn(scan["id"], pipeline._excluded(vm, path, why, t0), [])
-                continue
-            ident = Identity.from_stat("local", st)
-            source: DigestSource = "identity"
-            digest = memo_get(ident)
-            if digest is None:
-                digest, source = inherited_get(ident), "clone"
-            if digest is None:
-                if fd is None:
-                    to_open.append((scan, vm))
-                    continue
-                prio = 0 if scan.get("prio", "access") == "access" else 1
-                kinds["access" if prio == 0 else "demand"] += 1
-                new.append((scan["id"], NewFile(vm, path, fd, st, prio)))
-                continue
-            cached = cache_get(digest, st.st_size, version)
+        for (entry, ident, _, source), cached in zip(known, cached_all, strict=True):
+            scan, vm, fd, _st = entry
             if cached is None or cached.status != "clean":
                 if fd is None:
                     to_open.append((scan, vm))
@@ -293,33 +358,30 @@ class BatchScans:
                 os.close(fd)
             if scan.get("prio", "access") == "access":
                 access += 1
-            else:
-                demand += 1
-            add_location(cached.digest, vm.name, path, ident)
             if source == "identity":
                 identity += 1
-            else:
-                clone += 1
+            path = scan["path"]
+            seen.append((cached.digest, (vm.name, path), ident))
             tail = codec.tail(cached, source)
             out.append(item(scan["id"], vm.name, path, tail))
             if line_of is not None:
                 lines.append(line_of(vm.name, path, tail))
         n = len(out) - before
-        if n:
-            kinds["access"] += access
-            kinds["demand"] += demand
-            counters.served_identity += identity
-            counters.served_clone += clone
-            counters.verdicts += n
-            self.fast += n
-            if lines:  # one group-commit line set: written before the replies are sent
-                app.events.write_lines(lines)
-            histogram = app.verdicts.latency
-            if histogram is not None:
-                histogram.observe(latency, times=n)
-        if new:
-            self._spawn_new(new, t0)
-        return to_open
+        if not n:
+            return
+        app.pipeline.locations.add_many(seen)
+        kinds, counters = app.pipeline.request_kinds, app.counters
+        kinds["access"] += access
+        kinds["demand"] += n - access
+        counters.served_identity += identity
+        counters.served_clone += n - identity
+        counters.verdicts += n
+        self.fast += n
+        if lines:  # one group-commit line set: written before the replies are sent
+            app.events.write_lines(lines)
+        histogram = app.verdicts.latency
+        if histogram is not None:
+            histogram.observe(latency, times=n)
 
     # -- the slow path: one task per scan, as for single scans ----------------------------
 
@@ -413,8 +475,12 @@ class BatchScans:
     async def drain(self) -> None:
         """Send every queued verdict, in frames of at most :data:`BATCH_LIMIT`, after
         their event-log lines were written."""
-        self.app.events.flush()
         with contextlib.suppress(ConnectionError, OSError):
             while self._outbox:
-                items, self._outbox = self._outbox[:BATCH_LIMIT], self._outbox[BATCH_LIMIT:]
-                await self.session.conn.send_encoded(batch_frame(items))
+                self.app.events.flush()
+                items, self._outbox = self._outbox, []
+                frames = [
+                    batch_frame(items[i : i + BATCH_LIMIT])
+                    for i in range(0, len(items), BATCH_LIMIT)
+                ]
+                await self.session.conn.send_encoded_many(frames)

@@ -46,16 +46,24 @@ class LocationIndex:
         self._count = 0
 
     def add(self, digest: bytes, vm: str, path: str, ident: Identity) -> None:
-        locs = self._by_digest.get(digest)
-        if locs is None:
-            locs = self._by_digest[digest] = {}
-        else:
-            self._by_digest.move_to_end(digest)
-        if (vm, path) not in locs:
-            self._count += 1
-        locs[(vm, path)] = ident
-        while self._count > self.max_entries and self._by_digest:
-            _, dropped = self._by_digest.popitem(last=False)
+        self.add_many([(digest, (vm, path), ident)])
+
+    def add_many(self, seen: list[tuple[bytes, tuple[str, str], Identity]]) -> None:
+        """:meth:`add` for each ``(digest, (vm, path), identity)``, in order (the cache-hit
+        path's batches): one call, the bound enforced once at the end."""
+        by_digest = self._by_digest
+        move = by_digest.move_to_end
+        for digest, where, ident in seen:
+            locs = by_digest.get(digest)
+            if locs is None:
+                locs = by_digest[digest] = {}
+            else:
+                move(digest)
+            if where not in locs:
+                self._count += 1
+            locs[where] = ident
+        while self._count > self.max_entries and by_digest:
+            _, dropped = by_digest.popitem(last=False)
             self._count -= len(dropped)
 
     def get(self, digest: bytes) -> list[tuple[str, str, Identity]]:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import protocol
 from . import limits
 from .activation import activate_clone
-from .batch import BATCH_LIMIT, SINGLES, BatchScans
+from .batch import BATCH_LIMIT, COALESCE, SINGLES, BatchScans
 from .common import RequestFailed, close_fds, log
 
 if TYPE_CHECKING:
@@ -40,6 +41,21 @@ REFUSAL_TIMEOUT = 1.0  # seconds a connection over its client's limit may take t
 STREAM_QUEUE_CHUNKS = 8  # chunk frames buffered per stream (at most 2 MiB)
 MAX_CONTROLS = 4  # operator commands running at once per connection; the next one waits
 MAX_DRAINING = 1024  # answered streams whose remaining chunks are still being discarded
+
+
+_Frame = tuple[dict[str, Any], list[int]]  # a received message and its descriptors
+
+
+def _path_scan(msg: dict[str, Any], fds: list[int]) -> bool:
+    return msg["t"] == "scan" and msg.get("mode", "path") == "path" and not fds
+
+
+def _batch(msg: dict[str, Any], _fds: list[int]) -> bool:
+    return msg["t"] == "scan-batch"
+
+
+def _batch_size(msg: dict[str, Any]) -> int:
+    return len(msg["scans"])
 
 
 def _frame(msg: Welcome | Pong | Verdict | ApplianceStatus | ErrorMessage) -> dict[str, Any]:
@@ -144,33 +160,56 @@ class Session:
         conn = self.conn
         while True:
             try:
-                msg, fds = await asyncio.wait_for(conn.recv(), timeout=silence)
+                async with asyncio.timeout(silence):  # no task per frame, as wait_for makes
+                    msg, fds = await conn.recv()
             except TimeoutError:
                 log.warning("%s: no frame for %.0f s, closing", conn.peer, silence)
                 return
-            if msg["t"] == "scan" and msg.get("mode", "path") == "path" and not fds:
+            if _path_scan(msg, fds):
                 # Path-mode scans that arrived together take the hit fast path together.
-                scans, other = [msg], None
-                while len(scans) < SINGLES:
-                    got = conn.next_buffered()
-                    if got is None:
-                        break
-                    if got[0]["t"] != "scan" or got[0].get("mode", "path") != "path" or got[1]:
-                        other = got
-                        break
-                    scans.append(got[0])
-                await self.batches.serve_singles(shim, scans)
-                if other is not None and not await self._handle(shim, *other):
-                    return
-                continue
-            if not await self._handle(shim, msg, fds):
+                frames, other = self._buffered((msg, fds), _path_scan, lambda _m: 1, SINGLES)
+                await self.batches.serve_singles(shim, [m for m, _ in frames])
+            elif msg["t"] == "scan-batch":
+                # So do scan-batch frames: one lookup walk, one event-log write, one send.
+                frames, other = self._buffered((msg, fds), _batch, _batch_size, COALESCE)
+                await self.batches.serve(shim, frames)
+            else:
+                other = (msg, fds)
+            if other is not None and not await self._handle(shim, *other):
                 return
+
+    def _buffered(
+        self,
+        first: _Frame,
+        same: Callable[[dict[str, Any], list[int]], bool],
+        size: Callable[[dict[str, Any]], int],
+        limit: int,
+    ) -> tuple[list[_Frame], _Frame | None]:
+        """``first`` and the frames already buffered behind it that are ``same`` kind, up to
+        ``limit`` scans (by ``size``); and the first frame of another kind, if one was taken.
+        Never waits for a frame. If a buffered frame is malformed, the descriptors of those
+        taken are closed before the ProtocolError goes on."""
+        frames, n = [first], size(first[0])
+        try:
+            while n < limit:
+                got = self.conn.next_buffered()
+                if got is None:
+                    break
+                if not same(*got):
+                    return frames, got
+                frames.append(got)
+                n += size(got[0])
+        except protocol.ProtocolError:
+            for _msg, fds in frames:
+                close_fds(fds)
+            raise
+        return frames, None
 
     async def _handle(self, shim: str, msg: dict[str, Any], fds: list[int]) -> bool:
         """One frame; False once the client said ``bye`` (and was answered)."""
         t = msg["t"]
         if t == "scan-batch":  # its fd-mode scans' descriptors (validated count)
-            await self.batches.serve(shim, msg, fds)
+            await self.batches.serve(shim, [(msg, fds)])
             return True
         if t != "scan" or msg.get("mode") != "fd":
             close_fds(fds)  # only an fd-mode scan may pass descriptors
@@ -195,22 +234,24 @@ class Session:
             await self._serve_control(shim, msg)
         return True
 
-    def outstanding(self) -> int:
-        """Scans holding a credit: in flight and not yet answered. A task that sent its
-        reply is done, though its done callback (which forgets it) may not have run yet;
-        the client, which got the reply, may already have used the credit again."""
+    def over_credits(self, more: int) -> bool:
+        """Whether the scans holding a credit (in flight and not yet answered) and ``more``
+        exceed the connection's credits. A task that sent its reply is done, though its
+        done callback (which forgets it) may not have run yet; the client, which got the
+        reply, may already have used the credit again: so a done task holds none."""
         inflight = self.inflight
-        if len(inflight) < self.app.config.credits:
-            return len(inflight)  # the common case: no need to look closer
-        return sum(1 for task in inflight.values() if not task.done())
+        credits = self.app.config.credits
+        if len(inflight) + more <= credits:
+            return False  # the common case: no need to look closer
+        return sum(1 for task in inflight.values() if not task.done()) + more > credits
 
     def check_scan(self, rid: int, ahead: set[int] | frozenset[int] = frozenset()) -> None:
         """A ``scan`` frame's id and credit (``ahead``: scans received before it, not yet in
         flight); ProtocolError (fatal) if the client broke either rule."""
         if rid in self.inflight or rid in ahead:
             raise protocol.ProtocolError("sequence", f"duplicate request id {rid}")
-        credits = self.app.config.credits
-        if self.outstanding() + len(ahead) >= credits:
+        if self.over_credits(len(ahead) + 1):
+            credits = self.app.config.credits
             raise protocol.ProtocolError("backpressure", f"more than {credits} outstanding scans")
 
     def start_scan(self, shim: str, msg: dict[str, Any], fds: list[int]) -> None:
@@ -266,9 +307,13 @@ class Session:
 
     async def _send(self, frame: dict[str, Any]) -> None:
         """Send one frame; a client that does not take it within three heartbeats stopped
-        reading: its connection is closed, so unread replies cannot pile up here."""
+        reading: its connection is closed, so unread replies cannot pile up here. In this
+        task, not one of its own (as ``wait_for`` would make): a scan task that sent its
+        reply is done at once, so it no longer holds a credit when the client, having read
+        the reply, sends its next scan (see :meth:`over_credits`)."""
         try:
-            await asyncio.wait_for(self.conn.send(frame), 3 * self.app.config.heartbeat)
+            async with asyncio.timeout(3 * self.app.config.heartbeat):
+                await self.conn.send(frame)
         except TimeoutError:
             log.warning("%s: not reading its replies; closing", self.conn.peer)
             self.conn.close()

@@ -34,6 +34,14 @@ class Identity(NamedTuple):
         return _new(cls, (source, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
     @classmethod
+    def from_stats(cls, source: str, stats: list[os.stat_result]) -> list[Identity]:
+        """:meth:`from_stat` of each (one call for a batch of lookups)."""
+        return [
+            _new(cls, (source, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            for st in stats
+        ]
+
+    @classmethod
     def from_fd(cls, source: str, fd: int) -> Identity:
         """The identity of an open file; compare before and after reading to detect changes."""
         return cls.from_stat(source, os.fstat(fd))
@@ -60,14 +68,22 @@ class IdentityMemo:
         self.evictions = 0
 
     def get(self, ident: Identity) -> bytes | None:
+        return self.get_many([ident])[0]
+
+    def get_many(self, idents: list[Identity]) -> list[bytes | None]:
+        """:meth:`get` for each identity, in order, under one lock acquisition (the
+        cache-hit path's batches): the same recency and counters."""
         with self._lock:
-            digest = self._map.get(ident)
-            if digest is None:
-                self.misses += 1
-                return None
-            self._map.move_to_end(ident)
-            self.hits += 1
-            return digest
+            got = list(map(self._map.get, idents))
+            move = self._map.move_to_end
+            hits = 0
+            for ident, digest in zip(idents, got, strict=True):
+                if digest is not None:
+                    move(ident)
+                    hits += 1
+            self.hits += hits
+            self.misses += len(idents) - hits
+        return got
 
     def put(self, ident: Identity, digest: bytes) -> None:
         with self._lock:

@@ -103,17 +103,32 @@ class VerdictCache(VerdictLog):
     # -- lookups -------------------------------------------------------------------------------
 
     def get(self, digest: bytes, size: int, pattern_version: str) -> CachedVerdict | None:
-        key = (digest, size, pattern_version)
-        shard = self._shards[digest[0] % self._nshards]
-        with shard.lock:
-            entry = shard.map.get(key)
-            if entry is None:
-                shard.misses += 1
-                return None
-            shard.map.move_to_end(key)
-            entry.tick = next(self._ticks)
-            shard.hits += 1
-            return entry.verdict
+        return self.get_many([(digest, size, pattern_version)])[0]
+
+    def get_many(self, keys: list[_Key]) -> list[CachedVerdict | None]:
+        """:meth:`get` for each ``(digest, size, pattern_version)``, answers in order: the
+        same counters and recency (the keys of one call touched shard by shard), one call
+        and one lock acquisition per shard for a batch of lookups (the cache-hit path's)."""
+        nshards, ticks = self._nshards, self._ticks
+        by_shard: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_shard.setdefault(key[0][0] % nshards, []).append(i)
+        out: list[CachedVerdict | None] = [None] * len(keys)
+        for s, idx in by_shard.items():
+            shard = self._shards[s]
+            get, move = shard.map.get, shard.map.move_to_end
+            hits = 0
+            with shard.lock:
+                for i in idx:
+                    entry = get(keys[i])
+                    if entry is not None:
+                        move(keys[i])
+                        entry.tick = next(ticks)
+                        out[i] = entry.verdict
+                        hits += 1
+                shard.hits += hits
+                shard.misses += len(idx) - hits
+        return out
 
     def put(self, verdict: CachedVerdict) -> None:
         """Cache a verdict (replacing any for the same key) and append it to the log."""

@@ -10,7 +10,8 @@ or TCP to a remote appliance), multiplexed by request id; file descriptors ride 
 - :mod:`.errors`: the exceptions;
 - :mod:`.validation` and :mod:`.framing`: checking messages, and the codec;
 - :mod:`.address`: ``unix:/path`` / ``host:port`` parsing;
-- :mod:`.connection`, :mod:`.server`, :mod:`.client`: the asyncio transport on both sides.
+- :mod:`.connection`, :mod:`.server`, :mod:`.client`: the asyncio transport on both sides
+  (:mod:`.chunks`: a stream scan's content, read as chunks);
 
 This module only re-exports: every name that used to live in ``offscan/protocol.py`` is
 still importable from ``offscan.protocol``.
@@ -21,9 +22,10 @@ from __future__ import annotations
 import logging
 
 from .address import ADMIN_SUFFIX, Address, admin_socket_for, parse_address
-from .client import STREAM_PREFETCH, ApplianceClient, BatchItem
+from .chunks import STREAM_PREFETCH
+from .chunks import _remaining as _remaining
+from .client import ApplianceClient, BatchItem
 from .client import _Pending as _Pending
-from .client import _remaining as _remaining
 from .connection import MAX_PENDING_FD_BATCHES, RECV_SIZE, Connection, connect
 from .connection import _close_fds as _close_fds
 from .connection import _FdBatch as _FdBatch

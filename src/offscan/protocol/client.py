@@ -14,90 +14,34 @@ import contextlib
 import io
 import itertools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from .chunks import chunk_reader
 from .connection import Connection, _close_fds, connect
 from .errors import ConnectionClosed, ProtocolError, RequestError
+from .framing import encode
 from .messages import (
     DEAD_AFTER_HEARTBEATS,
     DEFAULT_HEARTBEAT,
-    MAX_CHUNK,
     MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
 )
+from .validation import check_scan_items
 
 if TYPE_CHECKING:
     from typing import Self
 
     from .messages import ApplianceStatus, Priority, Verdict, Welcome
 
-__all__ = ["STREAM_PREFETCH", "ApplianceClient", "BatchItem"]
+__all__ = ["ApplianceClient", "BatchItem"]
 
 # One scan of ApplianceClient.scan_batch: (vm, path, prio, fd): fd None is path mode.
 BatchItem = tuple[str, str, "Priority", int | None]
 
 log = logging.getLogger("offscan.protocol")
-
-STREAM_PREFETCH = MAX_CHUNK  # bytes read ahead from a file object when streaming
-
-
-def _remaining(fileobj: Any) -> int:
-    """Bytes left to read in a seekable binary file object."""
-    if isinstance(fileobj, io.BytesIO):
-        return fileobj.getbuffer().nbytes - fileobj.tell()
-    try:
-        return os.fstat(fileobj.fileno()).st_size - fileobj.tell()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        pass
-    try:
-        here = fileobj.tell()
-        end = fileobj.seek(0, io.SEEK_END)
-        fileobj.seek(here)
-        return int(end - here)
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        raise ValueError("cannot tell the size of this stream; pass size=") from None
-
-
-def _chunk_reader(
-    content: bytes | bytearray | memoryview | io.IOBase | Any, size: int | None
-) -> tuple[int, Callable[[], Awaitable[bytes]]]:
-    """The content's size (at most ``size``) and a function that reads its next chunk, at
-    most :data:`MAX_CHUNK` bytes, ``b""`` at the end. A file object is read from its current
-    position, in a worker thread unless it is in memory."""
-    if isinstance(content, (bytes, bytearray, memoryview)):
-        data = memoryview(content).cast("B")
-        if size is not None:
-            data = data[:size]
-        pieces = (bytes(data[i : i + MAX_CHUNK]) for i in range(0, len(data), MAX_CHUNK))
-
-        async def read_memory() -> bytes:
-            return next(pieces, b"")
-
-        return len(data), read_memory
-
-    fileobj = content
-    if size is None:
-        size = _remaining(fileobj)
-    left = size
-    in_memory = isinstance(fileobj, io.BytesIO)
-
-    async def read_file() -> bytes:
-        nonlocal left
-        want = min(MAX_CHUNK, left)
-        if want <= 0:
-            return b""
-        if in_memory:
-            piece = bytes(fileobj.read(want))
-        else:
-            piece = bytes(await asyncio.to_thread(fileobj.read, want))
-        left -= len(piece)
-        return piece
-
-    return size, read_file
 
 
 def _verdict(reply: dict[str, Any]) -> Verdict:
@@ -268,9 +212,15 @@ class ApplianceClient:
             raise ConnectionClosed(str(self.lost), code=self.lost.code)
         return self._conn
 
-    async def _send(self, conn: Connection, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    async def _send(
+        self, conn: Connection, msg: dict[str, Any] | bytes, fds: Sequence[int] = ()
+    ) -> None:
+        """Send a message (bytes: a payload already encoded, see ``Connection.send_encoded``)."""
         try:
-            await conn.send(msg, fds)
+            if isinstance(msg, bytes):
+                await conn.send_encoded(msg, fds)
+            else:
+                await conn.send(msg, fds)
         except ConnectionError as exc:
             lost = ConnectionClosed(f"connection to appliance {conn.peer} lost: {exc}")
             self._lose(conn, lost)
@@ -511,7 +461,9 @@ class ApplianceClient:
         limit = self.batch_limit
         if limit <= 0:
             return list(await asyncio.gather(*(self._one(item, timeout) for item in items)))
+        check_scan_items(items)  # each frame is then packed as built, in one call
         futs: list[asyncio.Future[dict[str, Any]]] = []
+        create_future = asyncio.get_running_loop().create_future
         i = 0
         while i < len(items):
             await self._take_credit()
@@ -527,18 +479,20 @@ class ApplianceClient:
                         break
                     self.credits -= 1
                 rid = next(self._ids)
-                scan: dict[str, Any] = {"id": rid, "vm": vm, "path": path, "mode": "path"}
-                scan["prio"] = prio
-                if fd is not None:
-                    scan["mode"] = "fd"
+                if fd is None:
+                    scans.append({"id": rid, "vm": vm, "path": path, "mode": "path", "prio": prio})
+                else:
+                    scans.append({"id": rid, "vm": vm, "path": path, "mode": "fd", "prio": prio})
                     fds.append(fd)
-                fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+                fut: asyncio.Future[dict[str, Any]] = create_future()
                 self._pending[rid] = _Pending(fut, True)
-                scans.append(scan)
                 futs.append(fut)
                 i += 1
+            frame: dict[str, Any] = {"t": "scan-batch", "scans": scans}
+            if fds:
+                frame["fds"] = len(fds)
             try:
-                await self._send(conn, {"t": "scan-batch", "scans": scans}, fds)
+                await self._send(conn, encode(frame), fds)
             except BaseException:
                 for scan in scans:
                     if self._pending.pop(scan["id"], None) is not None:
@@ -590,7 +544,7 @@ class ApplianceClient:
         appliance fails the scan early, the stream is cut short with an empty ``end`` chunk
         and the error is raised. Returns the ``verdict`` reply.
         """
-        size, read = _chunk_reader(content, size)
+        size, read = chunk_reader(content, size)
         msg = {"t": "scan", "vm": vm, "path": path, "mode": "stream", "prio": prio, "size": size}
 
         rid, fut = await self._begin(msg)

@@ -263,26 +263,29 @@ class Connection:
         frame by frame. Cancelling a send half-way through a frame closes the connection,
         since the stream can no longer be framed.
         """
+        anc = self._rights(fds)
         if fds:
-            if not self.is_unix:
-                raise ProtocolError(
-                    "unsupported", "descriptors can only be passed over a unix socket"
-                )
             msg["fds"] = len(fds)
         validate(msg)
-        data = pack(msg, max_frame=self.max_frame)
-        anc = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        )
-        await self._write_frame(data, anc)
+        await self._write_frame(pack(msg, max_frame=self.max_frame), anc)
 
-    async def send_encoded(self, payload: bytes) -> None:
+    async def send_encoded(self, payload: bytes, fds: Sequence[int] = ()) -> None:
         """Send one frame whose msgpack ``payload`` the caller built itself (the appliance's
-        batched replies, assembled from pre-encoded parts): framed, not validated, no
-        descriptors. The caller vouches for it being a valid message."""
+        batched replies, assembled from pre-encoded parts; the client's ``scan-batch``,
+        packed in one call from checked items): framed, not validated, ``fds`` attached
+        (the payload must say ``"fds": len(fds)``). The caller vouches for it being a valid
+        message."""
         if len(payload) > self.max_frame:
             raise ProtocolError("oversized", f"frame of {len(payload)} bytes exceeds limit")
-        await self._write_frame(HEADER.pack(len(payload)) + payload, [])
+        await self._write_frame(HEADER.pack(len(payload)) + payload, self._rights(fds))
+
+    def _rights(self, fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+        """The ``SCM_RIGHTS`` ancillary data carrying ``fds`` (none: no ancillary data)."""
+        if not fds:
+            return []
+        if not self.is_unix:
+            raise ProtocolError("unsupported", "descriptors can only be passed over a unix socket")
+        return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
 
     async def send_encoded_many(self, payloads: list[bytes]) -> None:
         """:meth:`send_encoded` for several frames, written together (one ``send`` when the

@@ -8,7 +8,7 @@ here; what a message means is the appliance's business. Pure functions on values
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,14 @@ from .messages import (
     StatusRequest,
 )
 
-__all__ = ["BATCH_SCAN", "BATCH_VERDICT", "MESSAGE_TYPES", "SCHEMAS", "validate"]
+__all__ = [
+    "BATCH_SCAN",
+    "BATCH_VERDICT",
+    "MESSAGE_TYPES",
+    "SCHEMAS",
+    "check_scan_items",
+    "validate",
+]
 
 _Check = Callable[[str, Any], None]
 
@@ -214,7 +221,7 @@ def _plain_verdict(item: Any) -> bool:
         and type(item.get("action")) is str
         and item["action"] in _ACTIONS
         and type(matches) is list
-        and all(type(m) is str for m in matches)
+        and (not matches or all(type(m) is str for m in matches))
         and type(item.get("reason", "")) in (str, type(None))
         and type(item.get("source", "scan")) is str
         and item.get("source", "scan") in _SOURCES
@@ -308,6 +315,27 @@ SCHEMAS: dict[str, _Schema] = {
     "verdict-batch": _S({"verdicts": _items(BATCH_VERDICT, "verdicts", _plain_verdict)}, {}),
 }
 MESSAGE_TYPES = frozenset(SCHEMAS)
+
+
+def check_scan_items(items: Sequence[tuple[Any, Any, Any, Any]]) -> None:
+    """Raise the ProtocolError :func:`validate` would for the scans of a ``scan-batch``
+    built from ``(vm, path, prio, fd)`` items (the client packs that frame as built, without
+    validating it again): each (vm, prio) pair gets the full check once, a path the quick
+    one its full check amounts to. The ids and the descriptor count are the builder's."""
+    good: set[tuple[str, str]] = set()
+    for i, (vm, path, prio, fd) in enumerate(items):
+        if (
+            type(path) is str
+            and "\x00" not in path
+            and type(vm) is str
+            and type(prio) is str
+            and (vm, prio) in good
+        ):
+            continue
+        mode = "path" if fd is None else "fd"
+        scan = {"id": 0, "vm": vm, "path": path, "mode": mode, "prio": prio}
+        _check_fields(BATCH_SCAN, f"scan-batch.scans[{i}]", scan)
+        good.add((vm, prio))
 
 
 def validate(msg: Any) -> dict[str, Any]:
