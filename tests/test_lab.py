@@ -26,6 +26,7 @@ from offscan.lab import (
     build_signatures,
     consolidation,
     fit_line,
+    measure,
     plan_image,
     read_proc,
     summarize,
@@ -204,9 +205,14 @@ def test_fit_and_consolidation_arithmetic():
 
 
 def test_inotify_budget_refuses_with_an_actionable_message(monkeypatch):
-    monkeypatch.setattr(InotifyBudget, "limit", staticmethod(lambda: 16))
-    with pytest.raises(LabError, match="max_user_instances"):
-        InotifyBudget().ensure(100, allow_raise=False)
+    # the instances in use are the host's (other tests' shims, other programs): read once and
+    # held, so the budget arithmetic is checked against a fixed count
+    used = measure.inotify_in_use()
+    monkeypatch.setattr(measure, "inotify_in_use", lambda: used)
+    limit = used + 1 + measure.INOTIFY_MARGIN
+    monkeypatch.setattr(InotifyBudget, "limit", staticmethod(lambda: limit))
+    with pytest.raises(LabError, match=f"max_user_instances is {limit} and {used} are in use"):
+        InotifyBudget().ensure(2, allow_raise=False)
     InotifyBudget().ensure(1, allow_raise=False)
 
 
