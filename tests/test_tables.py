@@ -546,3 +546,21 @@ REFERENCE_DIGESTS = {
 def test_tables_are_bit_identical_to_the_reference_build(name: str) -> None:
     db = _digest_db() if name == "bench-like" else DBS[name]()
     assert _table_digest(build_tables(db)) == REFERENCE_DIGESTS[name]
+
+
+def test_the_build_leaves_numpys_huge_page_hint_as_it_found_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The build turns numpy's transparent-huge-page hint off for itself only; where numpy has
+    no such hook (it is private), the build runs as usual."""
+    toggle = np._core.multiarray._set_madvise_hugepage
+    before = toggle(True)
+    try:
+        for want in (True, False):
+            toggle(want)
+            tables = build_tables(DBS["handwritten"]())
+            assert toggle(want) is want
+        monkeypatch.delattr(np._core.multiarray, "_set_madvise_hugepage")
+        assert _table_digest(build_tables(DBS["handwritten"]())) == _table_digest(tables)
+    finally:
+        toggle(before)

@@ -110,7 +110,8 @@ def _small_pages() -> Iterator[None]:
     100k signatures) live for a few vector operations each, and under a hypervisor faulting
     in and zeroing 2 MiB pages for them cost 0.2-1.0 s of system time per build (measured on
     a 2-vCPU KVM guest; 0.15-0.5 s with 4 KiB pages)."""
-    toggle = getattr(getattr(np, "_core", np).multiarray, "_set_madvise_hugepage", None)
+    core = getattr(np, "_core", None) or getattr(np, "core", None)  # numpy 2 / numpy 1
+    toggle = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
     if toggle is None:
         yield
         return
