@@ -553,14 +553,16 @@ def test_the_build_leaves_numpys_huge_page_hint_as_it_found_it(
 ) -> None:
     """The build turns numpy's transparent-huge-page hint off for itself only; where numpy has
     no such hook (it is private), the build runs as usual."""
-    toggle = np._core.multiarray._set_madvise_hugepage
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    hook = core.multiarray
+    toggle = hook._set_madvise_hugepage
     before = toggle(True)
     try:
         for want in (True, False):
             toggle(want)
             tables = build_tables(DBS["handwritten"]())
             assert toggle(want) is want
-        monkeypatch.delattr(np._core.multiarray, "_set_madvise_hugepage")
+        monkeypatch.delattr(hook, "_set_madvise_hugepage")
         assert _table_digest(build_tables(DBS["handwritten"]())) == _table_digest(tables)
     finally:
         toggle(before)
