@@ -21,7 +21,7 @@ from conftest import make_db
 
 from offscan import _index
 from offscan._gramfreq import conditional_bits, pair_bits
-from offscan._tables import (
+from offscan._index import (
     ATOM_MAX,
     BLOOM_MAX_BITS,
     BLOOM_MIN_BITS,
@@ -31,9 +31,8 @@ from offscan._tables import (
     MAX_PASSES,
     STRIDE_MAX,
     NativePass,
-    Tables,
-    build_tables,
 )
+from offscan._tables import Tables, build_tables
 from offscan.signatures import Part, PatternDB
 
 LOW32 = 0xFFFFFFFF

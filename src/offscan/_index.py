@@ -112,6 +112,8 @@ class _Index:
         self._cs = _prefix_count(kind == _SMALL)
         self._cb = _prefix_count(kind == _BIG)
         self._cn = self._cs + self._cb  # bytes that are not static
+        # per part: every byte static (no wildcard, nibble or alternative)
+        self.plain = self._cn[vstart + lens] == self._cn[vstart]
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -217,8 +219,7 @@ class _Index:
         n_parts = len(self.lens)
         if not n_parts:
             return []
-        nonstatic = self._cn
-        plain = nonstatic[self.vstart + self.lens] == nonstatic[self.vstart]
+        plain = self.plain
         odd = np.flatnonzero(~plain)  # parts with wildcards: their good grams, flattened
         # Bit S of strides[q][p] is set if part p can be sampled every S bytes with q-byte
         # grams: its good grams must cover every residue mod S. A plain part of length L has

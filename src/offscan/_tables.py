@@ -31,36 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._index import (
-    ATOM_MAX,
-    BLOOM_MAX_BITS,
-    BLOOM_MIN_BITS,
-    ENTRY_COLUMNS,
-    HASH_BITS,
-    HASH_FOLD,
-    HASH_WORD,
-    MAX_PASSES,
-    STRIDE_MAX,
-    NativePass,
-    _Index,
-)
+from ._index import NativePass, _Index
 from .signatures import Part, PatternDB
-
-__all__ = [
-    "ATOM_MAX",
-    "BLOOM_MAX_BITS",
-    "BLOOM_MIN_BITS",
-    "ENTRY_COLUMNS",
-    "HASH_BITS",
-    "HASH_FOLD",
-    "HASH_WORD",
-    "MAX_PASSES",
-    "STRIDE_MAX",
-    "NativePass",
-    "PartRef",
-    "Tables",
-    "build_tables",
-]
 
 
 @dataclass(frozen=True)
@@ -151,10 +123,6 @@ def _build_tables(db: PatternDB) -> Tables:
     )
     once[first_part[once_sig & (n_sig_parts > 0)]] = 1
     alts = _Alternatives(parts, vstart)
-    not_static = np.zeros(len(values) + 1, dtype=np.int64)
-    np.cumsum(masks != 0xFF, out=not_static[1:])
-    plain = ((not_static[vstart + lens] == not_static[vstart]) & (alts.count == 0)).astype(np.uint8)
-    del not_static
     index = _Index(values, masks, vstart, lens, alts.sets)
     atom_off, atom_len = index.twin_atoms()
     atoms = [
@@ -169,7 +137,7 @@ def _build_tables(db: PatternDB) -> Tables:
         part_vstart=vstart,
         values=values.copy() if len(values) else np.zeros(1, dtype=np.uint8),
         masks=masks.copy() if len(masks) else np.zeros(1, dtype=np.uint8),
-        part_plain=plain,
+        part_plain=index.plain.astype(np.uint8),
         part_once=once,
         part_alt_start=alts.start,
         alt_off=np.array(alts.off, dtype=np.int32),
