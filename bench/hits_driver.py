@@ -68,8 +68,14 @@ async def _drive(sock: Path, root: Path, names: list[str], seconds: float, pid: 
 
 
 def main() -> None:
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
+    usage = "usage: python bench/hits_driver.py [SECONDS] [uvloop|asyncio]"
+    try:
+        seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
+    except ValueError:
+        raise SystemExit(f"{usage}\nSECONDS must be a number, not {sys.argv[1]!r}") from None
     loop = sys.argv[2] if len(sys.argv) > 2 else "uvloop"
+    if len(sys.argv) > 3 or loop not in ("uvloop", "asyncio") or not seconds > 0:
+        raise SystemExit(usage)
     work = Path(tempfile.mkdtemp(prefix="offscan-hits-driver-"))
     sock, ready = work / "a.sock", work / "ready"
     log = open(work / "appliance.log", "wb")
