@@ -346,14 +346,10 @@ class BatchScans:
         """The replies (and event-log lines, counters, locations) of the clean hits among
         ``known``; the others to be opened or, opened, to the pipeline."""
         app = self.app
-        codec = self.codec
-        item = codec.frame if frames else codec.item
         now, latency = app.clock.time(), app.clock.monotonic() - t0
-        line_of = codec.lines(now, latency) if app.events.enabled else None
-        lines: list[str] = []
+        rows: list[tuple[int, str, str, CachedVerdict, DigestSource]] = []
         seen: list[tuple[bytes, tuple[str, str], Identity]] = []
         access = identity = 0
-        before = len(out)
         for (entry, ident, _, source), cached in zip(known, cached_all, strict=True):
             scan, vm, fd = entry[0], entry[1], entry[2]
             if cached is None or cached.status != "clean":
@@ -370,13 +366,12 @@ class BatchScans:
                 identity += 1
             path = scan["path"]
             seen.append((cached.digest, (vm.name, path), ident))
-            tail = codec.tail(cached, source)
-            out.append(item(scan["id"], vm.name, path, tail))
-            if line_of is not None:
-                lines.append(line_of(vm.name, path, tail))
-        n = len(out) - before
+            rows.append((scan["id"], vm.name, path, cached, source))
+        n = len(rows)
         if not n:
             return
+        lines: list[str] | None = [] if app.events.enabled else None
+        self.codec.hits(rows, out, lines, now, latency, frames=frames)
         app.pipeline.locations.add_many(seen)
         kinds, counters = app.pipeline.request_kinds, app.counters
         kinds["access"] += access
