@@ -104,6 +104,8 @@ cdef object _one(dict dirs, object relpath, str source, type cls):
     byte_slash = n - 1
     while byte_slash >= 0 and b[byte_slash] != b'/':
         byte_slash -= 1
+    # Holding the GIL, deliberately: this runs on the event loop, and a GIL released per
+    # file may be kept by a busy pool thread for a whole switch interval (5 ms) per hit.
     if fstatat(dirfd, b + byte_slash + 1, &st, AT_SYMLINK_NOFOLLOW) != 0:
         return None
     if not S_ISREG(st.st_mode):
