@@ -52,10 +52,17 @@ def _by_root(
     """``many(root, paths, strict_root=True)`` for each root of the (root, path) jobs, the
     results back in job order; None where that failed (the slow path tries again and
     reports why)."""
+    out: list[_R | None] = [None] * len(jobs)
+    roots = {root for root, _ in jobs}
+    if len(roots) == 1:  # the common case, one VM's scans: no grouping
+        try:
+            got = many(roots.pop(), [path for _, path in jobs], strict_root=True)
+        except OSError:
+            return out
+        return [None if isinstance(res, OSError) else res for res in got]
     by_root: dict[str, list[int]] = {}
     for i, (root, _path) in enumerate(jobs):
         by_root.setdefault(root, []).append(i)
-    out: list[_R | None] = [None] * len(jobs)
     for root, idx in by_root.items():
         try:
             got = many(root, [jobs[i][1] for i in idx], strict_root=True)
