@@ -408,3 +408,26 @@ def test_shim_batches_ready_events(appliance: ApplianceProc, tmp_path: Path) -> 
     assert stats["batches"] >= 1 and stats["batched"] > stats["batches"]
     assert "outside" not in got  # a symlink: never sent
     assert stats["errors"] == 0
+
+
+def test_lookups_are_grouped_by_root_and_answered_in_job_order() -> None:
+    """_by_root: one call per root (one root: one call, no grouping), results back in job
+    order, None where a path failed or its root could not be opened."""
+    from offscan.appliance.batch import _by_root
+
+    calls: list[tuple[str, list[str]]] = []
+
+    def many(root: str, paths: list[str], *, strict_root: bool) -> list[Any]:
+        assert strict_root
+        calls.append((root, paths))
+        if root == "/gone":
+            raise FileNotFoundError(root)
+        return [OSError(p) if p.startswith("bad") else f"{root}:{p}" for p in paths]
+
+    assert _by_root([("/a", "x"), ("/a", "bad"), ("/a", "y")], many) == ["/a:x", None, "/a:y"]
+    assert calls == [("/a", ["x", "bad", "y"])]
+    calls.clear()
+    jobs = [("/a", "x"), ("/b", "y"), ("/gone", "z"), ("/a", "bad"), ("/b", "w")]
+    assert _by_root(jobs, many) == ["/a:x", "/b:y", None, None, "/b:w"]
+    assert sorted(calls) == [("/a", ["x", "bad"]), ("/b", ["y", "w"]), ("/gone", ["z"])]
+    assert _by_root([("/gone", "z")], many) == [None]

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import no_hang, open_fds
 
 from offscan import confine
+from offscan.cache import Identity
 from offscan.confine import (
     ConfinementError,
+    identify_confined_many,
     open_confined,
     open_confined_many,
     stat_confined_many,
@@ -148,8 +152,13 @@ def test_stat_walk_does_not_escape_through_a_directory_symlink(tmp_path: Path) -
     assert isinstance(got[2], os.stat_result)
 
 
+def _identify(root: str, paths: list[str]) -> list[Identity | OSError]:
+    return identify_confined_many(root, paths, "local")
+
+
+@pytest.mark.parametrize("lookup", [stat_confined_many, _identify], ids=["stat", "identify"])
 def test_stat_directory_descriptors_are_bounded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lookup: Callable[..., list[Any]]
 ) -> None:
     monkeypatch.setattr(confine, "MAX_DIR_FDS", 4)
     root = tmp_path / "root"
@@ -157,11 +166,11 @@ def test_stat_directory_descriptors_are_bounded(
         (root / f"d{i}" / "e").mkdir(parents=True)
         (root / f"d{i}" / "e" / "f").write_text(str(i))
     before = open_fds()
-    got = stat_confined_many(str(root), [f"d{i}/e/f" for i in range(30)])
-    assert all(isinstance(r, os.stat_result) for r in got)
+    got = lookup(str(root), [f"d{i}/e/f" for i in range(30)])
+    assert all(isinstance(r, os.stat_result | Identity) for r in got)
     assert open_fds() == before
     with pytest.raises(FileNotFoundError):  # a missing root is the caller's to handle
-        stat_confined_many(str(tmp_path / "gone"), ["x"])
+        lookup(str(tmp_path / "gone"), ["x"])
 
 
 def test_strict_root_refuses_a_root_reached_through_a_symlink(tmp_path: Path) -> None:

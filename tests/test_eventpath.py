@@ -54,6 +54,22 @@ def test_fast_path_encodings_equal_the_slow_ones() -> None:
         assert single == msgpack.packb({"t": "verdict", "id": 7, **record}, use_bin_type=True)
         frame = batch_frame([item] * 20)
         assert unpack(frame)["verdicts"] == [{"id": 12345678901, **record}] * 20
+        # a batch of hits in one call: the same bytes and lines, fresh codec or not
+        for fresh in (VerdictCodec(), codec):
+            row = (12345678901, record["vm"], record["path"], cached, source)
+            other = (7, "vm2", "f", cached, source)
+            out: list[bytes] = []
+            lines: list[str] = []
+            fresh.hits([row, other, row], out, lines, 1.5e9, 0.0012345)
+            line2 = codec.event_line(1.5e9, "vm2", "f", tail, 0.0012345)
+            assert out == [item, codec.item(7, "vm2", "f", tail), item]
+            assert lines == [line, line2, line]
+            frames: list[bytes] = []
+            fresh.hits([other, row], frames, None, 0.0, 0.0, frames=True)
+            assert frames == [
+                codec.frame(7, "vm2", "f", tail),
+                codec.frame(12345678901, record["vm"], record["path"], tail),
+            ]
     assert unpack(batch_frame([encode_item({"id": 1, **record})]))["t"] == "verdict-batch"  # type: ignore[typeddict-item]
 
 

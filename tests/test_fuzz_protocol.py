@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from offscan import protocol
-from offscan.protocol import Connection, ProtocolError
+from offscan.protocol import Connection, ProtocolError, validation
 from offscan.protocol.validation import SCHEMAS
 
 EXAMPLES = int(os.environ.get("OFFSCAN_FUZZ_EXAMPLES", "150"))
@@ -234,3 +234,47 @@ def test_after_fuzzing_the_appliance_answers_and_logged_no_traceback(live: Appli
     assert status(live.sock)["appliance"]
     log = live.output()
     assert "Traceback" not in log and "internal error" not in log, log[-4000:]
+
+
+def _item_of(schema: Any, plausible: dict[str, st.SearchStrategy[Any]]) -> Any:
+    """Batch items near the schema: plausible fields (required ones always there), the same
+    with one field set to any value, or any map of its field names."""
+    good = st.fixed_dictionaries(
+        {f: plausible[f] for f in sorted(schema.required)},
+        optional={f: plausible.get(f, values) for f in sorted(schema.optional)},
+    )
+    names = sorted(schema.fields) + ["t", "x"]
+    broken = st.tuples(good, st.sampled_from(names), values).map(lambda g: {**g[0], g[1]: g[2]})
+    return good | broken | st.dictionaries(st.sampled_from(names), values, max_size=4)
+
+
+VERDICT_PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
+    "id": st.integers(-1, 1 << 64),
+    "vm": st.sampled_from(["vm", ""]),
+    "path": st.sampled_from(["f", "a\0b"]),
+    "status": st.sampled_from(["clean", "infected", "error", "bogus"]),
+    "action": st.sampled_from(["allow", "deny", "bogus"]),
+    "matches": st.lists(st.sampled_from(["Eicar", ""]), max_size=2) | st.just([1]),
+    "source": st.sampled_from(["identity", "cache", "scan", "clone", "bogus"]),
+    "reason": st.none() | st.just("why"),
+    "digest": st.none() | st.just("ab"),
+    "pattern_version": st.none() | st.just("v1"),
+    "quarantine_id": st.just("q"),
+    "action_errors": st.just(["e"]),
+}
+
+
+@FUZZ
+@given(
+    scan=_item_of(validation.BATCH_SCAN, PLAUSIBLE),
+    verdict=_item_of(validation.BATCH_VERDICT, VERDICT_PLAUSIBLE),
+)
+def test_a_batch_item_the_quick_check_passes_passes_the_full_check(scan: Any, verdict: Any) -> None:
+    """The quick tests of batch items (_plain_scan, _plain_verdict) never raise and never
+    pass an item the full schema check would refuse."""
+    for plain, schema, item in (
+        (validation._plain_scan, validation.BATCH_SCAN, scan),
+        (validation._plain_verdict, validation.BATCH_VERDICT, verdict),
+    ):
+        if plain(item):
+            validation._check_fields(schema, "item", item)

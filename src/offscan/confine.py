@@ -13,9 +13,13 @@ import stat
 from collections.abc import Callable
 from typing import TypeVar
 
+from ._statwalk import dir_of, identify_many
+from .cache.memo import Identity
+
 __all__ = [
     "ConfinementError",
     "check_relpath",
+    "identify_confined_many",
     "open_confined",
     "open_confined_many",
     "open_root",
@@ -132,16 +136,47 @@ def stat_confined_many(
     return _walk_many(root, relpaths, _stat_last, strict_root)
 
 
+def identify_confined_many(
+    root: str, relpaths: list[str], source: str, *, strict_root: bool = False
+) -> list[Identity | OSError]:
+    """The :class:`~.cache.Identity` (under ``source``) of what :func:`stat_confined_many`
+    would stat, or its exception: the same walk, the same refusals. The cache-hit path's
+    lookup: plain paths go through :func:`~._statwalk.identify_many` (native when built: one
+    ``fstatat`` and a tuple, no ``os.stat_result``); a path it declines (not plain, or
+    anything failed) is walked again here, which refuses or reports it as always."""
+    dirs: dict[str, int] = {}
+    try:
+        dirs[""] = _open_root_fd(root, strict_root)
+        out: list[Identity | OSError | None] = list(
+            identify_many(dirs, relpaths, source, Identity, MAX_DIR_FDS)
+        )
+        for i, ident in enumerate(out):
+            if ident is None:
+                relpath = relpaths[i]
+                try:
+                    name, dirfd = _walk(dirs, relpath)
+                    out[i] = Identity.from_stat(source, _stat_last(dirfd, name, relpath))
+                except OSError as exc:
+                    out[i] = exc
+    finally:
+        for fd in dirs.values():
+            os.close(fd)
+    return out  # type: ignore[return-value]  # every None was replaced
+
+
+def _open_root_fd(root: str, strict_root: bool) -> int:
+    if strict_root:
+        return open_root(root)
+    return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
 def _walk_many(
     root: str, relpaths: list[str], last: Callable[[int, str, str], _T], strict_root: bool
 ) -> list[_T | OSError]:
     out: list[_T | OSError] = []
     dirs: dict[str, int] = {}  # "a/b" (normalised components) -> its descriptor; "" the root
     try:
-        if strict_root:
-            dirs[""] = open_root(root)
-        else:
-            dirs[""] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dirs[""] = _open_root_fd(root, strict_root)
         for relpath in relpaths:
             if len(dirs) > MAX_DIR_FDS:  # bounded: deep trees must not exhaust descriptors
                 for key in [k for k in dirs if k]:
@@ -162,17 +197,7 @@ def _walk(dirs: dict[str, int], relpath: str) -> tuple[str, int]:
     kept in ``dirs``, one component at a time, never through a symlink). A directory
     already in ``dirs`` costs one lookup of its normalised name."""
     parts = check_relpath(relpath)
-    dirfd = dirs.get("/".join(parts[:-1]))
-    if dirfd is None:
-        key = ""
-        dirfd = dirs[key]
-        for name in parts[:-1]:
-            key = f"{key}/{name}" if key else name
-            nxt = dirs.get(key)
-            if nxt is None:
-                nxt = dirs[key] = _open_dir(name, dirfd, relpath)
-            dirfd = nxt
-    return parts[-1], dirfd
+    return parts[-1], dir_of(dirs, parts, lambda name, dirfd: _open_dir(name, dirfd, relpath))
 
 
 def _stat_last(dirfd: int, name: str, relpath: str) -> os.stat_result:

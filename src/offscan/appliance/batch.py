@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from .. import policy as policies
 from .. import protocol
 from ..cache import Identity
-from ..confine import ConfinementError, check_relpath, open_confined_many, stat_confined_many
+from ..confine import ConfinementError, check_relpath, identify_confined_many, open_confined_many
 from .bulk import NewFile, judge_new
 from .common import RequestFailed, close_fds, log
 from .fastpath import Tail, VerdictCodec, batch_frame, encode_item
@@ -41,7 +41,8 @@ COALESCE = 256  # scans of buffered scan-batch frames served together (one walk,
 _R = TypeVar("_R")
 
 
-_Entry = tuple[dict[str, Any], "VMRecord", int | None, os.stat_result]  # fd None: stat only
+# (scan, its VM, fd, fstat, identity); fd None: looked up by path, not opened (no fstat)
+_Entry = tuple[dict[str, Any], "VMRecord", int | None, os.stat_result | None, Identity]
 _Known = tuple[_Entry, Identity, bytes, "DigestSource"]  # its digest, and what told it
 
 
@@ -51,10 +52,17 @@ def _by_root(
     """``many(root, paths, strict_root=True)`` for each root of the (root, path) jobs, the
     results back in job order; None where that failed (the slow path tries again and
     reports why)."""
+    out: list[_R | None] = [None] * len(jobs)
+    roots = {root for root, _ in jobs}
+    if len(roots) == 1:  # the common case, one VM's scans: no grouping
+        try:
+            got = many(roots.pop(), [path for _, path in jobs], strict_root=True)
+        except OSError:
+            return out
+        return [None if isinstance(res, OSError) else res for res in got]
     by_root: dict[str, list[int]] = {}
     for i, (root, _path) in enumerate(jobs):
         by_root.setdefault(root, []).append(i)
-    out: list[_R | None] = [None] * len(jobs)
     for root, idx in by_root.items():
         try:
             got = many(root, [jobs[i][1] for i in idx], strict_root=True)
@@ -71,11 +79,15 @@ def _open_all(jobs: list[tuple[str, str]]) -> list[tuple[int, os.stat_result] | 
     return _by_root(jobs, open_confined_many)
 
 
-def _stat_all(jobs: list[tuple[str, str]]) -> list[os.stat_result | None]:
-    """The identity of each (root, path) without opening it (:func:`stat_confined_many`:
-    the same refusals). On the event loop: a directory walk and one ``fstatat`` per file,
-    what a hit costs instead of a thread hop, an open and a close."""
-    return _by_root(jobs, stat_confined_many)
+def _stat_all(jobs: list[tuple[str, str]]) -> list[Identity | None]:
+    """The identity of each (root, path) without opening it (:func:`identify_confined_many`:
+    the refusals of a confined open). On the event loop: a directory walk and one
+    ``fstatat`` per file, what a hit costs instead of a thread hop, an open and a close."""
+    return _by_root(jobs, _identify_local)
+
+
+def _identify_local(root: str, paths: list[str], *, strict_root: bool) -> list[Identity | OSError]:
+    return identify_confined_many(root, paths, "local", strict_root=strict_root)
 
 
 class BatchScans:
@@ -131,11 +143,11 @@ class BatchScans:
         entries, to_stat = self._admit(shim, scans, fd_of, t0)
         if to_stat:
             stats = _stat_all([(vm.root, scan["path"]) for scan, vm in to_stat])
-            for (scan, vm), st in zip(to_stat, stats, strict=True):
-                if st is None:
+            for (scan, vm), ident in zip(to_stat, stats, strict=True):
+                if ident is None:
                     self._slow(shim, scan, None, t0)
                 else:
-                    entries.append((scan, vm, None, st))
+                    entries.append((scan, vm, None, None, ident))
         to_open = self.answer(entries, t0, self._outbox)
         await self.drain()
         if to_open:  # the misses: opened (one hop), then judged as fd-mode scans are
@@ -147,7 +159,8 @@ class BatchScans:
                 if got is None:
                     self._slow(shim, scan, None, t0)
                 else:
-                    opened.append((scan, vm, got[0], got[1]))
+                    st = got[1]
+                    opened.append((scan, vm, got[0], st, Identity.from_stat("local", st)))
             if self.answer(opened, t0, self._outbox):
                 raise AssertionError("an opened file was sent to be opened")  # pragma: no cover
             await self.drain()
@@ -186,9 +199,11 @@ class BatchScans:
                 to_stat.append((scan, vm))
             else:
                 try:
-                    entries.append((scan, vm, fd, os.fstat(fd)))
+                    st = os.fstat(fd)
                 except OSError:
                     self._slow(shim, scan, fd, t0)
+                else:
+                    entries.append((scan, vm, fd, st, Identity.from_stat("local", st)))
         return entries, to_stat
 
     def _fit(self, shim: str) -> Callable[[dict[str, Any], bool], VMRecord | None]:
@@ -248,11 +263,11 @@ class BatchScans:
         entries: list[_Entry] = []
         if to_stat:
             stats = _stat_all([(vm.root, msg["path"]) for msg, vm in to_stat])
-            for (msg, vm), st in zip(to_stat, stats, strict=True):
-                if st is None:
+            for (msg, vm), ident in zip(to_stat, stats, strict=True):
+                if ident is None:
                     session.start_scan(shim, msg, [])
                 else:
-                    entries.append((msg, vm, None, st))
+                    entries.append((msg, vm, None, None, ident))
         frames: list[bytes] = []
         for msg, _vm in self.answer(entries, t0, frames, frames=True):
             session.start_scan(shim, msg, [])
@@ -273,7 +288,7 @@ class BatchScans:
         pipeline = self.app.pipeline
         to_open: list[tuple[dict[str, Any], VMRecord]] = []
         entries = self._within_size(entries, to_open, t0)
-        idents = Identity.from_stats("local", [entry[3] for entry in entries])
+        idents = [entry[4] for entry in entries]
         known: list[_Known] = []
         new: list[tuple[int, NewFile]] = []
         kinds = pipeline.request_kinds
@@ -288,15 +303,15 @@ class BatchScans:
             if digest is not None:
                 known.append((entry, ident, digest, "clone"))
                 continue
-            scan, vm, fd, st = entry
-            if fd is None:
+            scan, vm, fd, st, _ = entry
+            if fd is None or st is None:
                 to_open.append((scan, vm))
                 continue
             prio = 0 if scan.get("prio", "access") == "access" else 1
             kinds["access" if prio == 0 else "demand"] += 1
             new.append((scan["id"], NewFile(vm, scan["path"], fd, st, prio)))
         version = pipeline.engine.version
-        keys = [(digest, entry[3].st_size, version) for entry, _, digest, _ in known]
+        keys = [(digest, ident.size, version) for _, ident, digest, _ in known]
         self._reply(known, pipeline.cache.get_many(keys), t0, out, frames, to_open)
         if new:
             self._spawn_new(new, t0)
@@ -311,12 +326,12 @@ class BatchScans:
         size_rules: dict[str, dict[str, Any] | None] = {}  # the VM's policy, if it has one
         kept: list[_Entry] = []
         for entry in entries:
-            scan, vm, fd, st = entry
+            scan, vm, fd, _, ident = entry
             if vm.name not in size_rules:
                 policy = app.registry.effective_policy(vm)
                 size_rules[vm.name] = policy if policy.get("max_size") is not None else None
             rules = size_rules[vm.name]
-            why = policies.excluded(rules, scan["path"], st.st_size) if rules else None
+            why = policies.excluded(rules, scan["path"], ident.size) if rules else None
             if not why:
                 kept.append(entry)
             elif fd is None:
@@ -338,16 +353,12 @@ class BatchScans:
         """The replies (and event-log lines, counters, locations) of the clean hits among
         ``known``; the others to be opened or, opened, to the pipeline."""
         app = self.app
-        codec = self.codec
-        item = codec.frame if frames else codec.item
         now, latency = app.clock.time(), app.clock.monotonic() - t0
-        line_of = codec.lines(now, latency) if app.events.enabled else None
-        lines: list[str] = []
+        rows: list[tuple[int, str, str, CachedVerdict, DigestSource]] = []
         seen: list[tuple[bytes, tuple[str, str], Identity]] = []
         access = identity = 0
-        before = len(out)
         for (entry, ident, _, source), cached in zip(known, cached_all, strict=True):
-            scan, vm, fd, _st = entry
+            scan, vm, fd = entry[0], entry[1], entry[2]
             if cached is None or cached.status != "clean":
                 if fd is None:
                     to_open.append((scan, vm))
@@ -362,13 +373,12 @@ class BatchScans:
                 identity += 1
             path = scan["path"]
             seen.append((cached.digest, (vm.name, path), ident))
-            tail = codec.tail(cached, source)
-            out.append(item(scan["id"], vm.name, path, tail))
-            if line_of is not None:
-                lines.append(line_of(vm.name, path, tail))
-        n = len(out) - before
+            rows.append((scan["id"], vm.name, path, cached, source))
+        n = len(rows)
         if not n:
             return
+        lines: list[str] | None = [] if app.events.enabled else None
+        self.codec.hits(rows, out, lines, now, latency, frames=frames)
         app.pipeline.locations.add_many(seen)
         kinds, counters = app.pipeline.request_kinds, app.counters
         kinds["access"] += access

@@ -12,7 +12,7 @@ so the shim and the event log cannot tell a fast verdict from a slow one. Pure: 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses
 from typing import TYPE_CHECKING, Any
 
@@ -87,12 +87,41 @@ class VerdictCodec:
         **tail}``, as the session sends a single scan's verdict."""
         return tail.frame_head + _pack(rid) + self._vm(vm) + _pack(path) + tail.msgpack
 
+    def hits(
+        self,
+        rows: Sequence[tuple[int, str, str, CachedVerdict, ApplianceVerdictSource]],
+        out: list[bytes],
+        lines: list[str] | None,
+        now: float,
+        latency: float,
+        *,
+        frames: bool = False,
+    ) -> None:
+        """For each ``(id, vm, path, cached, source)`` of one batch of clean hits: its
+        :meth:`item` (or :meth:`frame`) appended to ``out`` and, unless ``lines`` is None,
+        its event-log line (:meth:`lines`) to ``lines``. The same bytes as those methods,
+        in one loop: a hit costs two packs, one escape and the concatenations."""
+        tails, vm_pack = self._tails, self._vm
+        time_head, latency_tail = _line_parts(now, latency)
+        vm_parts: dict[str, tuple[bytes, str]] = {}
+        add, add_line = out.append, None if lines is None else lines.append
+        for rid, vm, path, cached, source in rows:
+            tail = tails.get((cached.digest, cached.size, cached.pattern_version, source))
+            if tail is None:
+                tail = self.tail(cached, source)
+            parts = vm_parts.get(vm)
+            if parts is None:
+                parts = vm_parts[vm] = (vm_pack(vm), time_head + _json_str(vm) + ',"path":')
+            head = tail.frame_head if frames else tail.item_head
+            add(head + _pack(rid) + parts[0] + _pack(path) + tail.msgpack)
+            if add_line is not None:
+                add_line(parts[1] + _json_str(path) + "," + tail.json + latency_tail)
+
     def lines(self, now: float, latency: float) -> Callable[[str, str, Tail], str]:
         """:meth:`event_line` for verdicts sharing ``now`` and ``latency`` (one batch):
         what is common to them formatted once, a line then costs a path's encoding and
         a few concatenations."""
-        time_head = f'{{"time":{now!r},"event":"verdict","vm":'
-        latency_tail = f',"latency_ms":{round(latency * 1000, 3)!r}}}\n'
+        time_head, latency_tail = _line_parts(now, latency)
         heads: dict[str, str] = {}
 
         def line(vm: str, path: str, tail: Tail) -> str:
@@ -114,6 +143,14 @@ class VerdictCodec:
             f'{{"time":{now!r},"event":"verdict","vm":{vm_json},"path":{_json_str(path)},'
             f'{tail.json},"latency_ms":{round(latency * 1000, 3)!r}}}\n'
         )
+
+
+def _line_parts(now: float, latency: float) -> tuple[str, str]:
+    """What an event-log verdict line holds before its VM, and after its verdict's fields."""
+    return (
+        f'{{"time":{now!r},"event":"verdict","vm":',
+        f',"latency_ms":{round(latency * 1000, 3)!r}}}\n',
+    )
 
 
 def encode_item(item: BatchVerdict) -> bytes:

@@ -183,12 +183,26 @@ _ACTIONS = frozenset(VERDICT_ACTIONS)
 _SOURCES = frozenset(VERDICT_SOURCES)
 
 
+_NULLABLE_TEXT = (str, type(None))
+# A verdict's keys when it needs no further look: quarantine_id and action_errors (an
+# infected file's) get the full check.
+_PLAIN_VERDICT_KEYS = _VERDICT_KEYS - {"quarantine_id", "action_errors"}
+
+
 def _plain_scan(item: Any) -> bool:
     """A batched scan with only known keys, each of the right type (the full check's
-    verdict on it would be the same: it passes)."""
+    verdict on it would be the same: it passes). Every value is type-checked before it is
+    looked up in a set (an unhashable one must fail here, not raise)."""
     if type(item) is not dict or not item.keys() <= _SCAN_KEYS:
         return False
-    rid, vm, path = item.get("id"), item.get("vm"), item.get("path")
+    get = item.get
+    rid, vm, path, mode, prio = (
+        get("id"),
+        get("vm"),
+        get("path"),
+        get("mode"),
+        get("prio", "access"),
+    )
     return (
         type(rid) is int
         and 0 <= rid < 1 << 63
@@ -197,38 +211,38 @@ def _plain_scan(item: Any) -> bool:
         and "\x00" not in vm
         and type(path) is str
         and "\x00" not in path
-        and type(item.get("mode")) is str
-        and item["mode"] in _BATCH_MODES
-        and type(item.get("prio", "access")) is str
-        and item.get("prio", "access") in _PRIOS
-        and item.get("size") is None
+        and type(mode) is str
+        and mode in _BATCH_MODES
+        and type(prio) is str
+        and prio in _PRIOS
+        and get("size") is None
     )
 
 
 def _plain_verdict(item: Any) -> bool:
-    """A batched verdict as the appliance sends it: known keys, right types."""
-    if type(item) is not dict or not item.keys() <= _VERDICT_KEYS:
+    """A batched verdict as the appliance sends a clean one: known keys, right types (the
+    full check would pass it). Type checks come before set lookups, as for scans."""
+    if type(item) is not dict or not item.keys() <= _PLAIN_VERDICT_KEYS:
         return False
-    rid = item.get("id")
-    matches = item.get("matches", [])
+    get = item.get
+    rid, status, action = get("id"), get("status"), get("action")
+    source, matches = get("source", "scan"), get("matches", [])
     return (
         type(rid) is int
         and 0 <= rid < 1 << 63
-        and type(item.get("vm")) is str
-        and type(item.get("path")) is str
-        and type(item.get("status")) is str
-        and item["status"] in _STATUSES
-        and type(item.get("action")) is str
-        and item["action"] in _ACTIONS
+        and type(get("vm")) is str
+        and type(get("path")) is str
+        and type(status) is str
+        and status in _STATUSES
+        and type(action) is str
+        and action in _ACTIONS
         and type(matches) is list
         and (not matches or all(type(m) is str for m in matches))
-        and type(item.get("reason", "")) in (str, type(None))
-        and type(item.get("source", "scan")) is str
-        and item.get("source", "scan") in _SOURCES
-        and type(item.get("digest", "")) in (str, type(None))
-        and type(item.get("pattern_version", "")) in (str, type(None))
-        and "quarantine_id" not in item
-        and "action_errors" not in item
+        and type(get("reason")) in _NULLABLE_TEXT
+        and type(source) is str
+        and source in _SOURCES
+        and type(get("digest")) in _NULLABLE_TEXT
+        and type(get("pattern_version")) in _NULLABLE_TEXT
     )
 
 
