@@ -5,30 +5,20 @@ Everything else imports ``Core`` from here. ``OFFSCAN_NO_EXTENSIONS=1`` forces t
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _match_py
+from ._native import NO_EXTENSIONS, extension
 
-NO_EXTENSIONS = bool(os.environ.get("OFFSCAN_NO_EXTENSIONS"))
 PyCore = _match_py.Core
-NativeCore = None
-NATIVE_IMPORT_ERROR: str | None = None
+_ext, NATIVE_IMPORT_ERROR = extension("_match_c")
+NativeCore: Any = None if _ext is None else _ext.Core
 
-if TYPE_CHECKING or NO_EXTENSIONS:
+if TYPE_CHECKING:
     from ._match_py import Core
-
-    NATIVE_IMPORT_ERROR = "disabled by OFFSCAN_NO_EXTENSIONS"
 else:
-    try:
-        from ._match_c import Core
+    Core = PyCore if NativeCore is None else NativeCore
 
-        NativeCore = Core
-    except ImportError as exc:  # pragma: no cover - depends on the build
-        from ._match_py import Core
+NATIVE = NativeCore is not None
 
-        NATIVE_IMPORT_ERROR = str(exc)
-
-NATIVE = NativeCore is not None and Core is NativeCore
-
-__all__ = ["Core", "NATIVE", "NativeCore", "PyCore", "NATIVE_IMPORT_ERROR"]
+__all__ = ["Core", "NATIVE", "NATIVE_IMPORT_ERROR", "NO_EXTENSIONS", "NativeCore", "PyCore"]

@@ -1,35 +1,33 @@
 """Dispatcher: the native confined identity lookup when built, else the Python twin.
 
-``confine`` imports ``identify_many`` (and the twin's ``dir_of``, its walk) from here. ``OFFSCAN_NO_EXTENSIONS=1`` forces the twin.
+``confine`` imports ``identify_many`` (and the twin's ``dir_of``, its walk) from here.
+``OFFSCAN_NO_EXTENSIONS=1`` forces the twin.
 """
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _statwalk_py
+from ._native import NO_EXTENSIONS, extension
 from ._statwalk_py import dir_of
 
-NO_EXTENSIONS = bool(os.environ.get("OFFSCAN_NO_EXTENSIONS"))
 py_identify_many = _statwalk_py.identify_many
-native_identify_many = None
-NATIVE_IMPORT_ERROR: str | None = None
+_ext, NATIVE_IMPORT_ERROR = extension("_statwalk_c")
+native_identify_many: Any = None if _ext is None else _ext.identify_many
 
-if TYPE_CHECKING or NO_EXTENSIONS:
+if TYPE_CHECKING:
     from ._statwalk_py import identify_many
-
-    NATIVE_IMPORT_ERROR = "disabled by OFFSCAN_NO_EXTENSIONS"
 else:
-    try:
-        from ._statwalk_c import identify_many
+    identify_many = py_identify_many if native_identify_many is None else native_identify_many
 
-        native_identify_many = identify_many
-    except ImportError as exc:  # pragma: no cover - depends on the build
-        from ._statwalk_py import identify_many
+NATIVE = native_identify_many is not None
 
-        NATIVE_IMPORT_ERROR = str(exc)
-
-NATIVE = native_identify_many is not None and identify_many is native_identify_many
-
-__all__ = ["NATIVE", "NATIVE_IMPORT_ERROR", "dir_of", "identify_many", "native_identify_many"]
+__all__ = [
+    "NATIVE",
+    "NATIVE_IMPORT_ERROR",
+    "NO_EXTENSIONS",
+    "dir_of",
+    "identify_many",
+    "native_identify_many",
+]
