@@ -56,8 +56,9 @@ def test_fast_path_encodings_equal_the_slow_ones() -> None:
         assert unpack(frame)["verdicts"] == [{"id": 12345678901, **record}] * 20
         # a batch of hits in one call: the same bytes and lines, fresh codec or not
         for fresh in (VerdictCodec(), codec):
-            row = (12345678901, record["vm"], record["path"], cached, source)
-            other = (7, "vm2", "f", cached, source)
+            mine = fresh.tail(cached, source)
+            row = (12345678901, record["vm"], record["path"], mine)
+            other = (7, "vm2", "f", mine)
             out: list[bytes] = []
             lines: list[str] = []
             fresh.hits([row, other, row], out, lines, 1.5e9, 0.0012345)

@@ -27,6 +27,7 @@ from ..confine import ConfinementError, check_relpath, identify_confined_many, o
 from .bulk import NewFile, judge_new
 from .common import RequestFailed, close_fds, log
 from .fastpath import Tail, VerdictCodec, batch_frame, encode_item
+from .hot import HotEntry
 
 if TYPE_CHECKING:
     from ..cache import CachedVerdict
@@ -71,6 +72,33 @@ def _by_root(
         for i, res in zip(idx, got, strict=True):
             out[i] = None if isinstance(res, OSError) else res
     return out
+
+
+def _took(entry: _Entry, source: str) -> tuple[int, int]:
+    """Close a served hit's descriptor (if it was opened); (1 if it was an access-priority
+    request, 1 if served by identity rather than by a clone's inherited entry)."""
+    if entry[2] is not None:
+        os.close(entry[2])
+    return int(entry[0].get("prio", "access") == "access"), int(source == "identity")
+
+
+def _split_hot(
+    entries: list[_Entry],
+    epoch: object,
+    table: dict[Identity, HotEntry],
+    hot: list[tuple[_Entry, HotEntry]],
+) -> list[_Entry]:
+    """The entries the hot table cannot answer in ``epoch``; those it can appended to
+    ``hot`` with their entry (:mod:`.hot`)."""
+    rest: list[_Entry] = []
+    get = table.get
+    for entry in entries:
+        found = get(entry[4])
+        if found is not None and found[0] is epoch:
+            hot.append((entry, found))
+        else:
+            rest.append(entry)
+    return rest
 
 
 def _open_all(jobs: list[tuple[str, str]]) -> list[tuple[int, os.stat_result] | None]:
@@ -288,6 +316,11 @@ class BatchScans:
         pipeline = self.app.pipeline
         to_open: list[tuple[dict[str, Any], VMRecord]] = []
         entries = self._within_size(entries, to_open, t0)
+        version = pipeline.engine.version
+        epoch = pipeline.hot.epoch(version)  # before the chain is asked (hot.py)
+        hot: list[tuple[_Entry, HotEntry]] = []
+        if epoch is not None and entries:
+            entries = _split_hot(entries, epoch, pipeline.hot.map, hot)
         idents = [entry[4] for entry in entries]
         known: list[_Known] = []
         new: list[tuple[int, NewFile]] = []
@@ -310,9 +343,9 @@ class BatchScans:
             prio = 0 if scan.get("prio", "access") == "access" else 1
             kinds["access" if prio == 0 else "demand"] += 1
             new.append((scan["id"], NewFile(vm, scan["path"], fd, st, prio)))
-        version = pipeline.engine.version
         keys = [(digest, ident.size, version) for _, ident, digest, _ in known]
-        self._reply(known, pipeline.cache.get_many(keys), t0, out, frames, to_open)
+        cached_all = pipeline.cache.get_many(keys) if keys else []
+        self._reply(known, cached_all, hot, epoch, t0, out, frames, to_open)
         if new:
             self._spawn_new(new, t0)
         return to_open
@@ -345,18 +378,32 @@ class BatchScans:
         self,
         known: list[_Known],
         cached_all: list[CachedVerdict | None],
+        hot: list[tuple[_Entry, HotEntry]],
+        epoch: object | None,
         t0: float,
         out: list[bytes],
         frames: bool,
         to_open: list[tuple[dict[str, Any], VMRecord]],
     ) -> None:
-        """The replies (and event-log lines, counters, locations) of the clean hits among
-        ``known``; the others to be opened or, opened, to the pipeline."""
+        """The replies (and event-log lines, counters, locations) of the clean hits: the
+        ``hot`` ones and those among ``known`` (kept in the hot table when ``epoch``); the
+        other ``known`` ones to be opened or, opened, to the pipeline."""
         app = self.app
         now, latency = app.clock.time(), app.clock.monotonic() - t0
-        rows: list[tuple[int, str, str, CachedVerdict, DigestSource]] = []
+        rows: list[tuple[int, str, str, Tail]] = []
         seen: list[tuple[bytes, tuple[str, str], Identity]] = []
-        access = identity = 0
+        access = identity = hot_clones = 0
+        hot_table, tail_of = app.pipeline.hot, self.codec.tail
+        for entry, (_, tail, source, where, digest) in hot:
+            scan, vm = entry[0], entry[1]
+            a, i = _took(entry, source)
+            access, identity, hot_clones = access + a, identity + i, hot_clones + 1 - i
+            path = scan["path"]
+            if where[1] != path or where[0] != vm.name:  # the same file seen at another path
+                where = (vm.name, path)
+                seen.append((digest, where, entry[4]))
+                hot_table.store(entry[4], (epoch, tail, source, where, digest))
+            rows.append((scan["id"], vm.name, path, tail))
         for (entry, ident, _, source), cached in zip(known, cached_all, strict=True):
             scan, vm, fd = entry[0], entry[1], entry[2]
             if cached is None or cached.status != "clean":
@@ -365,21 +412,24 @@ class BatchScans:
                 else:
                     self._slow_opened(scan, vm, fd, t0)
                 continue
-            if fd is not None:
-                os.close(fd)
-            if scan.get("prio", "access") == "access":
-                access += 1
-            if source == "identity":
-                identity += 1
+            a, i = _took(entry, source)
+            access, identity = access + a, identity + i
             path = scan["path"]
-            seen.append((cached.digest, (vm.name, path), ident))
-            rows.append((scan["id"], vm.name, path, cached, source))
+            where = (vm.name, path)
+            tail = tail_of(cached, source)
+            seen.append((cached.digest, where, ident))
+            rows.append((scan["id"], vm.name, path, tail))
+            if epoch is not None:
+                hot_table.store(ident, (epoch, tail, source, where, cached.digest))
         n = len(rows)
         if not n:
             return
         lines: list[str] | None = [] if app.events.enabled else None
         self.codec.hits(rows, out, lines, now, latency, frames=frames)
-        app.pipeline.locations.add_many(seen)
+        if seen:
+            app.pipeline.locations.add_many(seen)
+        if hot:
+            hot_table.count(len(hot), hot_clones)
         kinds, counters = app.pipeline.request_kinds, app.counters
         kinds["access"] += access
         kinds["demand"] += n - access

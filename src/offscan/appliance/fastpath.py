@@ -89,7 +89,7 @@ class VerdictCodec:
 
     def hits(
         self,
-        rows: Sequence[tuple[int, str, str, CachedVerdict, ApplianceVerdictSource]],
+        rows: Sequence[tuple[int, str, str, Tail]],
         out: list[bytes],
         lines: list[str] | None,
         now: float,
@@ -97,18 +97,16 @@ class VerdictCodec:
         *,
         frames: bool = False,
     ) -> None:
-        """For each ``(id, vm, path, cached, source)`` of one batch of clean hits: its
-        :meth:`item` (or :meth:`frame`) appended to ``out`` and, unless ``lines`` is None,
-        its event-log line (:meth:`lines`) to ``lines``. The same bytes as those methods,
-        in one loop: a hit costs two packs, one escape and the concatenations."""
-        tails, vm_pack = self._tails, self._vm
+        """For each ``(id, vm, path, tail)`` of one batch of clean hits (``tail`` from
+        :meth:`tail`): its :meth:`item` (or :meth:`frame`) appended to ``out`` and, unless
+        ``lines`` is None, its event-log line (:meth:`lines`) to ``lines``. The same bytes
+        as those methods, in one loop: a hit costs two packs, one escape and the
+        concatenations."""
+        vm_pack = self._vm
         time_head, latency_tail = _line_parts(now, latency)
         vm_parts: dict[str, tuple[bytes, str]] = {}
         add, add_line = out.append, None if lines is None else lines.append
-        for rid, vm, path, cached, source in rows:
-            tail = tails.get((cached.digest, cached.size, cached.pattern_version, source))
-            if tail is None:
-                tail = self.tail(cached, source)
+        for rid, vm, path, tail in rows:
             parts = vm_parts.get(vm)
             if parts is None:
                 parts = vm_parts[vm] = (vm_pack(vm), time_head + _json_str(vm) + ',"path":')

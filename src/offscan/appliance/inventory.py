@@ -44,6 +44,7 @@ class LocationIndex:
         self.max_entries = max_entries
         self._by_digest: OrderedDict[bytes, dict[tuple[str, str], Identity]] = OrderedDict()
         self._count = 0
+        self.generation = 0  # evictions: hot hits (hot.py) record a location only once
 
     def add(self, digest: bytes, vm: str, path: str, ident: Identity) -> None:
         self.add_many([(digest, (vm, path), ident)])
@@ -65,6 +66,11 @@ class LocationIndex:
         while self._count > self.max_entries and by_digest:
             _, dropped = by_digest.popitem(last=False)
             self._count -= len(dropped)
+            self.generation += 1
+
+    def roomy(self, fraction: float) -> bool:
+        """Whether at most ``fraction`` of :attr:`max_entries` locations are held."""
+        return self._count <= fraction * self.max_entries
 
     def get(self, digest: bytes) -> list[tuple[str, str, Identity]]:
         return [(vm, path, ident) for (vm, path), ident in self._by_digest.get(digest, {}).items()]

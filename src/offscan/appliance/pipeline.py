@@ -33,6 +33,7 @@ from ..cache.extents import ExtentIndex
 from ..confine import ConfinementError, check_relpath, open_confined
 from ..engine import ScanResult, read_digest
 from .common import SYSTEM_CLOCK, Clock, RequestFailed, close_fds
+from .hot import HotHits
 from .inventory import LocationIndex, VMRecord
 from .limits import StreamAborted, StreamItem
 from .registry import Registry
@@ -231,6 +232,8 @@ class Pipeline:
         # clone file identity -> master digest (see clones.py)
         self.inherited = inherited if inherited is not None else IdentityMemo()
         self.locations = locations if locations is not None else LocationIndex()
+        # repeated clean hits of batches, one lookup each (hot.py)
+        self.hot = HotHits(self.memo, self.inherited, cache, self.locations)
         self.registry = registry
         self.verdicts = verdicts
         self.gate = gate

@@ -119,6 +119,7 @@ def status(app: Appliance) -> messages.StatusReport:
         "served_from_cache": served,
         "hit_ratio": round(served / lookups, 4) if lookups else 0.0,
         "cache_entries": len(app.cache),
+        "hot_hits": app.pipeline.hot.served,
         "recent_detections": app.verdicts.detections[-10:],
         "shared_cache": (
             cast("messages.SharedCacheStatus", app.shared.status()) if app.shared else None

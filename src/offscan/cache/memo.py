@@ -66,6 +66,9 @@ class IdentityMemo:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        # entries lost or changed (evicted, discarded, given another digest): what a memo of
+        # this memo's answers (the appliance's hot hits, appliance/hot.py) must start over at
+        self.generation = 0
 
     def get(self, ident: Identity) -> bytes | None:
         return self.get_many([ident])[0]
@@ -87,11 +90,15 @@ class IdentityMemo:
 
     def put(self, ident: Identity, digest: bytes) -> None:
         with self._lock:
+            old = self._map.get(ident)
             self._map[ident] = digest
             self._map.move_to_end(ident)
+            if old is not None and old != digest:
+                self.generation += 1
             if len(self._map) > self.max_entries:
                 self._map.popitem(last=False)
                 self.evictions += 1
+                self.generation += 1
 
     def put_many(self, items: list[tuple[Identity, bytes]]) -> None:
         """:meth:`put` each (identity, digest), in order."""
@@ -101,7 +108,19 @@ class IdentityMemo:
     def discard(self, ident: Identity) -> None:
         """Forget an identity (e.g. the file changed while it was read)."""
         with self._lock:
-            self._map.pop(ident, None)
+            if self._map.pop(ident, None) is not None:
+                self.generation += 1
+
+    def count(self, hits: int, misses: int = 0) -> None:
+        """Count lookups answered for this memo elsewhere (the appliance's hot hits)."""
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
+
+    def roomy(self, fraction: float) -> bool:
+        """Whether at most ``fraction`` of :attr:`max_entries` is in use (nothing is near
+        being evicted, so LRU recency does not matter yet)."""
+        return len(self._map) <= fraction * self.max_entries
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -95,6 +95,9 @@ class VerdictCache(VerdictLog):
         # Puts take _write_lock, then a shard lock: memory and log stay in the same order.
         self._write_lock = threading.Lock()
         self._closed = False
+        # verdicts lost or replaced (evicted, put again under the same key): what a memo of
+        # this cache's answers (the appliance's hot hits, appliance/hot.py) must start over at
+        self.generation = 0
 
         self._init_log(fsync_interval, compact_min_records)
         if state_dir is not None:
@@ -170,12 +173,27 @@ class VerdictCache(VerdictLog):
         shard = self._shards[verdict.digest[0] % self._nshards]
         with shard.lock:
             m = shard.map
+            if key in m:
+                self.generation += 1
             m[key] = _Entry(verdict, next(self._ticks))
             m.move_to_end(key)
             shard.puts += 1
             while len(m) > shard.capacity:
                 m.popitem(last=False)
                 shard.evictions += 1
+                self.generation += 1
+
+    def count_hits(self, hits: int) -> None:
+        """Count lookups answered for this cache elsewhere (the appliance's hot hits)."""
+        shard = self._shards[0]
+        with shard.lock:
+            shard.hits += hits
+
+    def roomy(self, fraction: float) -> bool:
+        """Whether every shard holds at most ``fraction`` of its capacity (nothing is near
+        being evicted, so LRU recency does not matter yet)."""
+        fullest = max(map(len, [s.map for s in self._shards]))
+        return fullest <= fraction * self._shards[-1].capacity  # the last is the smallest
 
     def entries(self) -> Iterator[CachedVerdict]:
         """A snapshot of every cached verdict, most recently used first."""

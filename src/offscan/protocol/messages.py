@@ -591,6 +591,7 @@ class StatusReport(Counters):
     served_from_cache: int
     hit_ratio: float
     cache_entries: int
+    hot_hits: int  # clean hits answered by the hot table (appliance/hot.py)
     recent_detections: list[Detection]
     shared_cache: SharedCacheStatus | None  # None: no --cache-redis
 
