@@ -29,9 +29,11 @@ LANES, BATCH = 4, 64  # 256 scans in flight
 PID_FILE = Path(tempfile.gettempdir()) / "offscan-hits-driver.pid"
 
 
-def _cpu(pid: int) -> float:
+def _cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 async def _drive(sock: Path, root: Path, names: list[str], seconds: float, pid: int) -> str:
@@ -58,9 +60,10 @@ async def _drive(sock: Path, root: Path, names: list[str], seconds: float, pid: 
             hits += len(names)
         wall, own1 = time.monotonic() - t0, os.times()
         own = (own1.user + own1.system) - (own0.user + own0.system)
-        server = _cpu(pid) - server0
+        user, system = (b - a for a, b in zip(server0, _cpu(pid), strict=True))
         return (
-            f"{hits / wall:,.0f} hits/s; server CPU {server * 1e6 / hits:.1f} µs/hit; "
+            f"{hits / wall:,.0f} hits/s; server CPU {(user + system) * 1e6 / hits:.1f} µs/hit "
+            f"(user {user * 1e6 / hits:.1f}, sys {system * 1e6 / hits:.1f}); "
             f"client CPU {own * 1e6 / hits:.1f} µs/hit"
         )
     finally:

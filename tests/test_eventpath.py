@@ -57,8 +57,8 @@ def test_fast_path_encodings_equal_the_slow_ones() -> None:
         # a batch of hits in one call: the same bytes and lines, fresh codec or not
         for fresh in (VerdictCodec(), codec):
             mine = fresh.tail(cached, source)
-            row = (12345678901, record["vm"], record["path"], mine)
-            other = (7, "vm2", "f", mine)
+            row = (12345678901, mine, fresh.where(record["vm"], record["path"]))
+            other = (7, mine, fresh.where("vm2", "f"))
             out: list[bytes] = []
             lines: list[str] = []
             fresh.hits([row, other, row], out, lines, 1.5e9, 0.0012345)

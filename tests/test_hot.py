@@ -109,10 +109,10 @@ def test_the_table_is_bounded_and_counts_as_the_chain_would() -> None:
     hot, memo, cache, _ = _table(max_entries=3)
     epoch = hot.epoch("v1")
     for i in range(3):
-        hot.store(_ident(i), (epoch, None, "identity", ("vm", "p"), b""))
-    hot.store(_ident(1), (epoch, None, "identity", ("vm", "p"), b""))
+        hot.store(_ident(i), (epoch, None, "identity", ("vm", "p"), b"", (b"", "")))
+    hot.store(_ident(1), (epoch, None, "identity", ("vm", "p"), b"", (b"", "")))
     assert len(hot.map) == 3
-    hot.store(_ident(7), (epoch, None, "identity", ("vm", "p"), b""))
+    hot.store(_ident(7), (epoch, None, "identity", ("vm", "p"), b"", (b"", "")))
     assert list(hot.map) == [_ident(7)]  # full: started over
     hot.count(5, 2)
     assert hot.served == 5

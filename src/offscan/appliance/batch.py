@@ -26,7 +26,7 @@ from ..cache import Identity
 from ..confine import ConfinementError, check_relpath, identify_confined_many, open_confined_many
 from .bulk import NewFile, judge_new
 from .common import RequestFailed, close_fds, log
-from .fastpath import Tail, VerdictCodec, batch_frame, encode_item
+from .fastpath import Tail, VerdictCodec, Where, batch_frame, encode_item
 from .hot import HotEntry
 
 if TYPE_CHECKING:
@@ -72,14 +72,6 @@ def _by_root(
         for i, res in zip(idx, got, strict=True):
             out[i] = None if isinstance(res, OSError) else res
     return out
-
-
-def _took(entry: _Entry, source: str) -> tuple[int, int]:
-    """Close a served hit's descriptor (if it was opened); (1 if it was an access-priority
-    request, 1 if served by identity rather than by a clone's inherited entry)."""
-    if entry[2] is not None:
-        os.close(entry[2])
-    return int(entry[0].get("prio", "access") == "access"), int(source == "identity")
 
 
 def _split_hot(
@@ -390,20 +382,26 @@ class BatchScans:
         other ``known`` ones to be opened or, opened, to the pipeline."""
         app = self.app
         now, latency = app.clock.time(), app.clock.monotonic() - t0
-        rows: list[tuple[int, str, str, Tail]] = []
+        rows: list[tuple[int, Tail, Where]] = []
         seen: list[tuple[bytes, tuple[str, str], Identity]] = []
         access = identity = hot_clones = 0
-        hot_table, tail_of = app.pipeline.hot, self.codec.tail
-        for entry, (_, tail, source, where, digest) in hot:
+        hot_table, codec = app.pipeline.hot, self.codec
+        for entry, (_, tail, source, where, digest, encoded) in hot:
             scan, vm = entry[0], entry[1]
-            a, i = _took(entry, source)
-            access, identity, hot_clones = access + a, identity + i, hot_clones + 1 - i
+            if entry[2] is not None:
+                os.close(entry[2])
+            if scan.get("prio", "access") == "access":
+                access += 1
+            if source == "identity":
+                identity += 1
+            else:
+                hot_clones += 1
             path = scan["path"]
             if where[1] != path or where[0] != vm.name:  # the same file seen at another path
-                where = (vm.name, path)
+                where, encoded = (vm.name, path), codec.where(vm.name, path)
                 seen.append((digest, where, entry[4]))
-                hot_table.store(entry[4], (epoch, tail, source, where, digest))
-            rows.append((scan["id"], vm.name, path, tail))
+                hot_table.store(entry[4], (epoch, tail, source, where, digest, encoded))
+            rows.append((scan["id"], tail, encoded))
         for (entry, ident, _, source), cached in zip(known, cached_all, strict=True):
             scan, vm, fd = entry[0], entry[1], entry[2]
             if cached is None or cached.status != "clean":
@@ -412,15 +410,19 @@ class BatchScans:
                 else:
                     self._slow_opened(scan, vm, fd, t0)
                 continue
-            a, i = _took(entry, source)
-            access, identity = access + a, identity + i
+            if fd is not None:
+                os.close(fd)
+            if scan.get("prio", "access") == "access":
+                access += 1
+            if source == "identity":
+                identity += 1
             path = scan["path"]
-            where = (vm.name, path)
-            tail = tail_of(cached, source)
+            where, encoded = (vm.name, path), codec.where(vm.name, path)
+            tail = codec.tail(cached, source)
             seen.append((cached.digest, where, ident))
-            rows.append((scan["id"], vm.name, path, tail))
+            rows.append((scan["id"], tail, encoded))
             if epoch is not None:
-                hot_table.store(ident, (epoch, tail, source, where, cached.digest))
+                hot_table.store(ident, (epoch, tail, source, where, cached.digest, encoded))
         n = len(rows)
         if not n:
             return

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from ..cache import CachedVerdict
     from ..protocol.messages import ApplianceVerdictSource, BatchVerdict
 
+# a hit's (vm, path) encoded: msgpack after the id, event-line JSON after "vm":
+Where = tuple[bytes, str]
 MAX_TAILS = 65_536  # encoded verdict tails kept (one per content x source); then start over
 
 _pack = msgpack.Packer(use_bin_type=True).pack  # autoreset: returns the bytes of one object
@@ -78,6 +80,14 @@ class VerdictCodec:
             vm_bytes = self._vm_pack[vm] = b"\xa2vm" + _pack(vm) + b"\xa4path"
         return vm_bytes
 
+    def _vm_str(self, vm: str) -> str:
+        vm_json = self._vm_json.get(vm)
+        if vm_json is None:
+            if len(self._vm_json) >= MAX_TAILS:
+                self._vm_json.clear()
+            vm_json = self._vm_json[vm] = _json_str(vm)
+        return vm_json
+
     def item(self, rid: int, vm: str, path: str, tail: Tail) -> bytes:
         """One ``BatchVerdict``: ``{"id", "vm", "path", **tail}`` as msgpack."""
         return tail.item_head + _pack(rid) + self._vm(vm) + _pack(path) + tail.msgpack
@@ -87,9 +97,15 @@ class VerdictCodec:
         **tail}``, as the session sends a single scan's verdict."""
         return tail.frame_head + _pack(rid) + self._vm(vm) + _pack(path) + tail.msgpack
 
+    def where(self, vm: str, path: str) -> Where:
+        """What a hit's encodings hold of its ``vm`` and ``path``, encoded once: the bytes
+        between an item's id and its tail, and the event-line text between ``"vm":`` and
+        the tail's fields (kept by the hot table, :mod:`.hot`, for the next hit there)."""
+        return self._vm(vm) + _pack(path), self._vm_str(vm) + ',"path":' + _json_str(path) + ","
+
     def hits(
         self,
-        rows: Sequence[tuple[int, str, str, Tail]],
+        rows: Sequence[tuple[int, Tail, Where]],
         out: list[bytes],
         lines: list[str] | None,
         now: float,
@@ -97,23 +113,23 @@ class VerdictCodec:
         *,
         frames: bool = False,
     ) -> None:
-        """For each ``(id, vm, path, tail)`` of one batch of clean hits (``tail`` from
-        :meth:`tail`): its :meth:`item` (or :meth:`frame`) appended to ``out`` and, unless
-        ``lines`` is None, its event-log line (:meth:`lines`) to ``lines``. The same bytes
-        as those methods, in one loop: a hit costs two packs, one escape and the
-        concatenations."""
-        vm_pack = self._vm
+        """For each ``(id, tail, where)`` of one batch of clean hits (``tail`` from
+        :meth:`tail`, ``where`` from :meth:`where`): its :meth:`item` (or :meth:`frame`)
+        appended to ``out`` and, unless ``lines`` is None, its event-log line
+        (:meth:`lines`) to ``lines``. The same bytes as those methods, in one loop: a hit
+        costs one pack and the concatenations."""
         time_head, latency_tail = _line_parts(now, latency)
-        vm_parts: dict[str, tuple[bytes, str]] = {}
-        add, add_line = out.append, None if lines is None else lines.append
-        for rid, vm, path, tail in rows:
-            parts = vm_parts.get(vm)
-            if parts is None:
-                parts = vm_parts[vm] = (vm_pack(vm), time_head + _json_str(vm) + ',"path":')
-            head = tail.frame_head if frames else tail.item_head
-            add(head + _pack(rid) + parts[0] + _pack(path) + tail.msgpack)
-            if add_line is not None:
-                add_line(parts[1] + _json_str(path) + "," + tail.json + latency_tail)
+        add = out.append
+        if frames:
+            for rid, tail, (item, _) in rows:
+                add(tail.frame_head + _pack(rid) + item + tail.msgpack)
+        else:
+            for rid, tail, (item, _) in rows:
+                add(tail.item_head + _pack(rid) + item + tail.msgpack)
+        if lines is not None:
+            lines.extend(
+                [time_head + text + tail.json + latency_tail for _, tail, (_, text) in rows]
+            )
 
     def lines(self, now: float, latency: float) -> Callable[[str, str, Tail], str]:
         """:meth:`event_line` for verdicts sharing ``now`` and ``latency`` (one batch):
@@ -132,11 +148,7 @@ class VerdictCodec:
 
     def event_line(self, now: float, vm: str, path: str, tail: Tail, latency: float) -> str:
         """The event-log line :meth:`Verdicts.record <.verdicts.Verdicts.record>` would write."""
-        vm_json = self._vm_json.get(vm)
-        if vm_json is None:
-            if len(self._vm_json) >= MAX_TAILS:
-                self._vm_json.clear()
-            vm_json = self._vm_json[vm] = _json_str(vm)
+        vm_json = self._vm_str(vm)
         return (
             f'{{"time":{now!r},"event":"verdict","vm":{vm_json},"path":{_json_str(path)},'
             f'{tail.json},"latency_ms":{round(latency * 1000, 3)!r}}}\n'

@@ -5,7 +5,8 @@ file, the master's inherited identities) gives the content digest, the verdict c
 the verdict under the current pattern version, the location index records where the content
 was seen, and the codec finds the verdict's encoded fields (:class:`~.fastpath.Tail`). For an
 identity the chain answered before, :class:`HotHits` keeps what it answered, keyed by the
-:class:`~offscan.cache.Identity`: ``(epoch, tail, source, where, digest)``.
+:class:`~offscan.cache.Identity`: ``(epoch, tail, source, where, digest)`` and ``where``
+encoded (:meth:`~.fastpath.VerdictCodec.where`), so a hit at the same path costs one pack.
 
 An entry is served only while the chain would answer the same:
 
@@ -33,15 +34,16 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..cache import Identity, IdentityMemo, VerdictCache
-    from .fastpath import Tail
+    from .fastpath import Tail, Where
     from .inventory import LocationIndex
     from .pipeline import DigestSource
 
-MAX_ENTRIES = 1 << 18  # hot identities kept (about 250 bytes each); then start over
+MAX_ENTRIES = 1 << 18  # hot identities kept (about 400 bytes each); then start over
 ROOMY = 0.9  # the table is used while every link holds at most this fraction of its bound
 
-# (epoch, encoded verdict, where the digest came from, (vm, path) recorded, digest)
-HotEntry = tuple[object, "Tail", "DigestSource", tuple[str, str], bytes]
+# (epoch, encoded verdict, where the digest came from, (vm, path) recorded, digest, and that
+# (vm, path) encoded for the reply and the event line)
+HotEntry = tuple[object, "Tail", "DigestSource", tuple[str, str], bytes, "Where"]
 
 
 class HotHits:
