@@ -303,8 +303,8 @@ class BatchScans:
         appended to ``out`` (``verdict-batch`` items, or whole ``verdict`` frames with
         ``frames``), their event-log lines queued as one write. The other opened ones go to
         the pipeline with their descriptors; the stat-only ones that missed are returned, to
-        be opened. In phases, each one call for the whole batch: the size rules, the
-        identity memo, the verdict cache, then the replies."""
+        be opened. In phases, each one call for the whole batch: the size rules, the hot
+        table (:mod:`.hot`), the identity memo, the verdict cache, then the replies."""
         pipeline = self.app.pipeline
         to_open: list[tuple[dict[str, Any], VMRecord]] = []
         entries = self._within_size(entries, to_open, t0)
