@@ -78,15 +78,21 @@ def _split_hot(
     entries: list[_Entry],
     epoch: object,
     table: dict[Identity, HotEntry],
+    memo_knows: Callable[[Identity], bool],
     hot: list[tuple[_Entry, HotEntry]],
 ) -> list[_Entry]:
     """The entries the hot table cannot answer in ``epoch``; those it can appended to
-    ``hot`` with their entry (:mod:`.hot`)."""
+    ``hot`` with their entry (:mod:`.hot`). An entry a clone's inherited identity gave is
+    not used once the memo knows that identity: the chain asks the memo first."""
     rest: list[_Entry] = []
     get = table.get
     for entry in entries:
         found = get(entry[4])
-        if found is not None and found[0] is epoch:
+        if (
+            found is not None
+            and found[0] is epoch
+            and (found[2] == "identity" or not memo_knows(entry[4]))
+        ):
             hot.append((entry, found))
         else:
             rest.append(entry)
@@ -312,7 +318,7 @@ class BatchScans:
         epoch = pipeline.hot.epoch(version)  # before the chain is asked (hot.py)
         hot: list[tuple[_Entry, HotEntry]] = []
         if epoch is not None and entries:
-            entries = _split_hot(entries, epoch, pipeline.hot.map, hot)
+            entries = _split_hot(entries, epoch, pipeline.hot.map, pipeline.memo.knows, hot)
         idents = [entry[4] for entry in entries]
         known: list[_Known] = []
         new: list[tuple[int, NewFile]] = []

@@ -13,14 +13,22 @@ An entry is served only while the chain would answer the same:
 - **The epoch.** It is a new object whenever the engine's pattern version changed, or when
   the memo, the inherited identities, the verdict cache or the location index lost or
   replaced an entry since the batch before (each counts those events in ``generation``). Each
-  link of the chain only changes its answer through one of those events, so an entry stored
-  in the current epoch is the chain's answer now. Entries of an older epoch are ignored and
+  link of the chain only changes its answer through one of those events (or, for a clone's
+  entry, the memo learning the identity: below), so an entry stored in the current epoch is
+  the chain's answer now. Entries of an older epoch are ignored and
   overwritten, never trusted.
 - **Room.** A hot hit does not refresh the memo's, the cache's or the index's LRU recency, and
   recency only matters once something is about to be evicted. So the table is not used while
   any of them is more than :data:`ROOMY` full: every hit then takes the chain again, which
-  refreshes the recency of what is in use before eviction starts.
+  refreshes the recency of what is in use before eviction starts. Known cost: the verdict
+  cache never shrinks (its entries are replaced or evicted, never dropped), so once it has
+  filled up the table stays off and every hit takes the chain, as before this table.
+- **The memo before the inheritance.** The chain asks the memo first, and the memo learning
+  an identity is neither a loss nor a replacement. So an entry the inherited identities gave
+  is served only while the memo does not know that identity (one lookup per such hit,
+  ``IdentityMemo.knows``).
 
+tests/test_hot.py checks these rules against the chain itself with a model (Hypothesis).
 Only clean verdicts are kept (an infected hit must run its actions). Ownership, exclusions and
 size limits are checked for every scan before this table is asked, as before. A location is
 recorded again when the same identity is seen at another path. Bounded by

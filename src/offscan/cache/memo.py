@@ -111,6 +111,11 @@ class IdentityMemo:
             if self._map.pop(ident, None) is not None:
                 self.generation += 1
 
+    def knows(self, ident: Identity) -> bool:
+        """Whether ``ident`` has a digest here; no recency or counter is touched (one dict
+        lookup, atomic under the GIL: the hot table's check, appliance/hot.py)."""
+        return ident in self._map
+
     def count(self, hits: int, misses: int = 0) -> None:
         """Count lookups answered for this memo elsewhere (the appliance's hot hits)."""
         with self._lock:
