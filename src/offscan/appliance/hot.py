@@ -15,8 +15,8 @@ An entry is served only while the chain would answer the same:
   replaced an entry since the batch before (each counts those events in ``generation``). Each
   link of the chain only changes its answer through one of those events (or, for a clone's
   entry, the memo learning the identity: below), so an entry stored in the current epoch is
-  the chain's answer now. Entries of an older epoch are ignored and
-  overwritten, never trusted.
+  the chain's answer now. Entries of an older epoch are ignored and overwritten, never
+  trusted.
 - **Room.** A hot hit does not refresh the memo's, the cache's or the index's LRU recency, and
   recency only matters once something is about to be evicted. So the table is not used while
   any of them is more than :data:`ROOMY` full: every hit then takes the chain again, which

@@ -192,7 +192,7 @@ class VerdictCache(VerdictLog):
     def roomy(self, fraction: float) -> bool:
         """Whether every shard holds at most ``fraction`` of its capacity (nothing is near
         being evicted, so LRU recency does not matter yet)."""
-        fullest = max(map(len, [s.map for s in self._shards]))
+        fullest = max(len(shard.map) for shard in self._shards)
         return fullest <= fraction * self._shards[-1].capacity  # the last is the smallest
 
     def entries(self) -> Iterator[CachedVerdict]:
